@@ -1,0 +1,47 @@
+"""Default fields of every pretraining config; files in configs/ start from these and override.
+
+Kept as a plain function returning a ConfigDict (big_vision style) so any field can be overridden
+on the command line: --config.batch_size=8 --config.mesh.fsdp=-1.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from eva_jax.data.config import default_data_config
+from eva_jax.models.config import encoder_config
+
+
+def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 100
+  c.batch_size = 32            # global batch over all hosts
+  c.image_size = 224
+  c.precision = 'fp32'         # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
+  c.log_every = 10
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.eval_every = 0             # 0 = only at the end; eval uses the spec's deterministic mask
+  c.eval_batches = 2
+  c.progress = True            # progress bar on a TTY, plain lines otherwise
+
+  c.model = encoder_config(model)   # any encoder field may be overridden: --config.model.drop_path=0.1
+  c.model.drop_path = 0.1
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.name = teacher          # architecture of a random-init teacher when checkpoint is empty
+  c.teacher.checkpoint = ''         # HF dir, OpenAI ViT-L-14.pt or open_clip file (load_teacher)
+  c.teacher.shard = 'replicate'     # replicate | fsdp (shard the frozen teacher like the student)
+  c.teacher.precision = ''          # '' = same as precision
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, min_lr=1e-5, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
+      clip_norm=3.0, layer_decay=1.0))
+  c.loss_scale = ml_collections.ConfigDict(dict(
+      initial=2.0 ** 16, growth_interval=500, hysteresis=2, min_scale=1.0))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator='', num_processes=1, process_id=0, auto=True))
+  c.data = default_data_config()
+  return c

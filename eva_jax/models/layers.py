@@ -1,0 +1,300 @@
+"""Transformer building blocks shared by the EVA student and the CLIP teacher.
+
+Conventions
+- Parameters are float32 (master weights); each module casts them to the compute `dtype` at use.
+  LayerNorm statistics and the attention softmax always run in float32.
+- Every parameter carries logical axis names (`sharding_names`); `eva_jax.parallel` maps them to
+  mesh axes with one rule table. Names: embed, mlp, heads, kv (head dim), qkv (the q/k/v index),
+  patch (flattened patch pixels), out (head output), layers (stacked block index).
+- Kernels are stored in the layout the einsum wants: qkv [embed, 3, heads, kv], proj [heads, kv,
+  embed], so tensor parallelism over heads needs no reshapes. Converters map PyTorch layouts.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# Remat (activation checkpointing) policies by name, applied per transformer block.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape, axes) -> nnx.Param:
+  """A float32 parameter annotated with logical axis names (sharded later, never eagerly)."""
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
+                   sharding_names=tuple(axes), eager_sharding=False)
+
+
+def trunc_normal(std: float, bound_in_std: float = 1.0) -> Initializer:
+  """Truncated normal with the std of the *untruncated* normal (torch's trunc_normal_ semantics).
+
+  EVA-01 truncates at +-1 std (official `trunc_normal_(std=.015)` with a=-std, b=std).
+  """
+  return jax.nn.initializers.truncated_normal(std, lower=-bound_in_std, upper=bound_in_std)
+
+
+def xavier_normal(fan_in_axes, fan_out_axes) -> Initializer:
+  """Xavier normal for kernels whose in/out features are spread over several axes."""
+  def init(key, shape, dtype):
+    fan_in = math.prod(shape[a] for a in fan_in_axes)
+    fan_out = math.prod(shape[a] for a in fan_out_axes)
+    std = math.sqrt(2.0 / (fan_in + fan_out))
+    return std * jax.random.normal(key, shape, dtype)
+  return init
+
+
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 whatever the compute dtype (numerics of fp16/bf16 training)."""
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, axis_name: str = 'embed'):
+    self.eps = eps
+    self.scale = param(rngs, ones, (dim,), (axis_name,))
+    self.bias = param(rngs, zeros, (dim,), (axis_name,))
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale.value + self.bias.value).astype(dtype)
+
+
+class Dense(nnx.Module):
+  """x @ kernel (+ bias) with kernel [in, out]; bias optional."""
+
+  def __init__(self, din: int, dout: int, axes: tuple[str, str], *, init: Initializer,
+               bias: bool, rngs: nnx.Rngs):
+    self.kernel = param(rngs, init, (din, dout), axes)
+    self.bias = param(rngs, zeros, (dout,), axes[1:]) if bias else None
+
+  def __call__(self, x):
+    y = x @ self.kernel.value.astype(x.dtype)
+    if self.bias is not None:
+      y = y + self.bias.value.astype(x.dtype)
+    return y
+
+
+def rope_sincos(grid: tuple[int, int], head_dim: int, theta: float, ref_grid: int = 0):
+  """2D axial RoPE tables [N, head_dim] (sin, cos) for patch tokens, as timm's RotaryEmbeddingCat.
+
+  Per axis head_dim/4 frequencies theta^(-i/(head_dim/4)); y frequencies first, then x; each
+  repeated twice for the interleaved pairs rotation. With `ref_grid`, coordinates are rescaled to the
+  reference grid (EVA-02's scheme for fine-tuning at another resolution).
+  """
+  h, w = grid
+  nb = head_dim // 4
+  bands = 1.0 / theta ** (np.arange(nb, dtype=np.float64) / nb)
+  ty = np.arange(h, dtype=np.float64)
+  tx = np.arange(w, dtype=np.float64)
+  if ref_grid:
+    ty, tx = ty / h * ref_grid, tx / w * ref_grid
+  yy, xx = np.meshgrid(ty, tx, indexing='ij')
+  pos = np.stack([yy, xx], -1)[..., None] * bands        # [h, w, 2, nb]
+  pos = pos.reshape(h * w, 2 * nb).astype(np.float32)
+  pos = np.repeat(pos, 2, axis=-1)                         # interleaved pairs layout
+  return np.sin(pos), np.cos(pos)
+
+
+def apply_rope(x, sin, cos):
+  """Rotates interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x [B, N, H, D]."""
+  x32 = x.astype(jnp.float32)
+  rot = jnp.stack([-x32[..., 1::2], x32[..., ::2]], -1).reshape(x.shape)
+  sin, cos = sin[None, :, None, :], cos[None, :, None, :]
+  return (x32 * cos + rot * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with EVA's bias options, optional sub-LN and RoPE on patch tokens."""
+
+  def __init__(self, cfg, *, init: Initializer, rngs: nnx.Rngs):
+    d, h = cfg.width, cfg.heads
+    hd = d // h
+    self.heads, self.head_dim = h, hd
+    self.attention = cfg.attention
+    self.qkv = param(rngs, init, (d, 3, h, hd), ('embed', 'qkv', 'heads', 'kv'))
+    # EVA/BEiT: q and v biases, no k bias (a k bias only shifts each query's logits by a constant).
+    self.q_bias = param(rngs, zeros, (h, hd), ('heads', 'kv')) if cfg.attn_bias != 'none' else None
+    self.k_bias = param(rngs, zeros, (h, hd), ('heads', 'kv')) if cfg.attn_bias == 'qkv' else None
+    self.v_bias = param(rngs, zeros, (h, hd), ('heads', 'kv')) if cfg.attn_bias != 'none' else None
+    # EVA-02 sub-LN: LayerNorm on the attention output before the projection.
+    self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.sub_ln else None
+    self.proj = param(rngs, init, (h, hd, d), ('heads', 'kv', 'embed'))
+    self.proj_bias = param(rngs, zeros, (d,), ('embed',))
+
+  def __call__(self, x, rope=None, num_prefix: int = 1):
+    dt = x.dtype
+    qkv = jnp.einsum('btd,dzhk->zbthk', x, self.qkv.value.astype(dt))
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if self.q_bias is not None:
+      q = q + self.q_bias.value.astype(dt)
+      v = v + self.v_bias.value.astype(dt)
+    if self.k_bias is not None:
+      k = k + self.k_bias.value.astype(dt)
+    if rope is not None:
+      sin, cos = rope
+      q = jnp.concatenate([q[:, :num_prefix], apply_rope(q[:, num_prefix:], sin, cos)], axis=1)
+      k = jnp.concatenate([k[:, :num_prefix], apply_rope(k[:, num_prefix:], sin, cos)], axis=1)
+    # Logits and softmax run in float32 inside dot_product_attention for bf16/fp16 inputs.
+    impl = None if self.attention == 'auto' else self.attention
+    o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, implementation=impl)
+    if self.norm is not None:
+      b, t = o.shape[:2]
+      o = self.norm(o.reshape(b, t, -1)).reshape(o.shape)
+    return jnp.einsum('bthk,hkd->btd', o, self.proj.value.astype(dt)) + self.proj_bias.value.astype(dt)
+
+
+class Mlp(nnx.Module):
+  """GELU / QuickGELU MLP, or EVA-02's SwiGLU (fc1_g, fc1_x, optional sub-LN `norm`, fc2)."""
+
+  def __init__(self, cfg, *, init: Initializer, rngs: nnx.Rngs):
+    d, f = cfg.width, cfg.mlp_dim
+    self.swiglu, self.act = cfg.swiglu, cfg.act
+    if cfg.swiglu:
+      self.fc1_g = Dense(d, f, ('embed', 'mlp'), init=init, bias=True, rngs=rngs)
+      self.fc1_x = Dense(d, f, ('embed', 'mlp'), init=init, bias=True, rngs=rngs)
+    else:
+      self.fc1 = Dense(d, f, ('embed', 'mlp'), init=init, bias=True, rngs=rngs)
+    self.norm = LayerNorm(f, cfg.ln_eps, rngs=rngs, axis_name='mlp') if cfg.sub_ln else None
+    self.fc2 = Dense(f, d, ('mlp', 'embed'), init=init, bias=True, rngs=rngs)
+
+  def __call__(self, x):
+    if self.swiglu:
+      h = jax.nn.silu(self.fc1_g(x)) * self.fc1_x(x)
+    elif self.act == 'quick_gelu':
+      h = self.fc1(x)
+      h = h * jax.nn.sigmoid(1.702 * h)
+    else:
+      h = jax.nn.gelu(self.fc1(x), approximate=False)
+    if self.norm is not None:
+      h = self.norm(h)
+    return self.fc2(h)
+
+
+def drop_path(x, rate, key):
+  """Per-example stochastic depth on a residual branch; `rate` may be a traced scalar."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + dp(attn(norm1(x))); x + dp(mlp(norm2(x)))."""
+
+  def __init__(self, cfg, *, init: Initializer, rngs: nnx.Rngs):
+    self.norm1 = LayerNorm(cfg.width, cfg.ln_eps, rngs=rngs)
+    self.attn = Attention(cfg, init=init, rngs=rngs)
+    self.norm2 = LayerNorm(cfg.width, cfg.ln_eps, rngs=rngs)
+    self.mlp = Mlp(cfg, init=init, rngs=rngs)
+
+  def __call__(self, x, rope=None, num_prefix=1, dp_rate=None, dp_key=None):
+    a = self.attn(self.norm1(x), rope, num_prefix)
+    if dp_key is not None:
+      a = drop_path(a, dp_rate, jax.random.fold_in(dp_key, 0))
+    x = x + a
+    m = self.mlp(self.norm2(x))
+    if dp_key is not None:
+      m = drop_path(m, dp_rate, jax.random.fold_in(dp_key, 1))
+    return x + m
+
+
+class Blocks(nnx.Module):
+  """`depth` blocks with stacked parameters (leading 'layers' axis), run by `jax.lax.scan`.
+
+  Stacked parameters keep compile time flat in depth (g/14 has 40 blocks); `scan_unroll=depth`
+  recovers a fully unrolled graph. Remat is applied per block by policy name.
+  """
+
+  def __init__(self, cfg, *, init: Initializer, rngs: nnx.Rngs):
+    self.depth = cfg.depth
+    self.remat = cfg.remat
+    self.unroll = cfg.scan_unroll
+    if cfg.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={cfg.remat!r} unknown; choose one of {list(REMAT_POLICIES)}.')
+
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make(rngs):
+      return Block(cfg, init=init, rngs=rngs)
+
+    self.layers = make(rngs)
+
+  def __call__(self, x, rope=None, num_prefix=1, dp_rates=None, dp_key=None):
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x, xs):
+      layer_state, rate, key = xs
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, rope, num_prefix, rate, key), None
+
+    policy = REMAT_POLICIES[self.remat]
+    if self.remat != 'none':
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    if dp_key is not None:
+      keys = jax.random.split(dp_key, self.depth)
+      rates = jnp.asarray(dp_rates, jnp.float32)
+    else:
+      keys = rates = None
+    x, _ = jax.lax.scan(body, x, (state, rates, keys), unroll=self.unroll)
+    return x
+
+
+def block_views(blocks: Blocks):
+  """The stacked state of `blocks` as a pure dict tree of arrays: {'norm1': {'scale': [L, D]}, ...}."""
+  return nnx.to_pure_dict(nnx.state(blocks.layers))
+
+
+@functools.lru_cache(maxsize=None)
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of PyTorch's bicubic interpolation (A=-0.75, align_corners=False)."""
+  a = -0.75
+
+  def cubic(t):
+    t = abs(t)
+    if t <= 1:
+      return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+      return (((t - 5) * t + 8) * t - 4) * a
+    return 0.0
+
+  m = np.zeros((n_out, n_in), np.float64)
+  scale = n_in / n_out
+  for i in range(n_out):
+    src = (i + 0.5) * scale - 0.5
+    f = math.floor(src)
+    t = src - f
+    for j, w in zip(range(f - 1, f + 3), (cubic(t + 1), cubic(t), cubic(1 - t), cubic(2 - t))):
+      m[i, min(max(j, 0), n_in - 1)] += w
+  return m.astype(np.float32)
+
+
+def resize_grid(x, old: tuple[int, int], new: tuple[int, int]):
+  """Bicubic resize of a [.., old_h*old_w, C] token grid to new (timm resample_abs_pos_embed, upsampling)."""
+  if tuple(old) == tuple(new):
+    return x
+  lead = x.shape[:-2]
+  g = x.reshape(*lead, old[0], old[1], x.shape[-1])
+  my = jnp.asarray(_bicubic_matrix(old[0], new[0]))
+  mx = jnp.asarray(_bicubic_matrix(old[1], new[1]))
+  g = jnp.einsum('yh,...hwc->...ywc', my, g.astype(jnp.float32))
+  g = jnp.einsum('xw,...ywc->...yxc', mx, g)
+  return g.reshape(*lead, new[0] * new[1], x.shape[-1]).astype(x.dtype)

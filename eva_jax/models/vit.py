@@ -1,0 +1,165 @@
+"""One ViT for the whole family: EVA-01/EVA-02 students and CLIP teacher towers, set by a ConfigDict.
+
+Student (EVA):  patch embed -> [MASK] replace -> prepend cls -> + pos -> blocks -> norm.
+Teacher (CLIP): patch embed (no bias) -> prepend cls -> + pos -> ln_pre -> blocks
+                -> ln_post(patch tokens) @ proj   (the EVA regression targets).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from eva_jax.models import config as config_lib
+from eva_jax.models.layers import (DTYPES, Blocks, LayerNorm, param, resize_grid, rope_sincos,
+                                   trunc_normal, xavier_normal)
+
+
+def _initializers(cfg):
+  """(dense kernel init, token init) for the configured scheme."""
+  if cfg.init == 'eva01':
+    # Official EVA-01: trunc_normal_(std=.015) truncated at +-1 std on every weight and token.
+    t = trunc_normal(cfg.init_std)
+    return t, t
+  if cfg.init == 'eva02':
+    # EVA-02: xavier-normal kernels (fan_in = first axis, fan_out = the rest of the kernel).
+    return _xavier_first_axis, trunc_normal(cfg.init_std)
+  if cfg.init == 'clip':
+    n = jax.nn.initializers.normal(0.02)
+    return n, n
+  raise ValueError(f"model.init must be 'eva01', 'eva02' or 'clip', got {cfg.init!r}.")
+
+
+def _xavier_first_axis(key, shape, dtype):
+  # Kernels here are [in, out...] except proj [heads, kv, embed]; treat the last axis as out for
+  # 3-D proj, the first as in for everything else. Equal fans make the choice immaterial for qkv.
+  if len(shape) == 3:  # proj [heads, kv, embed]
+    return xavier_normal((0, 1), (2,))(key, shape, dtype)
+  return xavier_normal((0,), tuple(range(1, len(shape))))(key, shape, dtype)
+
+
+class VisionTransformer(nnx.Module):
+  """EVA encoder or CLIP vision tower; see module docstring. Call with NHWC normalized images."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    config_lib.validate(cfg)
+    self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: part of the graphdef
+    d, p = cfg.width, cfg.patch_size
+    kinit, tinit = _initializers(cfg)
+    self.grid = (cfg.image_size // p, cfg.image_size // p)
+    n = self.grid[0] * self.grid[1]
+    self.num_prefix = 1 if cfg.class_token else 0
+    self.dtype = DTYPES[cfg.dtype]
+
+    patch_init = kinit if cfg.init != 'eva02' else xavier_normal((0, 1, 2), (3,))
+    self.patch_kernel = param(rngs, patch_init, (p, p, cfg.in_chans, d), (None, None, None, 'embed'))
+    self.patch_bias = param(rngs, jax.nn.initializers.zeros, (d,), ('embed',)) \
+        if cfg.patch_bias else None
+    self.cls_token = param(rngs, tinit, (d,), ('embed',)) if cfg.class_token else None
+    self.mask_token = param(rngs, tinit, (d,), ('embed',)) if cfg.mask_token else None
+    self.pos_embed = param(rngs, tinit, (n + self.num_prefix, d), (None, 'embed'))
+    self.ln_pre = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.ln_pre else None
+    self.blocks = Blocks(cfg, init=kinit, rngs=rngs)
+    if cfg.init in ('eva01', 'eva02'):
+      # Rescale block l's (1-based) output projections by 1/sqrt(2l): the official fix_init_weight.
+      s = 1.0 / np.sqrt(2.0 * np.arange(1, cfg.depth + 1))
+      layers = self.blocks.layers
+      layers.attn.proj.value = layers.attn.proj.value * s[:, None, None, None]
+      layers.mlp.fc2.kernel.value = layers.mlp.fc2.kernel.value * s[:, None, None]
+    self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.final_norm else None
+    out_dim = cfg.out_dim
+    if out_dim:  # CLIP: ln_post + projection (no bias) produce the teacher targets
+      self.ln_post = LayerNorm(d, cfg.ln_eps, rngs=rngs)
+      self.proj = param(rngs, jax.nn.initializers.normal(d ** -0.5), (d, out_dim), ('embed', 'out'))
+    else:
+      self.ln_post = self.proj = None
+
+  # ---------------------------------------------------------------------------------------------
+  def _check_images(self, images):
+    cfg = self.cfg
+    if images.ndim != 4 or images.shape[-1] != cfg.in_chans:
+      raise ValueError(f'Expected NHWC images [batch, height, width, {cfg.in_chans}], got shape '
+                       f'{tuple(images.shape)}. Channels-first input? Transpose with '
+                       'x.transpose(0, 2, 3, 1).')
+    h, w = images.shape[1:3]
+    if h % cfg.patch_size or w % cfg.patch_size:
+      raise ValueError(f'Image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}.')
+    return h // cfg.patch_size, w // cfg.patch_size
+
+  def embed(self, images, mask=None):
+    """Patch tokens (+[MASK]) -> cls -> pos-embed -> ln_pre. Returns ([B, 1+N, D], grid)."""
+    gh, gw = self._check_images(images)
+    p, dt = self.cfg.patch_size, self.dtype
+    b = images.shape[0]
+    x = images.astype(dt).reshape(b, gh, p, gw, p, self.cfg.in_chans)
+    x = jnp.einsum('byhxwc,hwcd->byxd', x, self.patch_kernel.value.astype(dt))
+    x = x.reshape(b, gh * gw, -1)
+    if self.patch_bias is not None:
+      x = x + self.patch_bias.value.astype(dt)
+    if mask is not None:
+      if self.mask_token is None:
+        raise ValueError('This model has no mask token (model.mask_token=False); cannot apply a mask.')
+      if mask.shape != (b, gh * gw):
+        raise ValueError(f'mask must be [batch, {gh * gw}] for a {gh}x{gw} patch grid, '
+                         f'got {tuple(mask.shape)}.')
+      x = jnp.where(mask[..., None], self.mask_token.value.astype(dt), x)
+    pos = self.pos_embed.value
+    if self.num_prefix:
+      cls = jnp.broadcast_to(self.cls_token.value.astype(dt), (b, 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    if (gh, gw) != self.grid:  # other resolution: bicubic-interpolate the patch part
+      pos = jnp.concatenate([pos[:self.num_prefix],
+                             resize_grid(pos[self.num_prefix:], self.grid, (gh, gw))], axis=0)
+    x = x + pos.astype(dt)
+    if self.ln_pre is not None:
+      x = self.ln_pre(x)
+    return x, (gh, gw)
+
+  def _rope(self, grid):
+    if not self.cfg.rope:
+      return None
+    hd = self.cfg.width // self.cfg.heads
+    sin, cos = rope_sincos(grid, hd, self.cfg.rope_theta, self.cfg.rope_ref_grid)
+    return jnp.asarray(sin), jnp.asarray(cos)
+
+  def __call__(self, images, mask=None, *, dropout_key=None):
+    """Tokens [B, 1+N, D] after the final norm (student) or the last block (teacher).
+
+    mask: optional bool [B, N], True = replace that patch by the [MASK] token.
+    dropout_key: PRNG key enabling drop path (training); None = deterministic.
+    """
+    x, grid = self.embed(images, mask)
+    rates = np.linspace(0.0, self.cfg.drop_path, self.cfg.depth) if dropout_key is not None else None
+    if dropout_key is not None and self.cfg.drop_path == 0.0:
+      dropout_key = None
+    x = self.blocks(x, self._rope(grid), self.num_prefix, rates, dropout_key)
+    if self.norm is not None:
+      x = self.norm(x)
+    return x
+
+  def targets(self, images):
+    """CLIP teacher targets: ln_post(patch tokens) @ proj, float32 [B, N, out_dim]."""
+    if self.proj is None:
+      raise ValueError('targets() needs a CLIP tower with a projection (out_dim > 0).')
+    x = self(images)[:, self.num_prefix:]
+    return (self.ln_post(x) @ self.proj.value.astype(x.dtype)).astype(jnp.float32)
+
+
+def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> VisionTransformer:
+  """Builds a randomly initialized model (eagerly, on the default device)."""
+  return VisionTransformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(cfg: ml_collections.ConfigDict) -> VisionTransformer:
+  """The model with ShapeDtypeStruct leaves: nothing allocated (summaries, sharding plans)."""
+  return nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def param_count(model_or_state) -> int:
+  state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) \
+      else model_or_state
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))

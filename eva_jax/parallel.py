@@ -1,0 +1,134 @@
+"""Device mesh, logical-axis sharding rules and multi-host start-up: the one place that decides
+where every array lives.
+
+Mesh axes: ('data', 'fsdp', 'tensor'). The batch is split over data x fsdp; parameters and
+optimizer state are sharded by the rules below through the logical axis names every parameter
+carries (see eva_jax/models/layers.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# logical axis name -> mesh axis (or None = replicated). First match wins; a mesh axis is used at
+# most once per array, and a dimension not divisible by the mesh axis size stays replicated.
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ('batch', BATCH_AXES),
+    ('embed', 'fsdp'),       # ZeRO-3 style: every weight with a model-width axis is split over fsdp
+    ('mlp', 'tensor'),       # Megatron-style: MLP hidden and attention heads over tensor
+    ('heads', 'tensor'),
+    ('out', None),
+    ('kv', None),
+    ('qkv', None),
+    ('layers', None),
+)
+
+
+def maybe_initialize_distributed(cfg) -> None:
+  """jax.distributed.initialize from config.distributed, else auto-detect (SLURM, TPU pods, ...).
+
+  Empty coordinator and num_processes <= 1 with no cluster environment = single process.
+  """
+  d = cfg.distributed
+  if jax.distributed.is_initialized():
+    return
+  if d.coordinator:
+    if d.num_processes < 1 or d.process_id < 0 or d.process_id >= d.num_processes:
+      raise ValueError(f'distributed.process_id={d.process_id} must be in [0, num_processes='
+                       f'{d.num_processes}).')
+    kwargs = dict(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                  process_id=d.process_id)
+    if d.get('local_device_ids'):
+      kwargs['local_device_ids'] = list(d.local_device_ids)
+    jax.distributed.initialize(**kwargs)
+  elif d.get('auto', True) and any(k in os.environ for k in (
+      'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')):
+    if int(os.environ.get('SLURM_NTASKS', '2')) > 1:
+      jax.distributed.initialize()
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Sizes for (data, fsdp, tensor); one -1 takes the devices left. Errors name the fix."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f'At most one of mesh.data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}.')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) do not '
+                       f'divide the {num_devices} devices available.')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but '
+                     f'{num_devices} are available; set one axis to -1 to take the rest.')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_mesh_shape(mesh_cfg, len(devices))
+  try:  # topology-aware device order on GPU/TPU
+    arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:
+    arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, MESH_AXES)
+
+
+def spec_for(shape, names, mesh: Mesh, rules=LOGICAL_RULES) -> P:
+  """PartitionSpec for an array of `shape` with logical axis `names`, under `rules` on `mesh`."""
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for dim, name in zip(shape, names or (None,) * len(shape)):
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if axes and dim % size == 0:
+      used.update(axes)
+      out.append(axes if len(axes) > 1 else axes[0])
+    else:
+      out.append(None)
+  return P(*out)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules=LOGICAL_RULES, replicate: bool = False):
+  """NamedShardings for an nnx.State (or any tree of nnx Variables) from their logical names."""
+  def one(v):
+    value = v.value if isinstance(v, nnx.Variable) else v
+    names = v.get_metadata().get('out_sharding') if isinstance(v, nnx.Variable) else None
+    spec = P() if replicate or not hasattr(value, 'shape') else \
+        spec_for(value.shape, names, mesh, rules)
+    return NamedSharding(mesh, spec)
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % n:
+    raise ValueError(f'batch_size={global_batch} is not divisible by mesh data*fsdp={n}; '
+                     f'use a multiple of {n}.')
+  if global_batch % jax.process_count():
+    raise ValueError(f'batch_size={global_batch} is not divisible by the {jax.process_count()} '
+                     'processes (hosts).')
+
+
+def host_to_global(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Per-host numpy batch -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items()}

@@ -1,0 +1,69 @@
+"""Mixed precision: compute dtypes by name and DeepSpeed-style dynamic loss scaling for fp16.
+
+The official EVA run used DeepSpeed fp16 with initial scale 2^16, window 500, hysteresis 2 and
+min scale 1. The semantics reproduced here (DeepSpeed DynamicLossScaler, non-consecutive mode):
+- a step whose gradients are not all finite is skipped (parameters and optimizer state unchanged);
+  the scale is halved only when the hysteresis budget is spent, else the budget drops by one;
+- after `growth_interval` steps since the last overflow, the scale doubles and the budget resets.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+
+
+def compute_dtype(precision: str) -> str:
+  if precision not in PRECISIONS:
+    raise ValueError(f'precision={precision!r} unknown; choose one of {sorted(PRECISIONS)}.')
+  return PRECISIONS[precision]
+
+
+@struct.dataclass
+class LossScale:
+  scale: jax.Array            # float32 scalar
+  since_overflow: jax.Array   # int32: steps since the last overflow (DeepSpeed cur_iter - last_overflow_iter)
+  hysteresis: jax.Array       # int32: overflows still tolerated before the scale is lowered
+  growth_interval: int = struct.field(pytree_node=False, default=500)
+  max_hysteresis: int = struct.field(pytree_node=False, default=2)
+  min_scale: float = struct.field(pytree_node=False, default=1.0)
+  enabled: bool = struct.field(pytree_node=False, default=True)
+
+  @classmethod
+  def create(cls, enabled: bool, initial: float = 2.0 ** 16, growth_interval: int = 500,
+             hysteresis: int = 2, min_scale: float = 1.0) -> 'LossScale':
+    return cls(scale=jnp.asarray(initial if enabled else 1.0, jnp.float32),
+               since_overflow=jnp.asarray(0, jnp.int32),
+               hysteresis=jnp.asarray(hysteresis, jnp.int32),
+               growth_interval=growth_interval, max_hysteresis=hysteresis,
+               min_scale=min_scale, enabled=enabled)
+
+  def update(self, finite: jax.Array) -> 'LossScale':
+    """The next state after a step whose gradients were (not) all finite."""
+    if not self.enabled:
+      return self
+    lower = jnp.logical_and(~finite, self.hysteresis <= 1)
+    scale_on_overflow = jnp.where(lower, jnp.maximum(self.scale / 2, self.min_scale), self.scale)
+    hyst_on_overflow = jnp.where(lower, self.hysteresis, self.hysteresis - 1)
+    since = jnp.where(finite, self.since_overflow + 1, 0)
+    grow = jnp.logical_and(finite, since % self.growth_interval == 0)
+    scale = jnp.where(finite, jnp.where(grow, self.scale * 2, self.scale), scale_on_overflow)
+    hyst = jnp.where(finite, jnp.where(grow, self.max_hysteresis, self.hysteresis), hyst_on_overflow)
+    return self.replace(scale=scale, since_overflow=since, hysteresis=hyst)
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def unscale(grads, scale):
+  return jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
+
+
+def select_tree(pred, on_true, on_false):
+  """Elementwise choice between two trees of arrays: used to skip a non-finite update."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
