@@ -106,7 +106,7 @@ def spec_for(shape, names, mesh: Mesh, rules=LOGICAL_RULES) -> P:
 def state_shardings(abstract_state, mesh: Mesh, rules=LOGICAL_RULES, replicate: bool = False):
   """NamedShardings for an nnx.State (or any tree of nnx Variables) from their logical names."""
   def one(v):
-    value = v.value if isinstance(v, nnx.Variable) else v
+    value = v.get_value() if isinstance(v, nnx.Variable) else v
     names = v.get_metadata().get('out_sharding') if isinstance(v, nnx.Variable) else None
     spec = P() if replicate or not hasattr(value, 'shape') else \
         spec_for(value.shape, names, mesh, rules)

@@ -3,7 +3,7 @@
 Conventions
 - Parameters are float32 (master weights); each module casts them to the compute `dtype` at use.
   LayerNorm statistics and the attention softmax always run in float32.
-- Every parameter carries logical axis names (`sharding_names`); `eva_jax.parallel` maps them to
+- Every parameter carries logical axis names (`out_sharding` metadata); `eva_jax.parallel` maps them to
   mesh axes with one rule table. Names: embed, mlp, heads, kv (head dim), qkv (the q/k/v index),
   patch (flattened patch pixels), out (head output), layers (stacked block index).
 - Kernels are stored in the layout the einsum wants: qkv [embed, 3, heads, kv], proj [heads, kv,
@@ -37,7 +37,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape, axes) -> nnx.Param:
   """A float32 parameter annotated with logical axis names (sharded later, never eagerly)."""
   assert len(axes) == len(shape), (shape, axes)
   return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
-                   sharding_names=tuple(axes), eager_sharding=False)
+                   out_sharding=tuple(axes), eager_sharding=False)
 
 
 def trunc_normal(std: float, bound_in_std: float = 1.0) -> Initializer:
@@ -76,7 +76,7 @@ class LayerNorm(nnx.Module):
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale.value + self.bias.value).astype(dtype)
+    return (y * self.scale[...] + self.bias[...]).astype(dtype)
 
 
 class Dense(nnx.Module):
@@ -88,9 +88,9 @@ class Dense(nnx.Module):
     self.bias = param(rngs, zeros, (dout,), axes[1:]) if bias else None
 
   def __call__(self, x):
-    y = x @ self.kernel.value.astype(x.dtype)
+    y = x @ self.kernel[...].astype(x.dtype)
     if self.bias is not None:
-      y = y + self.bias.value.astype(x.dtype)
+      y = y + self.bias[...].astype(x.dtype)
     return y
 
 
@@ -143,24 +143,28 @@ class Attention(nnx.Module):
 
   def __call__(self, x, rope=None, num_prefix: int = 1):
     dt = x.dtype
-    qkv = jnp.einsum('btd,dzhk->zbthk', x, self.qkv.value.astype(dt))
+    qkv = jnp.einsum('btd,dzhk->zbthk', x, self.qkv[...].astype(dt))
     q, k, v = qkv[0], qkv[1], qkv[2]
     if self.q_bias is not None:
-      q = q + self.q_bias.value.astype(dt)
-      v = v + self.v_bias.value.astype(dt)
+      q = q + self.q_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
     if self.k_bias is not None:
-      k = k + self.k_bias.value.astype(dt)
+      k = k + self.k_bias[...].astype(dt)
     if rope is not None:
       sin, cos = rope
       q = jnp.concatenate([q[:, :num_prefix], apply_rope(q[:, num_prefix:], sin, cos)], axis=1)
       k = jnp.concatenate([k[:, :num_prefix], apply_rope(k[:, num_prefix:], sin, cos)], axis=1)
     # Logits and softmax run in float32 inside dot_product_attention for bf16/fp16 inputs.
     impl = None if self.attention == 'auto' else self.attention
-    o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, implementation=impl)
+    if dt == jnp.float16 and jax.default_backend() == 'cpu':
+      # XLA:CPU has no f16 x f16 -> f32 dot; upcast there (CPU fp16 runs are for tests only).
+      q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
+                                     implementation=impl).astype(dt)
     if self.norm is not None:
       b, t = o.shape[:2]
       o = self.norm(o.reshape(b, t, -1)).reshape(o.shape)
-    return jnp.einsum('bthk,hkd->btd', o, self.proj.value.astype(dt)) + self.proj_bias.value.astype(dt)
+    return jnp.einsum('bthk,hkd->btd', o, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
 
 class Mlp(nnx.Module):

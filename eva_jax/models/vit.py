@@ -68,8 +68,8 @@ class VisionTransformer(nnx.Module):
       # Rescale block l's (1-based) output projections by 1/sqrt(2l): the official fix_init_weight.
       s = 1.0 / np.sqrt(2.0 * np.arange(1, cfg.depth + 1))
       layers = self.blocks.layers
-      layers.attn.proj.value = layers.attn.proj.value * s[:, None, None, None]
-      layers.mlp.fc2.kernel.value = layers.mlp.fc2.kernel.value * s[:, None, None]
+      layers.attn.proj[...] = layers.attn.proj[...] * s[:, None, None, None]
+      layers.mlp.fc2.kernel[...] = layers.mlp.fc2.kernel[...] * s[:, None, None]
     self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.final_norm else None
     out_dim = cfg.out_dim
     if out_dim:  # CLIP: ln_post + projection (no bias) produce the teacher targets
@@ -96,20 +96,20 @@ class VisionTransformer(nnx.Module):
     p, dt = self.cfg.patch_size, self.dtype
     b = images.shape[0]
     x = images.astype(dt).reshape(b, gh, p, gw, p, self.cfg.in_chans)
-    x = jnp.einsum('byhxwc,hwcd->byxd', x, self.patch_kernel.value.astype(dt))
+    x = jnp.einsum('byhxwc,hwcd->byxd', x, self.patch_kernel[...].astype(dt))
     x = x.reshape(b, gh * gw, -1)
     if self.patch_bias is not None:
-      x = x + self.patch_bias.value.astype(dt)
+      x = x + self.patch_bias[...].astype(dt)
     if mask is not None:
       if self.mask_token is None:
         raise ValueError('This model has no mask token (model.mask_token=False); cannot apply a mask.')
       if mask.shape != (b, gh * gw):
         raise ValueError(f'mask must be [batch, {gh * gw}] for a {gh}x{gw} patch grid, '
                          f'got {tuple(mask.shape)}.')
-      x = jnp.where(mask[..., None], self.mask_token.value.astype(dt), x)
-    pos = self.pos_embed.value
+      x = jnp.where(mask[..., None], self.mask_token[...].astype(dt), x)
+    pos = self.pos_embed[...]
     if self.num_prefix:
-      cls = jnp.broadcast_to(self.cls_token.value.astype(dt), (b, 1, x.shape[-1]))
+      cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (b, 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
     if (gh, gw) != self.grid:  # other resolution: bicubic-interpolate the patch part
       pos = jnp.concatenate([pos[:self.num_prefix],
@@ -146,12 +146,12 @@ class VisionTransformer(nnx.Module):
     if self.proj is None:
       raise ValueError('targets() needs a CLIP tower with a projection (out_dim > 0).')
     x = self(images)[:, self.num_prefix:]
-    return (self.ln_post(x) @ self.proj.value.astype(x.dtype)).astype(jnp.float32)
+    return (self.ln_post(x) @ self.proj[...].astype(x.dtype)).astype(jnp.float32)
 
 
 def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> VisionTransformer:
-  """Builds a randomly initialized model (eagerly, on the default device)."""
-  return VisionTransformer(cfg, rngs=nnx.Rngs(params=seed))
+  """Builds a randomly initialized model on the default device (one compiled init, not eager ops)."""
+  return nnx.jit(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(params=seed)))()
 
 
 def abstract(cfg: ml_collections.ConfigDict) -> VisionTransformer:

@@ -93,9 +93,10 @@ def _teacher_template(tcfg):
   return graphdef, state
 
 
-def build(cfg, mesh: Mesh) -> Task:
+def build(cfg, mesh: Mesh, teacher_cfg: ml_collections.ConfigDict | None = None) -> Task:
+  """teacher_cfg: the architecture of a loaded teacher checkpoint (None = config.teacher.name)."""
   scfg = student_config(cfg)
-  tcfg = teacher_config(cfg)
+  tcfg = teacher_config(cfg) if teacher_cfg is None else teacher_cfg
   total = int(cfg.total_steps)
   loss_scale_on = cfg.precision == 'fp16'
 

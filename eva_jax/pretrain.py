@@ -1,0 +1,204 @@
+r"""EVA pretraining: masked CLIP-feature regression, readable top to bottom.
+
+  python -m eva_jax.pretrain --config=configs/pretrain_demo.py --workdir=workdirs/demo \
+      [--config.batch_size=8 --config.mesh.fsdp=-1 ...]
+
+Running the same command on the same workdir resumes from the latest checkpoint (train state,
+input-iterator position; randomness is a function of (seed, step)), so the continuation equals an
+uninterrupted run. SIGTERM finishes the current step, saves and exits 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from eva_jax import checkpoint as ckpt_lib
+from eva_jax import parallel
+from eva_jax.data import pipeline as data_lib
+from eva_jax.training import metrics as metrics_lib
+from eva_jax.training import precision
+from eva_jax.training import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Pretraining config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
+
+
+def validate_config(cfg) -> None:
+  """Bad configs fail here, with the field named, before anything is compiled."""
+  precision.compute_dtype(cfg.precision)
+  for f in ('total_steps', 'batch_size', 'log_every', 'checkpoint_every'):
+    if int(cfg[f]) <= 0:
+      raise ValueError(f'config.{f} must be positive, got {cfg[f]}.')
+  if cfg.teacher.shard not in ('replicate', 'fsdp'):
+    raise ValueError(f"config.teacher.shard must be 'replicate' or 'fsdp', got {cfg.teacher.shard!r}.")
+  step_lib.student_config(cfg)  # unknown model name / field / shape errors
+
+
+def load_teacher(cfg, dtype: str):
+  """(teacher ConfigDict, host params) from config.teacher.checkpoint, or (None, None) for random init."""
+  if not cfg.teacher.checkpoint:
+    logging.info('No teacher.checkpoint: random-init teacher %s (demos and tests only).',
+                 cfg.teacher.name)
+    return None, None
+  from flax import nnx
+  import ml_collections
+  from eva_jax.api import load_teacher as load
+  teacher = load(cfg.teacher.checkpoint, dtype=dtype)
+  tcfg = ml_collections.ConfigDict(teacher.model.cfg.to_dict())
+  return tcfg, nnx.to_pure_dict(nnx.state(teacher.model, nnx.Param))
+
+
+def train(cfg, workdir: str) -> dict:
+  """Runs (or resumes) pretraining; returns the last logged metrics."""
+  validate_config(cfg)
+  parallel.maybe_initialize_distributed(cfg)
+  mesh = parallel.make_mesh(cfg.mesh)
+  parallel.check_batch(cfg.batch_size, mesh)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+
+  teacher_cfg, teacher_host = load_teacher(
+      cfg, precision.compute_dtype(cfg.teacher.precision or cfg.precision))
+  task = step_lib.build(cfg, mesh, teacher_cfg=teacher_cfg)
+  if is_main:
+    resolved = cfg.to_dict()
+    resolved['resolved'] = {'student': task.student_cfg.to_dict(), 'teacher': task.teacher_cfg.to_dict(),
+                            'mesh': dict(mesh.shape), 'num_devices': jax.device_count(),
+                            'num_processes': jax.process_count()}
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(resolved, f, indent=2, default=str)
+
+  loader = data_lib.build_pretrain_loader(
+      cfg.data, image_size=cfg.image_size, patch_size=task.student_cfg.patch_size,
+      batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
+  meta = {'kind': 'eva_pretrain', 'student': task.student_cfg.to_dict(),
+          'teacher': task.teacher_cfg.to_dict()}
+
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state, _ = ckpt.restore(start, task.abstract_state, task.state_shardings)
+    loader.set_state(data_state)
+    logging.info('Resumed from step %d in %s.', start, ckpt.directory)
+  else:
+    start = 0
+    state = task.init(cfg.seed)
+  if teacher_host is None:
+    teacher_params = task.init_teacher(cfg.seed + 1)
+  else:
+    teacher_params = jax.tree.map(jax.device_put, teacher_host, task.teacher_shardings)
+    del teacher_host
+
+  stop = {'requested': False}
+  def on_sigterm(signum, frame):  # preemption: finish this step, save, exit cleanly
+    del frame
+    logging.warning('Signal %d: saving after the current step.', signum)
+    stop['requested'] = True
+  previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  progress = metrics_lib.Progress(total=cfg.total_steps, initial=start,
+                                  enabled=is_main and cfg.progress)
+  pending = None          # metrics of the previous step, fetched one step late
+  last = {}
+  t_log, n_images = time.perf_counter(), 0
+  step = start
+  try:
+    while step < cfg.total_steps:
+      host_batch = next(loader)
+      skipped = int(host_batch.pop('skipped', 0))
+      batch = parallel.host_to_global(host_batch, mesh)
+      state, metrics = task.train_step(state, teacher_params, batch)
+      step += 1
+      n_images += cfg.batch_size
+      if pending is not None:   # the device runs step N while the host reads step N-1
+        last = _log(writer, progress, pending, cfg)
+      pending = None
+      if step % cfg.log_every == 0 or step == cfg.total_steps or stop['requested']:
+        now = time.perf_counter()
+        pending = (step, metrics, {'images_per_sec': n_images / (now - t_log),
+                                   'data/skipped': skipped})
+        t_log, n_images = now, 0
+      progress.update(step)
+      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop['requested']:
+        _check_finite(state, step)
+        ckpt.save(step, state, loader.get_state(), meta, force=True)
+      if stop['requested']:
+        break
+    if pending is not None:
+      last = _log(writer, progress, pending, cfg)
+    if step == cfg.total_steps and not stop['requested']:
+      last.update(evaluate(cfg, task, state, teacher_params, writer, step))
+  finally:
+    ckpt.close()
+    writer.close()
+    progress.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+  return last
+
+
+def _log(writer, progress, pending, cfg) -> dict:
+  step, metrics, host = pending
+  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(m['loss']) and cfg.precision != 'fp16':
+    raise FloatingPointError(f'Loss is {m["loss"]} at step {step}; the last checkpoint is kept. '
+                             'Lower optim.lr or use a larger warmup.')
+  record = {'step': step, 'loss': m['loss'], 'lr': m['lr'], 'grad_norm': m['grad_norm'],
+            'mask_ratio': m['mask_ratio'], **host}
+  if cfg.precision == 'fp16':
+    record['loss_scale'] = m['loss_scale']
+    record['skipped_update'] = 1.0 - m['finite']
+  writer.write(record)
+  progress.show(record)
+  return record
+
+
+def _check_finite(state, step) -> None:
+  """Never write NaN/Inf parameters over a good checkpoint."""
+  if not bool(precision.all_finite(state.params)):
+    raise FloatingPointError(f'Parameters are not finite at step {step}; not saving. The previous '
+                             'checkpoint is kept; lower the learning rate or use fp16/bf16 with '
+                             'loss scaling.')
+
+
+def evaluate(cfg, task, state, teacher_params, writer, step) -> dict:
+  """Validation loss with the spec's deterministic mask (every even patch) on center crops."""
+  loader = data_lib.build_pretrain_loader(
+      cfg.data, image_size=cfg.image_size, patch_size=task.student_cfg.patch_size,
+      batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed, train=False)
+  total, tokens = 0.0, 0.0
+  for i, host_batch in enumerate(loader):
+    if i >= cfg.eval_batches:
+      break
+    host_batch.pop('skipped', None)
+    m = jax.device_get(task.eval_step(state, teacher_params,
+                                      parallel.host_to_global(host_batch, task.mesh)))
+    total += float(m['loss']) * float(m['masked_tokens'])
+    tokens += float(m['masked_tokens'])
+  if not tokens:
+    return {}
+  record = {'step': step, 'val_loss': total / tokens}
+  writer.write(record)
+  logging.info('step %d val_loss %.4f', step, record['val_loss'])
+  return record
+
+
+def main(argv):
+  del argv
+  if _WORKDIR.value is None or _CONFIG.value is None:
+    raise app.UsageError('--config=configs/NAME.py and --workdir=DIR are required.')
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
