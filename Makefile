@@ -15,7 +15,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m eva_jax.demo
+	$(VENV)/bin/python -m eva_jax.pretrain --config=configs/pretrain_demo.py --workdir=workdirs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q -n 2 --durations=15

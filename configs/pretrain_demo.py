@@ -13,7 +13,7 @@ def get_config():
   c.image_size = 112                 # 8x8 patches of 14
   c.log_every = 10
   c.checkpoint_every = 50
-  c.eval_batches = 2
+  c.eval_batches = 8
   c.optim.lr = 2e-3
   c.optim.min_lr = 1e-5
   c.optim.warmup_steps = 15

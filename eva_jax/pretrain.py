@@ -89,7 +89,8 @@ def train(cfg, workdir: str) -> dict:
   if start is not None:
     state, data_state, _ = ckpt.restore(start, task.abstract_state, task.state_shardings)
     loader.set_state(data_state)
-    logging.info('Resumed from step %d in %s.', start, ckpt.directory)
+    if is_main:
+      print(f'Resumed from step {start} in {ckpt.directory}.', flush=True)
   else:
     start = 0
     state = task.init(cfg.seed)
@@ -117,6 +118,7 @@ def train(cfg, workdir: str) -> dict:
     while step < cfg.total_steps:
       host_batch = next(loader)
       skipped = int(host_batch.pop('skipped', 0))
+      host_batch.pop('valid', None)   # always True in training (drop_remainder)
       batch = parallel.host_to_global(host_batch, mesh)
       state, metrics = task.train_step(state, teacher_params, batch)
       step += 1
@@ -124,7 +126,7 @@ def train(cfg, workdir: str) -> dict:
       if pending is not None:   # the device runs step N while the host reads step N-1
         last = _log(writer, progress, pending, cfg)
       pending = None
-      if step % cfg.log_every == 0 or step == cfg.total_steps or stop['requested']:
+      if step % cfg.log_every == 0 or step in (1, cfg.total_steps) or stop['requested']:
         now = time.perf_counter()
         pending = (step, metrics, {'images_per_sec': n_images / (now - t_log),
                                    'data/skipped': skipped})
@@ -181,6 +183,8 @@ def evaluate(cfg, task, state, teacher_params, writer, step) -> dict:
     if i >= cfg.eval_batches:
       break
     host_batch.pop('skipped', None)
+    # Padding examples of the last batch carry no masked tokens, so they add nothing to the loss.
+    host_batch['mask'] = host_batch['mask'] & host_batch.pop('valid')[:, None]
     m = jax.device_get(task.eval_step(state, teacher_params,
                                       parallel.host_to_global(host_batch, task.mesh)))
     total += float(m['loss']) * float(m['masked_tokens'])
@@ -189,12 +193,15 @@ def evaluate(cfg, task, state, teacher_params, writer, step) -> dict:
     return {}
   record = {'step': step, 'val_loss': total / tokens}
   writer.write(record)
-  logging.info('step %d val_loss %.4f', step, record['val_loss'])
+  if jax.process_index() == 0:
+    print(f'step {step} val_loss {record["val_loss"]:.4f} ({int(tokens)} masked tokens)', flush=True)
   return record
 
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
+    logging.set_verbosity(logging.WARNING)
   if _WORKDIR.value is None or _CONFIG.value is None:
     raise app.UsageError('--config=configs/NAME.py and --workdir=DIR are required.')
   train(_CONFIG.value, _WORKDIR.value)

@@ -1,0 +1,237 @@
+"""Pretraining: the demo run, exact resume after SIGTERM, meshes, precisions, loss scaling, configs."""
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eva_jax import defaults, parallel, pretrain
+from eva_jax.training import step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV8 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
+
+
+def load_config(path, arg=None):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def demo_config(**overrides):
+  cfg = load_config('configs/pretrain_demo.py')
+  cfg.progress = False
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f]
+
+
+def test_demo_pretraining_loss_falls_and_fills_workdir(tmp_path):
+  cfg = demo_config(total_steps=60, log_every=5, checkpoint_every=30, eval_batches=2)
+  pretrain.train(cfg, str(tmp_path))
+  records = read_metrics(tmp_path)
+  train = [r for r in records if 'loss' in r]
+  for key in ('step', 'loss', 'lr', 'grad_norm', 'images_per_sec', 'mask_ratio', 'data/skipped'):
+    assert key in train[0], key
+  assert train[0]['step'] == 1 and train[-1]['step'] == 60
+  first, last = train[0]['loss'], np.mean([r['loss'] for r in train[-4:]])
+  print(f'demo loss: step 1 {first:.4f} -> last 4 logs {last:.4f}')
+  assert last < first - 0.3          # negative cosine: from ~0 towards -1
+  assert 0.3 < train[-1]['mask_ratio'] < 0.45
+  assert 'val_loss' in records[-1] and records[-1]['val_loss'] < -0.1
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['30', '60']
+  assert glob.glob(str(tmp_path / 'tensorboard' / 'events.out.tfevents.*'))
+  resolved = json.load(open(tmp_path / 'config.json'))
+  assert resolved['resolved']['student']['width'] == 64 and resolved['precision'] == 'fp32'
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
+  overrides = ['--config.total_steps=40', '--config.log_every=1', '--config.checkpoint_every=1000',
+               '--config.progress=False', '--config.eval_batches=1']
+  cmd = [sys.executable, '-m', 'eva_jax.pretrain', f'--config={ROOT}/configs/pretrain_demo.py']
+  ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
+  subprocess.run(cmd + overrides + [f'--workdir={ref_dir}'], check=True, cwd=ROOT,
+                 env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True)
+  proc = subprocess.Popen(cmd + overrides + [f'--workdir={run_dir}'], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  metrics = run_dir / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline:   # preempt once training is under way
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.02)
+  out = proc.communicate(timeout=300)[0].decode()
+  assert proc.returncode == 0, out[-3000:]
+  saved = [int(s) for s in os.listdir(run_dir / 'checkpoints')]
+  assert len(saved) == 1 and 5 <= saved[0] < 40, saved   # stopped early, saved where it stopped
+  subprocess.run(cmd + overrides + [f'--workdir={run_dir}'], check=True, cwd=ROOT,
+                 env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True)
+  ref = {r['step']: r['loss'] for r in read_metrics(ref_dir) if 'loss' in r}
+  got = {r['step']: r['loss'] for r in read_metrics(run_dir) if 'loss' in r}
+  assert set(got) == set(ref) == set(range(1, 41))
+  diff = max(abs(ref[s] - got[s]) for s in ref)
+  print(f'interrupted at step {saved[0]}; max |loss diff| vs uninterrupted: {diff:.2e}')
+  assert diff <= 1e-6
+
+
+def test_mesh_2x2x2_on_8_devices_matches_one_device():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'multidevice_worker.py'),
+                        'mesh_parity'], env=ENV8, capture_output=True, text=True, check=True)
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  diff = max(abs(a - b) for a, b in zip(r['losses_1'], r['losses_8']))
+  print(f'(data=2, fsdp=2, tensor=2) vs 1 device: max |loss diff| {diff:.2e}, '
+        f'params {r["param_diff"]:.2e}; qkv {r["qkv_spec"]}')
+  assert diff < 1e-3 and r['param_diff'] < 1e-4
+  assert 'fsdp' in r['qkv_spec'] and 'tensor' in r['qkv_spec']   # really sharded both ways
+
+
+def test_restore_onto_other_meshes(tmp_path):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'multidevice_worker.py'),
+                        'restore_other_mesh', str(tmp_path / 'w')],
+                       env=ENV8, capture_output=True, text=True, check=True)
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  for n in (1, 4):
+    got = r[f'devices_{n}']
+    assert got['params_equal'] and got['step'] == 3 and got['data_state'] == {'position': 3}
+    assert abs(got['loss'] - r['loss_8']) < 1e-5
+  assert r['devices_4']['qkv_spec'] == "P(None, 'fsdp', None, None, None)"
+
+
+def _synthetic(cfg, n, seed=0):
+  rng = np.random.default_rng(seed)
+  grid = (cfg.image_size // 14) ** 2
+  return [{'image': rng.normal(size=(cfg.batch_size, cfg.image_size, cfg.image_size, 3)).astype(np.float32),
+           'mask': rng.random((cfg.batch_size, grid)) < 0.4} for _ in range(n)]
+
+
+def _small(precision='fp32'):
+  cfg = defaults.pretrain_defaults()
+  cfg.image_size, cfg.batch_size, cfg.total_steps = 56, 8, 50
+  cfg.optim.warmup_steps, cfg.model.drop_path = 2, 0.0
+  cfg.precision = precision
+  return cfg
+
+
+def _run_losses(cfg, batches):
+  mesh = parallel.make_mesh(cfg.mesh)
+  task = step_lib.build(cfg, mesh)
+  state, teacher = task.init(0), task.init_teacher(1)
+  losses = []
+  for b in batches:
+    state, m = task.train_step(state, teacher, parallel.host_to_global(b, mesh))
+    losses.append(float(m['loss']))
+  return losses
+
+
+def test_bf16_and_fp16_track_fp32():
+  batches = _synthetic(_small(), 8)
+  ref = _run_losses(_small('fp32'), batches)
+  for p in ('bf16', 'fp16'):
+    got = _run_losses(_small(p), batches)
+    diff = max(abs(a - b) for a, b in zip(ref, got))
+    print(f'{p} vs fp32 over 8 steps: max |loss diff| {diff:.2e} (fp32 losses {ref[0]:.3f}..{ref[-1]:.3f})')
+    assert diff < 2e-2
+
+
+def test_fp16_overflow_skips_update_and_lowers_scale():
+  cfg = _small('fp16')
+  mesh = parallel.make_mesh(cfg.mesh)
+  task = step_lib.build(cfg, mesh)
+  state, teacher = task.init(0), task.init_teacher(1)
+  good, = _synthetic(cfg, 1)
+  bad = dict(good, image=good['image'] * 1e6)   # activations overflow float16 (max 65504)
+
+  def params_of(s):
+    return jax.tree.map(np.asarray, s.params)
+
+  before = params_of(state)
+  scales = [float(state.loss_scale.scale)]
+  for _ in range(2):   # hysteresis 2: the first overflow spends the budget, the second halves
+    state, m = task.train_step(state, teacher, parallel.host_to_global(bad, mesh))
+    assert float(m['finite']) == 0.0
+    scales.append(float(state.loss_scale.scale))
+    after = params_of(state)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(after))
+  assert scales == [2.0 ** 16, 2.0 ** 16, 2.0 ** 15]
+  adam = [s for s in state.opt_state if isinstance(s, optax.ScaleByAdamState)][0]
+  assert int(adam.count) == 0 and not np.any(np.asarray(adam.mu['lm_head']['kernel']))  # untouched
+  state, m = task.train_step(state, teacher, parallel.host_to_global(good, mesh))
+  assert float(m['finite']) == 1.0 and float(m['loss_scale']) == 2.0 ** 15
+  adam = [s for s in state.opt_state if isinstance(s, optax.ScaleByAdamState)][0]
+  # The update happened (lr is 0 at the schedule's first step, so look at Adam's state).
+  assert int(adam.count) == 1 and np.any(np.asarray(adam.mu['lm_head']['kernel']))
+
+
+def test_loss_scale_grows_after_window():
+  from eva_jax.training.precision import LossScale
+  ls = LossScale.create(True, initial=4.0, growth_interval=3, hysteresis=2)
+  seen = []
+  for finite in [True, True, True, False, False, True, True, True]:
+    ls = ls.update(jnp.asarray(finite))
+    seen.append((float(ls.scale), int(ls.hysteresis)))
+  # DeepSpeed: grow x2 after 3 clean steps; overflow 1 spends hysteresis, overflow 2 halves;
+  # the budget is restored only when the scale grows again.
+  assert seen == [(4, 2), (4, 2), (8, 2), (8, 1), (4, 1), (4, 1), (4, 1), (8, 2)]
+
+
+@pytest.mark.parametrize('field,value,msg', [
+    ('precision', 'fp8', 'precision'), ('total_steps', 0, 'total_steps'),
+    ('teacher.shard', 'tp', 'teacher.shard'), ('model.name', 'H/14', 'Unknown encoder name'),
+    ('model.heads', 5, 'not divisible by model.heads'), ('mesh.data', 3, 'devices'),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, field, value, msg):
+  cfg = demo_config()
+  parent, _, leaf = field.rpartition('.')
+  (cfg[parent] if parent else cfg)[leaf] = value
+  with pytest.raises(ValueError, match=msg):
+    pretrain.train(cfg, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_batch_and_mesh_divisibility_errors():
+  assert parallel.resolve_mesh_shape({'data': -1, 'fsdp': 2, 'tensor': 2}, 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match='do not divide'):
+    parallel.resolve_mesh_shape({'data': -1, 'fsdp': 3, 'tensor': 1}, 8)
+  with pytest.raises(ValueError, match='At most one'):
+    parallel.resolve_mesh_shape({'data': -1, 'fsdp': -1, 'tensor': 1}, 8)
+  fake = types.SimpleNamespace(shape={'data': 2, 'fsdp': 2, 'tensor': 2})
+  with pytest.raises(ValueError, match='not divisible by mesh data\\*fsdp=4'):
+    parallel.check_batch(6, fake)
+
+
+@pytest.mark.parametrize('path,arg', [
+    ('configs/pretrain_demo.py', None), ('configs/eva01_g14_pretrain.py', None),
+    ('configs/eva01_g14_pretrain.py', 'bf16'), ('configs/eva01_l14_pretrain.py', None),
+    ('configs/eva01_b16_pretrain.py', None), ('configs/eva02_b14_pretrain.py', None),
+    ('configs/eva02_l14_pretrain.py', None)])
+def test_every_config_builds_abstractly(path, arg):
+  cfg = load_config(path, arg)
+  pretrain.validate_config(cfg)
+  mesh = parallel.make_mesh(cfg.mesh)
+  task = step_lib.build(cfg, mesh)
+  grid = (cfg.image_size // task.student_cfg.patch_size) ** 2
+  batch = {'image': jax.ShapeDtypeStruct((cfg.batch_size, cfg.image_size, cfg.image_size, 3), jnp.float32),
+           'mask': jax.ShapeDtypeStruct((cfg.batch_size, grid), jnp.bool_)}
+  teacher = jax.eval_shape(task.init_teacher, 0)
+  new_state, metrics = jax.eval_shape(task.train_step, task.abstract_state, teacher, batch)
+  assert metrics['loss'].shape == () and new_state.step.shape == ()
+  assert cfg.data.mask.num_masking_patches < grid
