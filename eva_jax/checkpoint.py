@@ -7,10 +7,12 @@ on one mesh restores onto any other (8 devices -> 1 or 4, multi-host collective 
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -61,19 +63,61 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return tree_to_state(out['state'], abstract_state), out['data'], out['meta']
 
-  def restore_params(self, step: int | None = None) -> tuple[dict, dict]:
-    """Host copies of the parameters and metadata only (for load_encoder, export, fine-tuning)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint under {self.directory}.')
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    state_dir = os.path.join(self.directory, str(step), 'state')
-    tree = ocp.StandardCheckpointer().restore(state_dir)  # no target: numpy/host arrays
-    return tree['params'], meta
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def resolve(path: str) -> tuple[str, int]:
+  """(step directory, step) for a workdir, its checkpoints/ folder, or one step's folder."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path!r} is not a directory. Pass a pretraining workdir, its '
+                            'checkpoints/ folder or one checkpoints/<step> folder.')
+  if os.path.isdir(os.path.join(path, 'state')) and os.path.isdir(os.path.join(path, 'meta')):
+    return path, int(os.path.basename(path))
+  ckpts = os.path.join(path, 'checkpoints') if os.path.isdir(os.path.join(path, 'checkpoints')) else path
+  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()
+                 and os.path.isdir(os.path.join(ckpts, d, 'state')))
+  if not steps:
+    raise FileNotFoundError(f'No finished checkpoint under {ckpts!r} (expected <step>/state and '
+                            '<step>/meta folders written by eva_jax.pretrain or eva_jax.finetune).')
+  return os.path.join(ckpts, str(steps[-1])), steps[-1]
+
+
+def restore_params(path: str) -> tuple[dict, dict, int]:
+  """Host (numpy) parameters, metadata and step of a checkpoint; the optimizer state is not read."""
+  step_dir, step = resolve(path)
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  ckptr = ocp.PyTreeCheckpointer()
+  metadata = ckptr.metadata(os.path.join(step_dir, 'state'))
+  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  # Restore only the params subtree, as numpy on the host (no device memory, no optimizer state).
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                              tree['params'])
+  out = ckptr.restore(os.path.join(step_dir, 'state'), args=ocp.args.PyTreeRestore(
+      item={'params': tree['params']}, restore_args={'params': restore_args}, partial_restore=True))
+  return out['params'], meta, step
+
+
+def encoder_from_checkpoint(path: str, dtype: str | None = None):
+  """The student encoder of a pretraining (or fine-tuning) checkpoint as a VisionTransformer.
+
+  Returns (model, meta). `dtype` overrides the compute dtype ('float32' by default for evaluation).
+  """
+  import ml_collections
+  from eva_jax.convert import common
+  params, meta, step = restore_params(path)
+  if 'student' not in meta or 'encoder' not in params:
+    raise ValueError(f'{path!r} (step {step}) is not an eva_jax pretraining/fine-tuning checkpoint '
+                     f'(metadata keys {sorted(meta)}, parameter groups {sorted(params)}).')
+  cfg = ml_collections.ConfigDict(meta['student'])
+  cfg.dtype = dtype or 'float32'
+  flat = common.flatten(params['encoder'])
+  model = common.model_from_params(cfg, {k: np.shape(v) for k, v in flat.items()}, flat.__getitem__,
+                                   what=f'checkpoint {path!r} step {step}')
+  return model, meta
