@@ -7,6 +7,7 @@ on one mesh restores onto any other (8 devices -> 1 or 4, multi-host collective 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -17,17 +18,18 @@ import orbax.checkpoint as ocp
 
 
 def state_to_tree(state) -> dict:
-  """TrainState -> plain dict (orbax stores dicts and optax's named tuples directly)."""
-  return {'step': state.step, 'params': state.params, 'opt_state': state.opt_state,
-          'loss_scale': {'scale': state.loss_scale.scale,
-                         'since_overflow': state.loss_scale.since_overflow,
-                         'hysteresis': state.loss_scale.hysteresis}}
+  """Train-state dataclass -> plain dict (orbax stores dicts and optax's named tuples directly)."""
+  tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  ls = tree.pop('loss_scale')
+  tree['loss_scale'] = {'scale': ls.scale, 'since_overflow': ls.since_overflow,
+                        'hysteresis': ls.hysteresis}
+  return tree
 
 
 def tree_to_state(tree: dict, template):
-  ls = template.loss_scale.replace(**tree['loss_scale'])
-  return template.replace(step=tree['step'], params=tree['params'], opt_state=tree['opt_state'],
-                          loss_scale=ls)
+  tree = dict(tree)
+  ls = template.loss_scale.replace(**tree.pop('loss_scale'))
+  return template.replace(loss_scale=ls, **tree)
 
 
 def abstract_tree(abstract_state, shardings) -> dict:

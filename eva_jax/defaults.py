@@ -45,3 +45,27 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
       coordinator='', num_processes=1, process_id=0, auto=True))
   c.data = default_data_config()
   return c
+
+
+def finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
+  """Fields of every fine-tuning config (eva_jax.finetune)."""
+  c = pretrain_defaults(model=model)
+  del c.teacher
+  del c.loss_scale
+  c.loss_scale = ml_collections.ConfigDict(dict(
+      initial=2.0 ** 16, growth_interval=500, hysteresis=2, min_scale=1.0))
+  c.init_from = ''              # pretraining workdir/checkpoint, or timm/official EVA file; '' = random
+  c.num_classes = 0             # 0 = from the labeled source
+  c.pool = 'mean'               # mean-pool patch tokens -> fc_norm -> head (EVA); 'token' = cls
+  c.head_init_scale = 0.001
+  c.freeze_patch_embed = True   # EVA fine-tuning keeps the patch embedding fixed
+  c.ema_decay = 0.0             # > 0: EMA of the weights, used for evaluation
+  c.eval_source = ''            # '' = config.data.source
+  c.eval_every = 0
+  c.eval_batches = 0            # 0 = the whole eval split
+  c.model.drop_path = 0.4
+  c.optim.update(dict(lr=1e-4, min_lr=1e-6, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6,
+                      weight_decay=0.05, clip_norm=0.0, layer_decay=0.85))
+  c.data.label_smoothing = 0.1
+  c.data.finetune_scale = (0.5, 1.0)
+  return c

@@ -132,3 +132,16 @@ def host_to_global(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """Per-host numpy batch -> global jax.Arrays sharded over the batch axes (multi-host safe)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
           for k, v in batch.items()}
+
+
+def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh: Mesh):
+  """Optimizer-state shardings: parameter-shaped parts follow their parameter, the rest replicate.
+
+  Frozen parameters (optax MaskedNode in multi_transform states) hold nothing and stay so.
+  """
+  import optax
+  replicated = NamedSharding(mesh, P())
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return optax.tree_map_params(
+      tx, lambda v, s: v if masked(v) else s, abstract_opt_state, param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=masked)

@@ -10,20 +10,16 @@ uninterrupted run. SIGTERM finishes the current step, saves and exits 0.
 from __future__ import annotations
 
 import json
-import math
 import os
-import signal
-import sys
-import time
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel
 from eva_jax.data import pipeline as data_lib
+from eva_jax.training import loop
 from eva_jax.training import metrics as metrics_lib
 from eva_jax.training import precision
 from eva_jax.training import step as step_lib
@@ -100,80 +96,25 @@ def train(cfg, workdir: str) -> dict:
     teacher_params = jax.tree.map(jax.device_put, teacher_host, task.teacher_shardings)
     del teacher_host
 
-  stop = {'requested': False}
-  def on_sigterm(signum, frame):  # preemption: finish this step, save, exit cleanly
-    del frame
-    logging.warning('Signal %d: saving after the current step.', signum)
-    stop['requested'] = True
-  previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   progress = metrics_lib.Progress(total=cfg.total_steps, initial=start,
                                   enabled=is_main and cfg.progress)
-  pending = None          # metrics of the previous step, fetched one step late
-  last = {}
-  t_log, n_images = time.perf_counter(), 0
-  step = start
   try:
-    while step < cfg.total_steps:
-      host_batch = next(loader)
-      skipped = int(host_batch.pop('skipped', 0))
-      host_batch.pop('valid', None)   # always True in training (drop_remainder)
-      batch = parallel.host_to_global(host_batch, mesh)
-      state, metrics = task.train_step(state, teacher_params, batch)
-      step += 1
-      n_images += cfg.batch_size
-      if pending is not None:   # the device runs step N while the host reads step N-1
-        last = _log(writer, progress, pending, cfg)
-      pending = None
-      if step % cfg.log_every == 0 or step in (1, cfg.total_steps) or stop['requested']:
-        now = time.perf_counter()
-        pending = (step, metrics, {'images_per_sec': n_images / (now - t_log),
-                                   'data/skipped': skipped})
-        t_log, n_images = now, 0
-      progress.update(step)
-      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop['requested']:
-        _check_finite(state, step)
-        ckpt.save(step, state, loader.get_state(), meta, force=True)
-      if stop['requested']:
-        break
-    if pending is not None:
-      last = _log(writer, progress, pending, cfg)
-    if step == cfg.total_steps and not stop['requested']:
-      last.update(evaluate(cfg, task, state, teacher_params, writer, step))
+    state, last, _ = loop.run(
+        cfg, state=state, start=start, loader=loader, ckpt=ckpt, meta=meta, writer=writer,
+        progress=progress,
+        train_step=lambda s, b: task.train_step(s, teacher_params, b),
+        to_device=lambda b: parallel.host_to_global(b, mesh),
+        evaluate=lambda s, step: evaluate(cfg, task, s, teacher_params, step))
   finally:
     ckpt.close()
     writer.close()
     progress.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    loader.close()
   return last
 
 
-def _log(writer, progress, pending, cfg) -> dict:
-  step, metrics, host = pending
-  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not math.isfinite(m['loss']) and cfg.precision != 'fp16':
-    raise FloatingPointError(f'Loss is {m["loss"]} at step {step}; the last checkpoint is kept. '
-                             'Lower optim.lr or use a larger warmup.')
-  record = {'step': step, 'loss': m['loss'], 'lr': m['lr'], 'grad_norm': m['grad_norm'],
-            'mask_ratio': m['mask_ratio'], **host}
-  if cfg.precision == 'fp16':
-    record['loss_scale'] = m['loss_scale']
-    record['skipped_update'] = 1.0 - m['finite']
-  writer.write(record)
-  progress.show(record)
-  return record
-
-
-def _check_finite(state, step) -> None:
-  """Never write NaN/Inf parameters over a good checkpoint."""
-  if not bool(precision.all_finite(state.params)):
-    raise FloatingPointError(f'Parameters are not finite at step {step}; not saving. The previous '
-                             'checkpoint is kept; lower the learning rate or use fp16/bf16 with '
-                             'loss scaling.')
-
-
-def evaluate(cfg, task, state, teacher_params, writer, step) -> dict:
+def evaluate(cfg, task, state, teacher_params, step) -> dict:
   """Validation loss with the spec's deterministic mask (every even patch) on center crops."""
   loader = data_lib.build_pretrain_loader(
       cfg.data, image_size=cfg.image_size, patch_size=task.student_cfg.patch_size,
@@ -189,13 +130,12 @@ def evaluate(cfg, task, state, teacher_params, writer, step) -> dict:
                                       parallel.host_to_global(host_batch, task.mesh)))
     total += float(m['loss']) * float(m['masked_tokens'])
     tokens += float(m['masked_tokens'])
+  loader.close()
   if not tokens:
     return {}
-  record = {'step': step, 'val_loss': total / tokens}
-  writer.write(record)
   if jax.process_index() == 0:
-    print(f'step {step} val_loss {record["val_loss"]:.4f} ({int(tokens)} masked tokens)', flush=True)
-  return record
+    print(f'step {step} val_loss {total / tokens:.4f} ({int(tokens)} masked tokens)', flush=True)
+  return {'val_loss': total / tokens}
 
 
 def main(argv):

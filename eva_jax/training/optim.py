@@ -56,7 +56,9 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
   """Multiplies each update by its (broadcastable) scale."""
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+    masked = lambda u: isinstance(u, optax.MaskedNode)   # frozen under multi_transform
+    return jax.tree.map(lambda u, s: u if masked(u) else u * jnp.asarray(s, u.dtype),
+                        updates, scales, is_leaf=masked), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 

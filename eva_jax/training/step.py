@@ -119,8 +119,7 @@ def build(cfg, mesh: Mesh, teacher_cfg: ml_collections.ConfigDict | None = None)
   abstract_state = jax.eval_shape(init, 0)
   param_sh = _pure(parallel.state_shardings(m_template, mesh))
   replicated = NamedSharding(mesh, P())
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_sh,
-                                 transform_non_params=lambda _: replicated)
+  opt_sh = parallel.opt_state_shardings(tx, abstract_state.opt_state, param_sh, mesh)
   state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
                         loss_scale=jax.tree.map(lambda _: replicated, abstract_state.loss_scale))
   state_sh = jax.tree.map(lambda s, _: s, state_sh, abstract_state)  # same tree structure

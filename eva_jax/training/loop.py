@@ -1,0 +1,106 @@
+"""The step loop shared by pretraining and fine-tuning.
+
+One place for: feeding host batches to the device, fetching metrics one step late (the host never
+blocks on the step it just dispatched), periodic and final checkpoints (never of non-finite
+parameters), SIGTERM = finish the step, save, return; periodic evaluation.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+
+from eva_jax.training import precision
+
+
+class Preemption:
+  """Context manager turning SIGTERM into a flag checked after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(params, step: int) -> None:
+  """Never write NaN/Inf parameters over a good checkpoint."""
+  if not bool(precision.all_finite(params)):
+    raise FloatingPointError(f'Parameters are not finite at step {step}; not saving. The previous '
+                             'checkpoint is kept; lower the learning rate or increase warmup.')
+
+
+def run(cfg, *, state, start: int, train_step: Callable, loader, to_device: Callable,
+        ckpt, meta: dict, writer, progress, evaluate: Callable | None = None) -> tuple[Any, dict, bool]:
+  """Runs steps start+1..cfg.total_steps. Returns (state, last record, preempted).
+
+  train_step(state, device_batch) -> (state, metrics dict of device scalars); `metrics['loss']`
+  must exist. evaluate(state, step) -> dict of scalars, called every cfg.eval_every steps (if > 0)
+  and after the last step.
+  """
+  pending = None
+  last: dict = {}
+  t_log, n_images = time.perf_counter(), 0
+  step = start
+  with Preemption() as stop:
+    while step < cfg.total_steps:
+      host_batch = next(loader)
+      skipped = int(host_batch.pop('skipped', 0))
+      host_batch.pop('valid', None)   # always True in training (drop_remainder)
+      state, metrics = train_step(state, to_device(host_batch))
+      step += 1
+      n_images += cfg.batch_size
+      if pending is not None:   # the device runs step N while the host reads step N-1
+        last = _log(writer, progress, pending, cfg)
+        pending = None
+      if step % cfg.log_every == 0 or step in (1, cfg.total_steps) or stop.requested:
+        now = time.perf_counter()
+        pending = (step, metrics, {'images_per_sec': n_images / (now - t_log),
+                                   'data/skipped': skipped})
+        t_log, n_images = now, 0
+      progress.update(step)
+      final = step == cfg.total_steps or stop.requested
+      if step % cfg.checkpoint_every == 0 or final:
+        check_finite(state.params, step)
+        ckpt.save(step, state, loader.get_state(), meta, force=True)
+      if evaluate is not None and ((cfg.get('eval_every', 0) and step % cfg.eval_every == 0
+                                    and not final) or step == cfg.total_steps):
+        if pending is not None:
+          last = _log(writer, progress, pending, cfg)
+          pending = None
+        record = {'step': step, **evaluate(state, step)}
+        writer.write(record)
+        last.update(record)
+      if stop.requested:
+        break
+    if pending is not None:
+      last.update(_log(writer, progress, pending, cfg))
+  return state, last, stop.requested
+
+
+def _log(writer, progress, pending, cfg) -> dict:
+  step, metrics, host = pending
+  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(m['loss']) and cfg.precision != 'fp16':
+    raise FloatingPointError(f'Loss is {m["loss"]} at step {step}; the last checkpoint is kept. '
+                             'Lower optim.lr or use a longer warmup.')
+  record = {'step': step, **{k: v for k, v in m.items() if k not in ('finite', 'loss_scale',
+                                                                     'masked_tokens')}, **host}
+  if cfg.precision == 'fp16':
+    record['loss_scale'] = m['loss_scale']
+    record['skipped_update'] = 1.0 - m['finite']
+  writer.write(record)
+  progress.show(record)
+  return record
