@@ -69,3 +69,17 @@ def finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.data.label_smoothing = 0.1
   c.data.finetune_scale = (0.5, 1.0)
   return c
+
+
+def linear_probe_defaults() -> ml_collections.ConfigDict:
+  """Fields of eva_jax.linear_probe configs."""
+  return ml_collections.ConfigDict(dict(
+      init_from='',          # pretraining / fine-tuning workdir or checkpoint folder
+      pool='mean',           # 'mean' of patch tokens or 'token' (cls)
+      image_size=0,          # 0 = the encoder's own
+      batch_size=64, seed=0,
+      eval_source='',        # '' = a stratified hold-out of config.data.source
+      holdout=0.25,
+      epochs=100, lr=1e-3, weight_decay=0.0, probe_batch_size=256,
+      knn_k=20, knn_temperature=0.07,
+      data=default_data_config()))

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel
 from eva_jax.data import pipeline as data_lib
+from eva_jax.models.classifier import finetune_encoder_config
 from eva_jax.training import classify, loop
 from eva_jax.training import metrics as metrics_lib
 from eva_jax.training import precision
@@ -91,7 +92,8 @@ def train(cfg, workdir: str) -> dict:
       cfg.data, image_size=cfg.image_size, batch_size=per_host, seed=cfg.seed, train=True,
       num_classes=num_classes)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
-  meta = {'kind': 'eva_finetune', 'student': task.encoder_cfg.to_dict(),
+  meta = {'kind': 'eva_finetune',
+          'student': finetune_encoder_config(task.encoder_cfg).to_dict(),   # no mask token / norm
           'num_classes': num_classes, 'pool': cfg.pool}
   start = ckpt.latest_step()
   if start is not None:
