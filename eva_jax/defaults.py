@@ -58,6 +58,7 @@ def finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.num_classes = 0             # 0 = from the labeled source
   c.pool = 'mean'               # mean-pool patch tokens -> fc_norm -> head (EVA); 'token' = cls
   c.head_init_scale = 0.001
+  c.fc_norm_from_norm = True    # init fc_norm from the pretrained `norm` (timm's checkpoint filter)
   c.freeze_patch_embed = True   # EVA fine-tuning keeps the patch embedding fixed
   c.ema_decay = 0.0             # > 0: EMA of the weights, used for evaluation
   c.eval_source = ''            # '' = config.data.source

@@ -52,7 +52,8 @@ def init_state(cfg, task, workdir_is_fresh: bool):
   if not cfg.init_from or not workdir_is_fresh:
     return state
   enc, enc_cfg = load_pretrained_encoder(cfg.init_from)
-  for field in ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'swiglu', 'sub_ln', 'rope'):
+  for field in ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'swiglu', 'sub_ln',
+                'sub_ln_attn', 'rope'):
     if field in enc_cfg and enc_cfg[field] != task.encoder_cfg[field]:
       raise ValueError(f'config.init_from has model.{field}={enc_cfg[field]} but the fine-tuning '
                        f'config has {task.encoder_cfg[field]}; set --config.model.name to match.')
@@ -62,6 +63,10 @@ def init_state(cfg, task, workdir_is_fresh: bool):
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
   params['encoder'], dropped = classify.pretrained_into(
       task.abstract_state.params, enc, grid_from=grid_from, grid_to=grid_to)
+  if cfg.fc_norm_from_norm and 'norm' in enc:
+    # timm's checkpoint_filter_fn: the MIM `norm` becomes the classifier's `fc_norm`.
+    params['fc_norm'] = {k: np.asarray(v, np.float32) for k, v in enc['norm'].items()}
+    dropped = [d for d in dropped if not d.startswith('norm/')] + ['norm -> fc_norm']
   print(f'Initialized the encoder from {cfg.init_from} (pos-embed grid {grid_from} -> {grid_to}; '
         f'not used: {", ".join(dropped) or "nothing"}).', flush=True)
   params = jax.tree.map(jax.device_put, params, task.param_shardings)

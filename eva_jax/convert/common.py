@@ -77,6 +77,9 @@ class TensorSource(Mapping):
         return tuple(sf.get_slice(key).get_shape())
     return tuple(self._tensors[key].shape)
 
+  def __contains__(self, key) -> bool:  # Mapping's default would load (and convert) the tensor
+    return key in self._index
+
   def __iter__(self) -> Iterator[str]:
     return iter(self._index)
 
@@ -196,11 +199,15 @@ def model_from_params(cfg, shapes: Mapping[str, tuple], load: Callable[[str], np
   model = vit.abstract(cfg)
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   flat = {}
-  for k in expected:
+  # Largest first: the host peak is then about the weights plus the last (small) tensor's copies.
+  for k in sorted(expected, key=lambda k: -int(np.prod(expected[k]))):
     v = np.asarray(load(k), np.float32)
     if v.shape != expected[k]:
       raise CheckpointError(f'{what}: converted {k} has shape {v.shape}, model wants {expected[k]}.')
-    flat[k] = jnp.asarray(v)
+    # device_put makes one copy (jnp.asarray two on the CPU backend); waiting for it lets `v` go
+    # before the next conversion, so the host peak stays near the weights plus one tensor.
+    flat[k] = jax.device_put(v)
+    flat[k].block_until_ready()
     del v
   nnx.replace_by_pure_dict(state, unflatten(flat))
   return nnx.merge(graphdef, state, rest)

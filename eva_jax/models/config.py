@@ -59,6 +59,9 @@ def _base(width, depth, heads, mlp_dim, patch) -> ml_collections.ConfigDict:
       # EVA-02 switches
       swiglu=False,
       sub_ln=False,
+      # With sub_ln: also a LayerNorm on the attention output before the projection (timm
+      # scale_attn_inner, EVA-CLIP `inner_attn_ln`). The EVA-02 MIM release has only the MLP one.
+      sub_ln_attn=True,
       rope=False,
       rope_theta=10000.0,
       rope_ref_grid=0,           # grid the RoPE frequencies are defined on (timm ref_feat_shape); 0 = own grid
@@ -80,7 +83,11 @@ def encoder_config(name: str) -> ml_collections.ConfigDict:
     cfg = _base(*_EVA01[name])
   elif name in _EVA02:
     cfg = _base(*_EVA02[name])
-    cfg.swiglu = cfg.sub_ln = cfg.rope = True
+    cfg.swiglu = cfg.rope = True
+    # Official EVA-02 MIM (and timm eva02_*_patch14): B/L use sub-LN as the MLP's ffn_ln only (no
+    # attention LN, which is the EVA-CLIP variant); Ti/S have no sub-LN at all.
+    cfg.sub_ln = name not in ('eva02-tiny', 'eva02-Ti/14', 'eva02-S/14')
+    cfg.sub_ln_attn = False
     cfg.init = 'eva02'
     cfg.rope_ref_grid = 16
   else:

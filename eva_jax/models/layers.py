@@ -137,7 +137,8 @@ class Attention(nnx.Module):
     self.k_bias = param(rngs, zeros, (h, hd), ('heads', 'kv')) if cfg.attn_bias == 'qkv' else None
     self.v_bias = param(rngs, zeros, (h, hd), ('heads', 'kv')) if cfg.attn_bias != 'none' else None
     # EVA-02 sub-LN: LayerNorm on the attention output before the projection.
-    self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.sub_ln else None
+    self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) \
+        if cfg.sub_ln and cfg.get('sub_ln_attn', True) else None
     self.proj = param(rngs, init, (h, hd, d), ('heads', 'kv', 'embed'))
     self.proj_bias = param(rngs, zeros, (d,), ('embed',))
 

@@ -35,11 +35,19 @@ def _initializers(cfg):
 
 
 def _xavier_first_axis(key, shape, dtype):
-  # Kernels here are [in, out...] except proj [heads, kv, embed]; treat the last axis as out for
-  # 3-D proj, the first as in for everything else. Equal fans make the choice immaterial for qkv.
+  # Kernels here are [in, out...] except proj [heads, kv, embed].
   if len(shape) == 3:  # proj [heads, kv, embed]
     return xavier_normal((0, 1), (2,))(key, shape, dtype)
+  if len(shape) == 4:  # qkv [embed, 3, heads, kv]: three separate D x D projections officially
+    return xavier_normal((0,), (2, 3))(key, shape, dtype)
   return xavier_normal((0,), tuple(range(1, len(shape))))(key, shape, dtype)
+
+
+def _xavier_uniform_patch(key, shape, dtype):
+  # EVA-02 patch conv: xavier-uniform over (fan_in = p*p*C, fan_out = D).
+  fan_in, fan_out = shape[0] * shape[1] * shape[2], shape[3]
+  bound = float(np.sqrt(6.0 / (fan_in + fan_out)))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class VisionTransformer(nnx.Module):
@@ -55,7 +63,7 @@ class VisionTransformer(nnx.Module):
     self.num_prefix = 1 if cfg.class_token else 0
     self.dtype = DTYPES[cfg.dtype]
 
-    patch_init = kinit if cfg.init != 'eva02' else xavier_normal((0, 1, 2), (3,))
+    patch_init = kinit if cfg.init != 'eva02' else _xavier_uniform_patch
     self.patch_kernel = param(rngs, patch_init, (p, p, cfg.in_chans, d), (None, None, None, 'embed'))
     self.patch_bias = param(rngs, jax.nn.initializers.zeros, (d,), ('embed',)) \
         if cfg.patch_bias else None
@@ -64,12 +72,21 @@ class VisionTransformer(nnx.Module):
     self.pos_embed = param(rngs, tinit, (n + self.num_prefix, d), (None, 'embed'))
     self.ln_pre = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.ln_pre else None
     self.blocks = Blocks(cfg, init=kinit, rngs=rngs)
-    if cfg.init in ('eva01', 'eva02'):
+    layers = self.blocks.layers
+    if cfg.init == 'eva01':
       # Rescale block l's (1-based) output projections by 1/sqrt(2l): the official fix_init_weight.
       s = 1.0 / np.sqrt(2.0 * np.arange(1, cfg.depth + 1))
-      layers = self.blocks.layers
       layers.attn.proj[...] = layers.attn.proj[...] * s[:, None, None, None]
       layers.mlp.fc2.kernel[...] = layers.mlp.fc2.kernel[...] * s[:, None, None]
+    elif cfg.init == 'eva02' and cfg.sub_ln:
+      # Official EVA-02 with sub-LN: MLP weights, attn.proj and the v projection are multiplied
+      # by sqrt(log(2 * depth)) (no 1/sqrt(2l) rescale in EVA-02).
+      g = float(np.sqrt(np.log(2.0 * cfg.depth)))
+      layers.attn.proj[...] = layers.attn.proj[...] * g
+      layers.attn.qkv[...] = layers.attn.qkv[...].at[:, :, 2].multiply(g)
+      for name in ('fc1_g', 'fc1_x', 'fc2') if cfg.swiglu else ('fc1', 'fc2'):
+        dense = getattr(layers.mlp, name)
+        dense.kernel[...] = dense.kernel[...] * g
     self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.final_norm else None
     out_dim = cfg.out_dim
     if out_dim:  # CLIP: ln_post + projection (no bias) produce the teacher targets
