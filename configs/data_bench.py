@@ -1,4 +1,6 @@
-"""Input-pipeline throughput benchmark: python -m eva_jax.data.benchmark --config=configs/data_bench.py
+"""Input-pipeline throughput benchmark.
+
+  python -m eva_jax.data.benchmark --config=configs/data_bench.py [--compare_tfdata]
 
 Override anything, e.g. --config.data.workers=4 --config.data.source=folder:/data/imagenet/train.
 """

@@ -1,0 +1,74 @@
+"""Input-pipeline settings (the `config.data` block) and the paper's merged-30M mixture."""
+from __future__ import annotations
+
+import ml_collections
+
+# OpenAI CLIP normalization: the student and the CLIP teacher see the same tensor (EVA-SPEC).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Nominal sizes of the merged-30M parts as published by each dataset (IN-21K fall11, CC12M and
+# CC3M as released, COCO train2017, ADE20K train, Objects365 v1 train). Web datasets lose dead
+# links, so what you download is smaller (the paper counts ~29.6M in all); pass `sizes` with your
+# own counts (e.g. from the `*-meta.json` written by `eva_jax.data.pack`) to weight by them.
+MERGED30M_SIZES = {
+    'imagenet21k': 14_197_122,
+    'cc12m': 12_423_374,
+    'cc3m': 3_318_333,
+    'coco_train2017': 118_287,
+    'ade20k_train': 20_210,
+    'objects365_train': 608_606,
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `config.data` block read by `eva_jax.data.pipeline`."""
+  return ml_collections.ConfigDict(dict(
+      # One source string (see eva_jax.data.sources.open_source) ...
+      source='demo',
+      # ... or a weighted mixture, a sequence of (source, weight); when non-empty it wins.
+      mixture=(),
+      data_dir='',           # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+      cache_dir='',          # demo set location ('' = $EVA_JAX_CACHE/demo or ~/.cache/eva_jax/demo)
+      image_key='',          # TFDS feature holding the image ('' = the first Image feature)
+      label_key='label',     # TFDS feature holding the class ('' = unlabeled)
+      workers=0,             # grain worker processes (0 = decode in this process)
+      threads=16,            # read/decode threads per process (PIL releases the GIL)
+      prefetch=2,            # batches buffered ahead (per worker when workers > 0)
+      shuffle=True,
+      mean=CLIP_MEAN,
+      std=CLIP_STD,
+      # Pretraining augmentation (EVA-SPEC): flip 0.5, RandomResizedCrop bicubic.
+      hflip=0.5,
+      scale=(0.2, 1.0),
+      ratio=(3 / 4, 4 / 3),
+      # BEiT block-wise masking on the patch grid.
+      mask=ml_collections.ConfigDict(dict(
+          num_masking_patches=105,
+          min_num_patches=16,
+          max_aspect=1 / 0.3,
+          min_aspect=0.3,
+      )),
+      # Fine-tuning (timm semantics).
+      randaug='rand-m9-mstd0.5-inc1',   # '' disables RandAugment
+      mixup=0.0,                        # mixup alpha (0 = off)
+      cutmix=0.0,                       # cutmix alpha (0 = off)
+      mixup_prob=1.0,                   # probability of mixing a batch
+      mixup_switch_prob=0.5,            # P(cutmix) when both are on
+      label_smoothing=0.0,              # folded into the soft labels when mixup/cutmix is on
+      crop_pct=1.0,                     # eval: resize shorter side to size/crop_pct, center crop
+      finetune_scale=(0.08, 1.0),
+  ))
+
+
+def merged30m_mixture(root: str = '~/data/merged30m',
+                      sizes: dict[str, int] | None = None) -> list[tuple[str, float]]:
+  """The paper's merged-30M pretraining data as a `config.data.mixture`.
+
+  Each part is expected as ArrayRecord shards packed by `python -m eva_jax.data.pack --src
+  <image folder> --out <root>/<part>`. Weights are proportional to dataset size, so every image is
+  seen about once per pass, as when the paper concatenated the sets.
+  """
+  sizes = dict(MERGED30M_SIZES if sizes is None else sizes)
+  root = root.rstrip('/')
+  return [(f'arrayrecord:{root}/{name}/*.array_record', float(n)) for name, n in sizes.items()]

@@ -1,0 +1,205 @@
+"""grain input pipelines for EVA pretraining and fine-tuning.
+
+Graph (all lazy, random-access until the last steps):
+
+  DecodedSource per source -> shuffle(seed) -> repeat -> [mix by weight]
+  -> map_with_index(transform)
+  -> host slice [process_index::process_count] -> to_iter_dataset(threads) -> batch
+  -> mp_prefetch(workers) | thread prefetch -> LoaderIterator (skip counter, mixup, state)
+
+The transform sees the element's index in the global stream, so augmentation and masks depend
+only on (seed, index). Batches are the same for a given (seed, process count, workers); changing
+`workers` regroups examples into batches (grain batches inside each worker).
+
+Batches are dicts of numpy arrays: 'image' float32 [B,H,W,3] (normalized NHWC), 'valid' bool [B]
+(False only for evaluation padding), 'skipped' (Python int: records skipped as undecodable on this
+host since the start of training, restored with the iterator state), plus 'mask' bool [B,N]
+(pretraining) or 'label' int32 [B] / float32 [B,classes] with mixup/cutmix (classification).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Callable, Iterator
+
+from absl import flags
+import grain
+import numpy as np
+
+from eva_jax.data.decode import DecodedSource, Padding
+from eva_jax.data.mixup import Mixup
+from eva_jax.data.sources import open_source
+from eva_jax.data.transforms import ClassifyTransform, NormalizeBatch, PretrainTransform
+
+
+def _sources(data_cfg) -> list[tuple[Any, float]]:
+  mixture = [tuple(m) for m in (data_cfg.get('mixture') or ())]
+  if not mixture:
+    return [(open_source(data_cfg.source, data_cfg), 1.0)]
+  out = []
+  for spec, weight in mixture:
+    if not weight > 0:
+      raise ValueError(f'Mixture weight for {spec} must be > 0, got {weight}.')
+    out.append((open_source(spec, data_cfg), float(weight)))
+  return out
+
+
+def source_num_classes(data_cfg) -> int | None:
+  """Classes of `config.data.source` (None if unlabeled), e.g. to size a classifier head."""
+  return open_source(data_cfg.source, data_cfg).num_classes
+
+
+def _sub_seed(seed: int, k: int) -> int:
+  return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])   # fits grain's uint32
+
+
+def _host_stream(data_cfg, transform: Callable, *, sources, seed: int, train: bool,
+                 batch_size: int, process_index: int, process_count: int,
+                 num_epochs: int | None) -> grain.MapDataset:
+  """The transformed examples this host reads, in order."""
+  parts = [grain.MapDataset.source(DecodedSource(rec)) for rec, _ in sources]
+  if train:
+    if data_cfg.shuffle:    # reshuffled every epoch: repeat() reseeds upstream shuffles
+      parts = [p.shuffle(seed=_sub_seed(seed, k)) for k, p in enumerate(parts)]
+    if len(parts) == 1:
+      ds = parts[0].repeat(num_epochs)
+    else:
+      # grain's mix interleaves by exact proportions; components repeat so none runs dry. One
+      # "epoch" of a mixture is as many examples as all sources hold together.
+      ds = grain.MapDataset.mix([p.repeat() for p in parts], [w for _, w in sources])
+      if num_epochs is not None:
+        ds = ds[:num_epochs * sum(len(p) for p in parts)]
+  else:
+    # One ordered pass, padded so every host and worker gets the same number of full batches.
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    chunk = process_count * max(1, data_cfg.workers) * batch_size
+    pad = math.ceil(len(ds) / chunk) * chunk - len(ds)
+    if pad:
+      ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source(Padding(pad))])
+  ds = ds.map_with_index(transform)
+  return ds[process_index::process_count]
+
+
+class LoaderIterator(Iterator[dict[str, Any]]):
+  """The grain iterator plus host-side batch work, with JSON-serializable get_state/set_state."""
+
+  def __init__(self, ds: grain.IterDataset, *, seed: int, process_index: int,
+               mixup: Mixup | None = None):
+    self._it = iter(ds)
+    # Closes grain's threads/workers when this iterator is collected or, at the latest, at
+    # interpreter exit while modules still exist (grain's own __del__ then fails noisily).
+    self._closer = weakref.finalize(self, _close_grain_iterator, self._it)
+    self._seed, self._process_index, self._mixup = seed, process_index, mixup
+    self._batches = 0
+    self._skipped = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    batch = dict(next(self._it))
+    self._skipped += int(batch['skipped'].sum())
+    batch['skipped'] = self._skipped
+    if self._mixup is not None:
+      # Seeded by the batch number so a restored iterator mixes exactly as the original did.
+      rng = np.random.default_rng([self._seed, self._process_index, self._batches, 1])
+      batch['image'], batch['label'] = self._mixup(np.asarray(batch['image']), batch['label'], rng)
+    self._batches += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {'grain': self._it.get_state(), 'batches': self._batches, 'skipped': self._skipped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(state['grain'])
+    self._batches, self._skipped = int(state['batches']), int(state['skipped'])
+
+  def close(self) -> None:
+    """Stops prefetch threads and worker processes (also done at garbage collection/exit)."""
+    self._closer()
+
+
+def _close_grain_iterator(it) -> None:
+  it.close()
+  # grain 0.2.18's thread-prefetch iterator closes again from __del__ during interpreter
+  # teardown, when its module globals are gone, and prints a traceback. Nothing is left to close.
+  it.close = lambda: None
+
+
+def _finish(ds: grain.MapDataset, data_cfg, *, batch_size: int, train: bool, seed: int,
+            process_index: int, mixup: Mixup | None = None) -> LoaderIterator:
+  threads = int(data_cfg.threads)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads,
+      # Elements are ~150 KB decoded; buffer enough to keep the threads busy, not grain's 500.
+      prefetch_buffer_size=max(2 * threads, batch_size, 1)))
+  it_ds = it_ds.batch(batch_size, drop_remainder=train,
+                      batch_fn=NormalizeBatch(data_cfg.mean, data_cfg.std))
+  if data_cfg.workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain reads its absl flags when starting workers; outside an absl app (plain scripts,
+      # notebooks, pytest) nobody parsed them, so accept the defaults instead of crashing.
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(data_cfg.workers), per_worker_buffer_size=max(1, int(data_cfg.prefetch))))
+  elif data_cfg.prefetch > 0:
+    it_ds = grain.experimental.ThreadPrefetchIterDataset(
+        it_ds, prefetch_buffer_size=int(data_cfg.prefetch))
+  return LoaderIterator(it_ds, seed=seed, process_index=process_index, mixup=mixup)
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax   # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+  return int(process_index), int(process_count)
+
+
+def build_pretrain_loader(data_cfg, *, image_size: int, patch_size: int, batch_size: int,
+                          seed: int, train: bool = True, process_index: int | None = None,
+                          process_count: int | None = None,
+                          num_epochs: int | None = None) -> LoaderIterator:
+  """Masked-image-modeling batches: 'image', 'mask' [B, (image_size//patch_size)**2], 'valid',
+  'skipped'. `batch_size` is per host. train=False: one ordered pass, no flip, resize + center
+  crop, the fixed eval mask, padded to full batches ('valid' marks real examples)."""
+  pi, pc = _process(process_index, process_count)
+  transform = PretrainTransform(data_cfg, image_size, patch_size, seed, train)
+  ds = _host_stream(data_cfg, transform, sources=_sources(data_cfg), seed=seed, train=train,
+                    batch_size=batch_size, process_index=pi, process_count=pc,
+                    num_epochs=num_epochs if train else 1)
+  return _finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed, process_index=pi)
+
+
+def build_classification_loader(data_cfg, *, image_size: int, batch_size: int, seed: int,
+                                train: bool, num_classes: int | None = None,
+                                process_index: int | None = None,
+                                process_count: int | None = None,
+                                num_epochs: int | None = None) -> LoaderIterator:
+  """Fine-tuning batches: 'image', 'label', 'valid', 'skipped'. Train: RRC(finetune_scale) + flip
+  + RandAugment, and with mixup/cutmix > 0 soft float32 labels [B, num_classes] that include
+  label smoothing (otherwise int labels: apply data_cfg.label_smoothing in the loss, e.g. with
+  `eva_jax.data.mixup.smooth_one_hot`). Eval: resize + center crop (crop_pct), padded."""
+  pi, pc = _process(process_index, process_count)
+  sources = _sources(data_cfg)
+  if len(sources) > 1:
+    raise ValueError('Classification needs one labeled source; config.data.mixture is for '
+                     'pretraining only.')
+  found = sources[0][0].num_classes
+  if found is None:
+    raise ValueError(f'{sources[0][0].name} has no labels (use class sub-folders, a packed '
+                     'folder with classes, or a TFDS dataset with a label feature).')
+  num_classes = num_classes or found
+  mixup = None
+  if train and (data_cfg.mixup > 0 or data_cfg.cutmix > 0):
+    mixup = Mixup(data_cfg.mixup, data_cfg.cutmix, prob=data_cfg.mixup_prob,
+                  switch_prob=data_cfg.mixup_switch_prob,
+                  label_smoothing=data_cfg.label_smoothing, num_classes=num_classes)
+  transform = ClassifyTransform(data_cfg, image_size, seed, train)
+  ds = _host_stream(data_cfg, transform, sources=sources, seed=seed, train=train,
+                    batch_size=batch_size, process_index=pi, process_count=pc,
+                    num_epochs=num_epochs if train else 1)
+  return _finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed, process_index=pi,
+                 mixup=mixup)
