@@ -22,10 +22,7 @@ from absl import app, flags, logging
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax.convert import common, eva_torch
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (its latest checkpoint).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A checkpoints/<step> folder.')
-_FORMAT = flags.DEFINE_enum('format', 'timm', ['timm', 'eva'], 'Output layout.')
-_OUT = flags.DEFINE_string('out', None, 'Output file (.safetensors for timm, .pth for eva).')
+FLAGS = flags.FLAGS
 
 
 def export(path: str, fmt: str, out: str) -> dict:
@@ -59,13 +56,21 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  path = _CHECKPOINT.value or _WORKDIR.value
-  if not path or not _OUT.value:
+  path = FLAGS.checkpoint or FLAGS.workdir
+  if not path or not FLAGS.out:
     raise app.UsageError('--workdir=DIR (or --checkpoint=DIR/checkpoints/STEP) and --out=FILE '
                          'are required.')
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  print(json.dumps(export(path, _FORMAT.value, _OUT.value)))
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  print(json.dumps(export(path, FLAGS.format, FLAGS.out)))
+
+
+def define_flags() -> None:
+  flags.DEFINE_string('workdir', None, 'Run directory (its latest checkpoint).')
+  flags.DEFINE_string('checkpoint', None, 'A checkpoints/<step> folder.')
+  flags.DEFINE_enum('format', 'timm', ['timm', 'eva'], 'Output layout.')
+  flags.DEFINE_string('out', None, 'Output file (.safetensors for timm, .pth for eva).')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

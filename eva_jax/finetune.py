@@ -18,6 +18,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+FLAGS = flags.FLAGS
+
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel
 from eva_jax.data import pipeline as data_lib
@@ -25,10 +27,6 @@ from eva_jax.models.classifier import finetune_encoder_config
 from eva_jax.training import classify, loop
 from eva_jax.training import metrics as metrics_lib
 from eva_jax.training import precision
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Fine-tuning config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
 
 
 def load_pretrained_encoder(path: str) -> tuple[dict, dict]:
@@ -150,12 +148,19 @@ def train(cfg, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  if _WORKDIR.value is None or _CONFIG.value is None:
+  if FLAGS.workdir is None or FLAGS.config is None:
     raise app.UsageError('--config=configs/NAME.py and --workdir=DIR are required.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  train(_CONFIG.value, _WORKDIR.value)
+  train(FLAGS.config, FLAGS.workdir)
+
+
+def define_flags() -> None:
+  """Flags are defined only when run as a program, so modules can be imported together."""
+  config_flags.DEFINE_config_file('config', None, 'Fine-tuning config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

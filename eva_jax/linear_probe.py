@@ -25,8 +25,7 @@ from ml_collections import config_flags
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax.data import pipeline as data_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Linear-probe config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Optional: writes probe.json here.')
+FLAGS = flags.FLAGS
 
 
 def extract(encoder, data_cfg, *, image_size: int, batch_size: int, pool: str, seed: int = 0,
@@ -132,17 +131,23 @@ def evaluate(cfg) -> dict:
 
 def main(argv):
   del argv
-  if _CONFIG.value is None:
+  if FLAGS.config is None:
     raise app.UsageError('--config=configs/NAME.py is required.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  out = evaluate(_CONFIG.value)
-  if _WORKDIR.value:
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    with open(os.path.join(_WORKDIR.value, 'probe.json'), 'w') as f:
+  out = evaluate(FLAGS.config)
+  if FLAGS.workdir:
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, 'probe.json'), 'w') as f:
       json.dump(out, f, indent=2)
   print(json.dumps(out), flush=True)
 
 
+def define_flags() -> None:
+  config_flags.DEFINE_config_file('config', None, 'Linear-probe config file.')
+  flags.DEFINE_string('workdir', None, 'Optional: writes probe.json here.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -16,6 +16,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+FLAGS = flags.FLAGS
+
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel
 from eva_jax.data import pipeline as data_lib
@@ -23,10 +25,6 @@ from eva_jax.training import loop
 from eva_jax.training import metrics as metrics_lib
 from eva_jax.training import precision
 from eva_jax.training import step as step_lib
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Pretraining config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
 
 
 def validate_config(cfg) -> None:
@@ -142,10 +140,17 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
-  if _WORKDIR.value is None or _CONFIG.value is None:
+  if FLAGS.workdir is None or FLAGS.config is None:
     raise app.UsageError('--config=configs/NAME.py and --workdir=DIR are required.')
-  train(_CONFIG.value, _WORKDIR.value)
+  train(FLAGS.config, FLAGS.workdir)
+
+
+def define_flags() -> None:
+  """Flags are defined only when run as a program, so modules can be imported together."""
+  config_flags.DEFINE_config_file('config', None, 'Pretraining config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
