@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -73,6 +74,19 @@ class Checkpointer:
     self.manager.close()
 
 
+class _quiet_missing_metadata(logging.Filter):
+  """Drops orbax's 'Metadata file does not exist' warning while reading an item of a manager."""
+
+  def filter(self, record):
+    return 'Metadata file does not exist' not in record.getMessage()
+
+  def __enter__(self):
+    logging.getLogger('absl').addFilter(self)
+
+  def __exit__(self, *exc):
+    logging.getLogger('absl').removeFilter(self)
+
+
 def resolve(path: str) -> tuple[str, int]:
   """(step directory, step) for a workdir, its checkpoints/ folder, or one step's folder."""
   path = os.path.abspath(os.path.expanduser(path))
@@ -96,7 +110,8 @@ def restore_params(path: str) -> tuple[dict, dict, int]:
   with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
     meta = json.load(f)
   ckptr = ocp.PyTreeCheckpointer()
-  metadata = ckptr.metadata(os.path.join(step_dir, 'state'))
+  with _quiet_missing_metadata():  # the manager keeps that file one level up; harmless here
+    metadata = ckptr.metadata(os.path.join(step_dir, 'state'))
   tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
   # Restore only the params subtree, as numpy on the host (no device memory, no optimizer state).
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
