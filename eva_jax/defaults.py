@@ -84,3 +84,29 @@ def linear_probe_defaults() -> ml_collections.ConfigDict:
       epochs=100, lr=1e-3, weight_decay=0.0, probe_batch_size=256,
       knn_k=20, knn_temperature=0.07,
       data=default_data_config()))
+
+
+MERGED30M_IMAGES = 29_600_000   # the paper's count of merged-30M
+
+
+def merged30m_pretrain(model: str, teacher: str, *, precision: str, batch_size: int, lr: float,
+                       epochs: int = 150, warmup_epochs: int = 2,
+                       images: int = MERGED30M_IMAGES) -> ml_collections.ConfigDict:
+  """The paper's pretraining recipe on merged-30M for any student/teacher pair: AdamW
+  (0.9, 0.98, 1e-6, wd 0.05), warmup then per-step cosine to 1e-5, clip 3.0, drop path 0.1,
+  data parallel over every chip (configs override the mesh for FSDP)."""
+  from eva_jax.data.config import merged30m_mixture
+  c = pretrain_defaults(model=model, teacher=teacher)
+  c.precision = precision
+  c.batch_size = batch_size
+  steps_per_epoch = images // batch_size
+  c.total_steps = epochs * steps_per_epoch
+  c.optim.warmup_steps = warmup_epochs * steps_per_epoch
+  c.optim.lr, c.optim.min_lr = lr, 1e-5
+  c.model.drop_path = 0.1
+  c.log_every, c.checkpoint_every = 100, 2000
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  c.data.mixture = merged30m_mixture()
+  c.data.source = ''
+  c.data.workers = 16
+  return c

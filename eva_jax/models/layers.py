@@ -263,11 +263,6 @@ class Blocks(nnx.Module):
     return x
 
 
-def block_views(blocks: Blocks):
-  """The stacked state of `blocks` as a pure dict tree of arrays: {'norm1': {'scale': [L, D]}, ...}."""
-  return nnx.to_pure_dict(nnx.state(blocks.layers))
-
-
 @functools.lru_cache(maxsize=None)
 def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
   """[n_out, n_in] weights of PyTorch's bicubic interpolation (A=-0.75, align_corners=False)."""
@@ -293,7 +288,9 @@ def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def resize_grid(x, old: tuple[int, int], new: tuple[int, int]):
-  """Bicubic resize of a [.., old_h*old_w, C] token grid to new (timm resample_abs_pos_embed, upsampling)."""
+  """Bicubic resize of a [.., old_h*old_w, C] token grid: torch F.interpolate(mode='bicubic',
+  align_corners=False, antialias=False), as the official EVA/BEiT fine-tuning code resizes pos-embeds.
+  (timm's resample_abs_pos_embed defaults to antialias=True, which differs slightly.)"""
   if tuple(old) == tuple(new):
     return x
   lead = x.shape[:-2]

@@ -85,12 +85,9 @@ def build(cfg, mesh: Mesh, num_classes: int) -> ClassifyTask:
 
   def init(seed):
     params = nnx.to_pure_dict(nnx.state(make_model(seed), nnx.Param))
-    ls = cfg.loss_scale
     return FinetuneState(step=jnp.asarray(0, jnp.int32), params=params,
                          opt_state=tx.init(params), ema=params,
-                         loss_scale=precision.LossScale.create(
-                             loss_scale_on, ls.initial, ls.growth_interval, ls.hysteresis,
-                             ls.min_scale))
+                         loss_scale=precision.LossScale.from_config(cfg.loss_scale, loss_scale_on))
 
   abstract_state = jax.eval_shape(init, 0)
   param_sh = nnx.to_pure_dict(parallel.state_shardings(template, mesh))
@@ -108,30 +105,22 @@ def build(cfg, mesh: Mesh, num_classes: int) -> ClassifyTask:
     images = batch['image']
     targets = soft_targets(batch['label'], num_classes, smoothing)
     key = jax.random.fold_in(base_key, state.step)
-    scale = state.loss_scale.scale
 
     def loss_fn(params):
       logits = merge_pure(graphdef, template, params)(images, dropout_key=key)
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
-      return loss * scale, (loss, logits)
+      return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
-    grads, (loss, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = precision.unscale(grads, scale)
-    finite = precision.all_finite(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if loss_scale_on:
-      params, opt_state = precision.select_tree(finite, (params, opt_state),
-                                                (state.params, state.opt_state))
+    u = precision.scaled_update(loss_fn, state.params, state.opt_state, tx, state.loss_scale)
+    logits = u.aux
     ema = state.ema
     if ema_decay > 0:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, params)
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema, u.params)
     acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
-    new = FinetuneState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                        loss_scale=state.loss_scale.update(finite))
-    return new, {'loss': loss, 'train_top1': acc, 'grad_norm': optax.global_norm(grads),
-                 'lr': schedule(state.step), 'loss_scale': scale,
-                 'finite': finite.astype(jnp.float32)}
+    new = FinetuneState(step=state.step + 1, params=u.params, opt_state=u.opt_state, ema=ema,
+                        loss_scale=u.loss_scale)
+    return new, {'loss': u.loss, 'train_top1': acc, 'grad_norm': optax.global_norm(u.grads),
+                 'lr': schedule(state.step), 'loss_scale': state.loss_scale.scale,
+                 'finite': u.finite.astype(jnp.float32)}
 
   def eval_step(params, batch):
     logits = merge_pure(graphdef, template, params)(batch['image'])

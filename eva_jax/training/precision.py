@@ -8,8 +8,11 @@ min scale 1. The semantics reproduced here (DeepSpeed DynamicLossScaler, non-con
 """
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import optax
 from flax import struct
 
 PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
@@ -40,6 +43,12 @@ class LossScale:
                growth_interval=growth_interval, max_hysteresis=hysteresis,
                min_scale=min_scale, enabled=enabled)
 
+  @classmethod
+  def from_config(cls, ls_cfg, enabled: bool) -> 'LossScale':
+    """From a config.loss_scale block (initial, growth_interval, hysteresis, min_scale)."""
+    return cls.create(enabled, ls_cfg.initial, ls_cfg.growth_interval, ls_cfg.hysteresis,
+                      ls_cfg.min_scale)
+
   def update(self, finite: jax.Array) -> 'LossScale':
     """The next state after a step whose gradients were (not) all finite."""
     if not self.enabled:
@@ -67,3 +76,34 @@ def select_tree(pred, on_true, on_false):
   """Elementwise choice between two trees of arrays: used to skip a non-finite update."""
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
+
+
+class Update(NamedTuple):
+  params: Any
+  opt_state: Any
+  loss_scale: LossScale
+  grads: Any
+  loss: jax.Array
+  aux: Any
+  finite: jax.Array
+
+
+def scaled_update(loss_fn: Callable, params, opt_state, tx: optax.GradientTransformation,
+                  loss_scale: LossScale) -> Update:
+  """One optimizer update with loss scaling: loss_fn(params) -> (loss, aux).
+
+  Gradients of loss * scale are unscaled, checked for overflow and handed to optax; with loss
+  scaling on, a non-finite step leaves parameters and optimizer state untouched.
+  """
+  def scaled(p):
+    loss, aux = loss_fn(p)
+    return loss * loss_scale.scale, (loss, aux)
+
+  grads, (loss, aux) = jax.grad(scaled, has_aux=True)(params)
+  grads = unscale(grads, loss_scale.scale)
+  finite = all_finite(grads)
+  updates, new_opt = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if loss_scale.enabled:
+    new_params, new_opt = select_tree(finite, (new_params, new_opt), (params, opt_state))
+  return Update(new_params, new_opt, loss_scale.update(finite), grads, loss, aux, finite)

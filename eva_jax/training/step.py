@@ -111,10 +111,8 @@ def build(cfg, mesh: Mesh, teacher_cfg: ml_collections.ConfigDict | None = None)
 
   def init(seed):
     params = _pure(nnx.state(make_model(seed), nnx.Param))
-    ls = cfg.loss_scale
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
-                      loss_scale=precision.LossScale.create(
-                          loss_scale_on, ls.initial, ls.growth_interval, ls.hysteresis, ls.min_scale))
+                      loss_scale=precision.LossScale.from_config(cfg.loss_scale, loss_scale_on))
 
   abstract_state = jax.eval_shape(init, 0)
   param_sh = _pure(parallel.state_shardings(m_template, mesh))
@@ -144,27 +142,17 @@ def build(cfg, mesh: Mesh, teacher_cfg: ml_collections.ConfigDict | None = None)
     images, mask = batch['image'], batch['mask']
     targets = targets_of(teacher_params, images)
     key = jax.random.fold_in(base_key, state.step)
-    scale = state.loss_scale.scale
 
     def loss_fn(params):
       model = merge_pure(m_graphdef, m_template, params)
-      pred = model(images, mask, dropout_key=key)
-      loss, n = mim_lib.cosine_loss(pred, targets, mask)
-      return loss * scale, (loss, n)
+      return mim_lib.cosine_loss(model(images, mask, dropout_key=key), targets, mask)
 
-    grads, (loss, n) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = precision.unscale(grads, scale)
-    finite = precision.all_finite(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if loss_scale_on:  # a non-finite step changes nothing but the loss scale
-      params, opt_state = precision.select_tree(finite, (params, opt_state),
-                                                (state.params, state.opt_state))
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                     loss_scale=state.loss_scale.update(finite))
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step),
-               'mask_ratio': jnp.mean(mask.astype(jnp.float32)), 'masked_tokens': n,
-               'loss_scale': scale, 'finite': finite.astype(jnp.float32)}
+    u = precision.scaled_update(loss_fn, state.params, state.opt_state, tx, state.loss_scale)
+    new = TrainState(step=state.step + 1, params=u.params, opt_state=u.opt_state,
+                     loss_scale=u.loss_scale)
+    metrics = {'loss': u.loss, 'grad_norm': optax.global_norm(u.grads), 'lr': schedule(state.step),
+               'mask_ratio': jnp.mean(mask.astype(jnp.float32)), 'masked_tokens': u.aux,
+               'loss_scale': state.loss_scale.scale, 'finite': u.finite.astype(jnp.float32)}
     return new, metrics
 
   def eval_step(state: TrainState, teacher_params, batch):
