@@ -1,0 +1,402 @@
+r"""Speed of the real EVA pretraining step: compile time, step time, images/s, TFLOP/s, MFU, memory.
+
+  python -m eva_jax.benchmark --config=configs/bench_cpu.py
+  python -m eva_jax.benchmark --config=configs/eva01_l14_pretrain.py:bf16 --config.batch_size=64 \
+      --config.model.attention=cudnn --config.model.remat=dots --config.benchmark.steps=20
+  python -m eva_jax.benchmark --config=configs/bench_cpu.py --config.benchmark.input=pipeline
+
+It builds exactly what `eva_jax.pretrain` runs (`eva_jax.training.step.build`: student + frozen
+teacher + optimizer, the configured mesh, sharding and precision), compiles the train step ahead of
+time (`compile_s` = lower + XLA compile, nothing executed), then runs it `benchmark.warmup` times
+untimed and `benchmark.steps` times timed on a device-resident synthetic batch (random normalized
+images, BEiT block masks from the configured mask generator). Every timed step ends with
+`block_until_ready`; `step_s` is the median. `step_s_async` is the mean over the same number of
+steps dispatched back to back (what the training loop sees). With `benchmark.input=pipeline`, the
+step is also timed fed by the real input pipeline (`build_pretrain_loader` + `host_to_global`, as
+in `eva_jax.pretrain`), once synchronously and once through `eva_jax.training.prefetch`; the last
+output line is one JSON object.
+
+FLOP count (EVA-SPEC "Compute per image"; a multiply-add is 2 FLOPs; T tokens incl. cls, d width,
+f MLP hidden, L layers):
+  forward per layer      8·T·d² + 4·T·d·f + 4·T²·d      (SwiGLU: 6·T·d·f instead of 4·T·d·f)
+  patch embedding        2·N·(p²·3)·d                     (N = T - 1 patches)
+  heads                  student lm_head 2·N·d·out; CLIP teacher projection 2·N·d·out
+  step per image         3 x student forward (forward + backward) + 1 x teacher forward
+Remat recomputation, LayerNorms, softmax, GELU and the optimizer are not counted (MFU convention).
+EVA-01 g/14 + CLIP-L/14 at 224: blocks only 1.7626 TFLOP/image (the spec's 1.76), with patch
+embedding and heads 1.7648. `tflops_per_step` = per-image x global batch; MFU divides the achieved
+TFLOP/s per device by the dense bf16 peak of the device kind (table below; null on CPU/unknown).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# Dense bf16 peak TFLOP/s per chip (EVA-SPEC), matched against jax's device_kind (lower case);
+# the first matching entry wins, so the more specific names come first.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ('h100 pcie', 756.0),
+    ('h100', 989.0),
+    ('h200', 989.0),
+    ('gh200', 989.0),
+    ('a100', 312.0),
+    ('tpu v4', 275.0),
+    ('tpu v5 lite', 197.0),
+    ('tpu v5e', 197.0),
+    ('tpu v5p', 459.0),
+    ('tpu v5', 459.0),
+    ('tpu v6 lite', 918.0),
+    ('tpu v6e', 918.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  if 'cpu' in kind:
+    return None
+  for name, peak in PEAK_TFLOPS:
+    if name in kind:
+      return peak
+  return None
+
+
+def benchmark_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      steps=10,            # timed steps (median reported)
+      warmup=2,            # untimed steps after compilation
+      input='synthetic',   # 'synthetic' | 'pipeline' (also time the step fed by the input pipeline)
+      compile_only=False,  # True: AOT lower + compile and memory analysis only, nothing executed
+  ))
+
+
+def add_benchmark_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds config.benchmark (or its missing fields) to a pretraining config."""
+  with cfg.unlocked():
+    if 'benchmark' not in cfg:
+      cfg.benchmark = benchmark_defaults()
+    else:
+      for k, v in benchmark_defaults().items():
+        if k not in cfg.benchmark:
+          cfg.benchmark[k] = v
+  return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs
+def tokens(cfg) -> int:
+  n = (cfg.image_size // cfg.patch_size) ** 2
+  return n + (1 if cfg.get('class_token', True) else 0)
+
+
+def forward_flops(cfg, head_dim_out: int = 0, with_embed: bool = True) -> float:
+  """Forward FLOPs per image of one tower (see module docstring)."""
+  t, d, f, depth = tokens(cfg), cfg.width, cfg.mlp_dim, cfg.depth
+  mlp = 6 * t * d * f if cfg.get('swiglu', False) else 4 * t * d * f
+  total = depth * (8 * t * d * d + mlp + 4 * t * t * d)
+  if with_embed:
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    total += 2 * n * cfg.patch_size ** 2 * cfg.get('in_chans', 3) * d
+    if head_dim_out:
+      total += 2 * n * d * head_dim_out
+  return float(total)
+
+
+def step_flops_per_image(student_cfg, teacher_cfg, with_embed: bool = True) -> dict[str, float]:
+  """FLOPs per image of one pretraining step: 3x student forward + 1x teacher forward."""
+  out = teacher_cfg.out_dim
+  student = 3.0 * forward_flops(student_cfg, out, with_embed)
+  teacher = forward_flops(teacher_cfg, out, with_embed)
+  return {'student_train': student, 'teacher_forward': teacher, 'total': student + teacher}
+
+
+def reference_flops_check() -> dict[str, float]:
+  """EVA-01 g/14 + CLIP-L/14 at 224: the spec's 1.76 TFLOP per image."""
+  from eva_jax.models import config as model_config
+  s, t = model_config.encoder_config('g/14'), model_config.teacher_config('clip-L/14')
+  blocks = step_flops_per_image(s, t, with_embed=False)['total'] / 1e12
+  full = step_flops_per_image(s, t, with_embed=True)['total'] / 1e12
+  return {'g14_l14_blocks_tflop': blocks, 'g14_l14_tflop': full, 'spec_tflop': 1.76,
+          'rel_err': abs(full - 1.76) / 1.76}
+
+
+# ------------------------------------------------------------------------------------------------
+def memory_stats(compiled) -> dict[str, Any]:
+  """Bytes per device from XLA's buffer assignment of the compiled step (no execution needed)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    m = None
+  if m is None:
+    return {}
+  if isinstance(m, (list, tuple)):
+    m = m[0]
+  out = {k: int(getattr(m, k)) for k in ('argument_size_in_bytes', 'output_size_in_bytes',
+                                          'alias_size_in_bytes', 'temp_size_in_bytes',
+                                          'generated_code_size_in_bytes')
+         if hasattr(m, k)}
+  live = (out.get('argument_size_in_bytes', 0) + out.get('output_size_in_bytes', 0)
+          - out.get('alias_size_in_bytes', 0) + out.get('temp_size_in_bytes', 0))
+  # XLA:CPU's peak_memory_in_bytes leaves out the temp buffer; arguments + non-aliased outputs +
+  # temps is an upper bound that holds on every backend, so the larger of the two is reported.
+  out['peak_memory_in_bytes'] = int(getattr(m, 'peak_memory_in_bytes', 0) or 0)
+  out['live_bytes'] = live
+  out['peak_bytes'] = max(out['peak_memory_in_bytes'], live)
+  return out
+
+
+def device_peak_bytes(device) -> int | None:
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def synthetic_host_batch(cfg, patch_size: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random normalized NHWC images and BEiT block masks (the configured mask generator)."""
+  from eva_jax.data.masking import BlockMaskGenerator
+  rng = np.random.default_rng(seed)
+  g = cfg.image_size // patch_size
+  m = cfg.data.mask
+  gen = BlockMaskGenerator((g, g), m.num_masking_patches, m.min_num_patches, m.max_aspect,
+                           m.min_aspect)
+  images = rng.standard_normal((batch, cfg.image_size, cfg.image_size, 3), dtype=np.float32)
+  masks = np.stack([gen(rng).reshape(-1) for _ in range(batch)])
+  return {'image': images, 'mask': masks}
+
+
+def _time_steps(fn, state, n):
+  """Wall-clock seconds of n blocked steps, and the process CPU seconds (all threads) of each."""
+  times, cpu = [], []
+  for _ in range(n):
+    c0, t0 = time.process_time(), time.perf_counter()
+    state, metrics = fn(state)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return state, metrics, times, cpu
+
+
+def run(cfg) -> dict[str, Any]:
+  """Builds, compiles and times the pretraining step; returns the result record."""
+  from eva_jax import parallel
+  from eva_jax.training import step as step_lib
+
+  cfg = add_benchmark_defaults(cfg)
+  b = cfg.benchmark
+  if b.input not in ('synthetic', 'pipeline'):
+    raise ValueError(f"config.benchmark.input must be 'synthetic' or 'pipeline', got {b.input!r}.")
+  parallel.maybe_initialize_distributed(cfg)
+  mesh = parallel.make_mesh(cfg.mesh)
+  parallel.check_batch(cfg.batch_size, mesh)
+  task = step_lib.build(cfg, mesh)
+  scfg, tcfg = task.student_cfg, task.teacher_cfg
+  devices = mesh.devices.reshape(-1)
+  device_kind = devices[0].device_kind
+  local_batch = cfg.batch_size // jax.process_count()
+
+  # Ahead-of-time compile of the exact jitted step (shardings + donation), nothing executed.
+  teacher_abstract = jax.eval_shape(task.init_teacher, 0)
+  host = synthetic_host_batch(cfg, scfg.patch_size, local_batch, seed=cfg.seed)
+  batch_abstract = {k: jax.ShapeDtypeStruct((cfg.batch_size,) + v.shape[1:], v.dtype)
+                    for k, v in host.items()}
+  t0 = time.perf_counter()
+  lowered = task.train_step.lower(task.abstract_state, teacher_abstract, batch_abstract)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  mem = memory_stats(compiled)
+  flops = step_flops_per_image(scfg, tcfg)
+  num_devices = int(mesh.size)
+  result = {
+      'config': {'student': scfg.name, 'width': scfg.width, 'depth': scfg.depth,
+                 'teacher': tcfg.name, 'image_size': cfg.image_size, 'batch_size': cfg.batch_size,
+                 'attention': scfg.attention, 'remat': scfg.remat, 'scan_unroll': scfg.scan_unroll,
+                 'mesh': dict(mesh.shape), 'teacher_shard': cfg.teacher.shard},
+      'tflops_per_image': flops['total'] / 1e12,
+      'tflops_per_step': flops['total'] * cfg.batch_size / 1e12,
+      'lower_s': t1 - t0,
+      'compile_s': t2 - t0,
+      'xla_compile_s': t2 - t1,
+      'memory_analysis': mem,
+      'device_kind': device_kind,
+      'platform': devices[0].platform,
+      'num_devices': num_devices,
+      'num_processes': jax.process_count(),
+      'precision': cfg.precision,
+  }
+  if b.compile_only:
+    result['peak_bytes_per_device'] = mem.get('peak_bytes')
+    result['peak_bytes_source'] = 'memory_analysis'
+    return result
+
+  state = task.init(cfg.seed)
+  teacher = task.init_teacher(cfg.seed + 1)
+  batch = parallel.host_to_global(host, mesh)
+  jax.block_until_ready((state, teacher, batch))
+
+  step = lambda s: compiled(s, teacher, batch)
+  state, metrics, _, _ = _time_steps(step, state, max(int(b.warmup), 0))
+  state, metrics, times, cpu_times = _time_steps(step, state, int(b.steps))
+  step_s = statistics.median(times)
+  t3 = time.perf_counter()  # back-to-back dispatch, one sync at the end
+  for _ in range(int(b.steps)):
+    state, metrics = step(state)
+  jax.block_until_ready((state, metrics))
+  step_s_async = (time.perf_counter() - t3) / int(b.steps)
+
+  tflops_step = result['tflops_per_step']
+  per_dev = tflops_step / step_s / num_devices
+  peak = peak_tflops(device_kind)
+  runtime_peak = [device_peak_bytes(d) for d in jax.local_devices()]
+  runtime_peak = max((p for p in runtime_peak if p is not None), default=None)
+  result.update({
+      'step_s': step_s,
+      'step_s_min': min(times),
+      'step_s_async': step_s_async,
+      # Process CPU time per step (all threads): with one thread, the work done, whatever the load.
+      'step_cpu_s': statistics.median(cpu_times),
+      'images_per_s': cfg.batch_size / step_s,
+      'tflops_per_s_per_device': per_dev,
+      'mfu': (per_dev / peak) if peak else None,
+      'peak_tflops_per_device': peak,
+      'peak_bytes_per_device': runtime_peak if runtime_peak is not None else mem.get('peak_bytes'),
+      'peak_bytes_source': 'device.memory_stats' if runtime_peak is not None else 'memory_analysis',
+      'loss': float(metrics['loss']),
+      'steps': int(b.steps),
+      'warmup': int(b.warmup),
+      'input': b.input,
+  })
+  if b.input == 'pipeline':
+    result.update(_pipeline(cfg, task, compiled, state, teacher, mesh, int(b.steps),
+                            max(int(b.warmup), 1)))
+  return result
+
+
+def _pipeline(cfg, task, compiled, state, teacher, mesh, steps, warmup) -> dict[str, Any]:
+  """The step fed by the real input pipeline: synchronously (pretrain.py today) and prefetched."""
+  from eva_jax import parallel
+  from eva_jax.data import pipeline as data_lib
+  from eva_jax.training import prefetch
+
+  def loader():
+    return data_lib.build_pretrain_loader(
+        cfg.data, image_size=cfg.image_size, patch_size=task.student_cfg.patch_size,
+        batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True)
+
+  def host_next(it):
+    b = next(it)
+    b.pop('skipped', None)
+    b.pop('valid', None)
+    return b
+
+  out = {}
+  it = loader()
+  for _ in range(warmup):
+    host_next(it)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    host_next(it)
+  out['data_batch_s'] = (time.perf_counter() - t0) / steps     # host pipeline alone
+  # As eva_jax.pretrain's loop: read, transfer, dispatch (metrics never block the host).
+  for i in range(warmup + steps):
+    if i == warmup:
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+    state, metrics = compiled(state, teacher, parallel.host_to_global(host_next(it), mesh))
+  jax.block_until_ready((state, metrics))
+  out['pipeline_step_s'] = (time.perf_counter() - t0) / steps
+  it.close()
+
+  pf = prefetch.DevicePrefetcher(loader(), lambda b: parallel.host_to_global(b, mesh), size=2)
+  for i in range(warmup + steps):
+    if i == warmup:
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+    b = next(pf)
+    b.pop('skipped', None)
+    state, metrics = compiled(state, teacher, b)
+  jax.block_until_ready((state, metrics))
+  out['pipeline_prefetch_step_s'] = (time.perf_counter() - t0) / steps
+  pf.close()
+  out['pipeline_images_per_s'] = cfg.batch_size / out['pipeline_step_s']
+  out['pipeline_prefetch_images_per_s'] = cfg.batch_size / out['pipeline_prefetch_step_s']
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+class _WithBenchmarkDefaults(flags.ArgumentParser):
+  """Wraps the config-file parser: adds config.benchmark defaults after loading the file and before
+  the command-line overrides apply, so --config.benchmark.steps=20 works with any pretraining config."""
+
+  def __init__(self, inner):
+    self._inner = inner
+
+  def parse(self, argument):
+    cfg = self._inner.parse(argument)
+    return add_benchmark_defaults(cfg) if isinstance(cfg, ml_collections.ConfigDict) else cfg
+
+  def flag_type(self):
+    return self._inner.flag_type()
+
+
+_CONFIG = None
+
+
+def _define_flags():
+  """Flags are defined only when run as a program, so tests can import the FLOP helpers next to
+  eva_jax.pretrain (which defines its own --config)."""
+  global _CONFIG
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Pretraining config file.',
+                                            lock_config=True)
+  flags.FLAGS['config'].parser = _WithBenchmarkDefaults(flags.FLAGS['config'].parser)
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  if _CONFIG.value is None:
+    raise app.UsageError('--config=configs/NAME.py is required.')
+  check = reference_flops_check()
+  if jax.process_index() == 0:
+    print(f"FLOP check: EVA-01 g/14 + CLIP-L/14 @224 = {check['g14_l14_tflop']:.4f} TFLOP/image "
+          f"(blocks only {check['g14_l14_blocks_tflop']:.4f}; spec 1.76; rel err "
+          f"{check['rel_err']:.2%}) {'OK' if check['rel_err'] < 0.01 else 'MISMATCH'}", flush=True)
+  result = run(_CONFIG.value)
+  if jax.process_index() == 0 and 'step_s' not in result:
+    print(f"compile only: {result['compile_s']:.1f} s (lower {result['lower_s']:.1f} s), "
+          f"{(result['peak_bytes_per_device'] or 0) / 2 ** 30:.2f} GiB/device", file=sys.stderr)
+    print(json.dumps(result), flush=True)
+    return
+  if jax.process_index() == 0:
+    r = result
+    line = (f"{r['device_kind']} x{r['num_devices']} {r['precision']}: step {r['step_s'] * 1e3:.1f} ms "
+            f"(median of {r['steps']}), {r['images_per_s']:.1f} img/s, "
+            f"{r['tflops_per_s_per_device']:.3f} TFLOP/s/device")
+    if r['mfu'] is not None:
+      line += f", MFU {r['mfu']:.1%}"
+    line += f", compile {r['compile_s']:.1f} s"
+    if r['peak_bytes_per_device']:
+      line += f", peak {r['peak_bytes_per_device'] / 2 ** 30:.2f} GiB/device"
+    if 'pipeline_step_s' in r:
+      line += (f"; pipeline {r['pipeline_step_s'] * 1e3:.1f} ms/step, prefetched "
+               f"{r['pipeline_prefetch_step_s'] * 1e3:.1f} ms/step, data alone "
+               f"{r['data_batch_s'] * 1e3:.1f} ms/batch")
+    print(line, file=sys.stderr, flush=True)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

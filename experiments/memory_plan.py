@@ -1,0 +1,214 @@
+r"""Bytes per device of the EVA-01 g/14 + CLIP-L/14 (224) pretraining step under FSDP, from XLA's
+compiled memory analysis: jax.jit(step).lower(abstract args).compile().memory_analysis(). Nothing
+is allocated or executed, so it runs on fake CPU devices (one subprocess per device count N with
+XLA_FLAGS=--xla_force_host_platform_device_count=N).
+
+  python experiments/memory_plan.py --out=docs/memory_plan.md            # the full table
+  python experiments/memory_plan.py --devices=8 --precisions=bf16 --remats=full --batches=32
+
+Per (N, precision, remat, per-device batch) it reports, per device: arguments (params + optimizer
+state + teacher + batch), temporaries, the total (arguments + non-aliased outputs + temporaries) and
+the compile time. The per-device batch slope of the total, fitted on N=8 from two batches, gives the
+largest per-device batch that fits a memory budget (default 40 GiB A100 minus 2 GiB headroom for
+the CUDA context, cuBLAS/cuDNN workspaces and fragmentation).
+
+Caveat: this is XLA:CPU's buffer assignment of the SPMD-partitioned program. XLA:GPU fuses
+differently (e.g. cuDNN flash attention never materializes the T x T attention probabilities, while
+the XLA attention path here does), schedules collectives asynchronously (FSDP all-gather buffers of
+the next layer overlap the current one) and XLA:CPU may upcast bf16/fp16 dots to f32. Treat the
+figures as an estimate to within ~20-30%, and the parameter/optimizer parts (exact) as a floor.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2 ** 30
+
+
+def _load_config(precision):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs',
+                                                                    'eva01_g14_pretrain.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(precision)
+
+
+def apply_activation_constraints():
+  """The activation-sharding fix proposed in docs/memory_plan.md, applied by monkeypatching: every
+  transformer block's input and output is pinned to batch sharding over ('data', 'fsdp') when traced
+  under a mesh. Without it, XLA's sharding propagation follows the FSDP-sharded weights (embed axis
+  over fsdp) and computes the MLP/attention on the *global* batch on every device."""
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from eva_jax import parallel
+  from eva_jax.models import layers
+  if getattr(layers.Block.__call__, 'constrained', False):
+    return
+
+  def constrain(x):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return x
+    return jax.lax.with_sharding_constraint(x, P(parallel.BATCH_AXES, *([None] * (x.ndim - 1))))
+
+  original = layers.Block.__call__
+
+  def call(self, x, *args, **kwargs):
+    return constrain(original(self, constrain(x), *args, **kwargs))
+  call.constrained = True
+  layers.Block.__call__ = call
+
+
+def worker(n, precisions, remats, batches, teacher_shard, constrain):
+  import jax
+  sys.path.insert(0, ROOT)
+  if constrain:
+    apply_activation_constraints()
+  from eva_jax import benchmark, parallel
+  from eva_jax.training import step as step_lib
+  assert jax.device_count() == n, (jax.device_count(), n)
+  for precision in precisions:
+    for remat in remats:
+      for per_dev in batches:
+        cfg = _load_config(precision)
+        cfg.batch_size = per_dev * n
+        cfg.model.remat = remat
+        cfg.teacher.shard = teacher_shard
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
+        mesh = parallel.make_mesh(cfg.mesh)
+        t0 = time.perf_counter()
+        task = step_lib.build(cfg, mesh)
+        teacher = jax.eval_shape(task.init_teacher, 0)
+        g = cfg.image_size // task.student_cfg.patch_size
+        batch = {'image': jax.ShapeDtypeStruct((cfg.batch_size, cfg.image_size, cfg.image_size, 3),
+                                               jax.numpy.float32),
+                 'mask': jax.ShapeDtypeStruct((cfg.batch_size, g * g), jax.numpy.bool_)}
+        with jax.set_mesh(mesh):   # the mesh context the constraints read (no effect otherwise)
+          compiled = task.train_step.lower(task.abstract_state, teacher, batch).compile()
+        mem = benchmark.memory_stats(compiled)
+        rec = {'devices': n, 'precision': precision, 'remat': remat, 'per_device_batch': per_dev,
+               'teacher_shard': teacher_shard, 'activation_constraints': bool(constrain),
+               'compile_s': time.perf_counter() - t0, **mem}
+        print('RESULT ' + json.dumps(rec), flush=True)
+
+
+def fmt(b):
+  return f'{b / GiB:.2f}'
+
+
+def table(records, budget_gib, headroom_gib):
+  lines = ['| N devices | precision | remat | batch/device | arguments GiB | temporaries GiB | '
+           'total GiB | fits 40 GB? | compile s |', '|---|---|---|---|---|---|---|---|---|']
+  usable = (budget_gib - headroom_gib) * GiB
+  for r in sorted(records, key=lambda r: (r['devices'], r['precision'], r['remat'],
+                                         r['per_device_batch'])):
+    total = r['peak_bytes']
+    lines.append(f"| {r['devices']} | {r['precision']} | {r['remat']} | {r['per_device_batch']} | "
+                 f"{fmt(r['argument_size_in_bytes'])} | {fmt(r['temp_size_in_bytes'])} | "
+                 f"{fmt(total)} | {'yes' if total <= usable else 'no'} | {r['compile_s']:.0f} |")
+  return '\n'.join(lines)
+
+
+def max_batch(records, budget_gib, headroom_gib):
+  """Largest per-device batch per (N, precision, remat): total(B) = fixed(N) + slope * B, the slope
+  from the two batches measured at the smallest N (activations per device do not depend on N)."""
+  usable = (budget_gib - headroom_gib) * GiB
+  slopes = {}
+  by = {}
+  for r in records:
+    by.setdefault((r['devices'], r['precision'], r['remat']), []).append(r)
+  n0 = min(r['devices'] for r in records)
+  for (n, p, m), rs in by.items():
+    rs = sorted(rs, key=lambda r: r['per_device_batch'])
+    if n == n0 and len(rs) >= 2 and rs[-1]['per_device_batch'] != rs[0]['per_device_batch']:
+      slopes[(p, m)] = ((rs[-1]['peak_bytes'] - rs[0]['peak_bytes']) /
+                        (rs[-1]['per_device_batch'] - rs[0]['per_device_batch']))
+  lines = ['| N devices | precision | remat | bytes per extra image GiB | fixed GiB | '
+           f'max batch/device in {budget_gib - headroom_gib:g} GiB |', '|---|---|---|---|---|---|']
+  for (n, p, m), rs in sorted(by.items()):
+    if (p, m) not in slopes:
+      continue
+    s = slopes[(p, m)]
+    r = max(rs, key=lambda r: r['per_device_batch'])
+    fixed = r['peak_bytes'] - s * r['per_device_batch']
+    best = int((usable - fixed) // s) if s > 0 else None
+    lines.append(f'| {n} | {p} | {m} | {s / GiB:.3f} | {fixed / GiB:.2f} | '
+                 f'{best if best is None or best > 0 else "does not fit"} |')
+  return '\n'.join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--devices', default='8,16,64,128')
+  ap.add_argument('--precisions', default='bf16,fp16')
+  ap.add_argument('--remats', default='none,dots,full')
+  ap.add_argument('--batches', default='32', help='per-device batches at every N')
+  ap.add_argument('--slope_batch', type=int, default=8,
+                  help='extra per-device batch compiled at the smallest N for the batch slope (0 = off)')
+  ap.add_argument('--teacher_shard', default='replicate', choices=['replicate', 'fsdp'])
+  ap.add_argument('--budget_gib', type=float, default=40.0)
+  ap.add_argument('--headroom_gib', type=float, default=2.0)
+  ap.add_argument('--timeout', type=int, default=1200, help='seconds per device count')
+  ap.add_argument('--out', default='', help='write the markdown tables here (else stdout)')
+  ap.add_argument('--activation_constraints', type=int, default=1,
+                  help='1 = apply the proposed batch-sharding constraints on block activations; '
+                       '0 = the step exactly as eva_jax.training.step builds it today')
+  ap.add_argument('--jsonl', default='', help='also write the raw records here')
+  ap.add_argument('--worker', type=int, default=0, help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  precisions = args.precisions.split(',')
+  remats = args.remats.split(',')
+  batches = [int(b) for b in args.batches.split(',')]
+  if args.worker:
+    worker(args.worker, precisions, remats, batches, args.teacher_shard, args.activation_constraints)
+    return
+  devices = [int(n) for n in args.devices.split(',')]
+  records, notes = [], []
+  t_all = time.perf_counter()
+  for i, n in enumerate(devices):
+    b = sorted(set(batches + ([args.slope_batch] if i == 0 and args.slope_batch else [])))
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
+               JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.abspath(__file__), f'--worker={n}', f'--precisions={args.precisions}',
+           f'--remats={args.remats}', f'--batches={",".join(map(str, b))}',
+           f'--teacher_shard={args.teacher_shard}',
+           f'--activation_constraints={args.activation_constraints}']
+    t0 = time.perf_counter()
+    try:
+      out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+      text, err = out.stdout, (out.stderr if out.returncode else '')
+    except subprocess.TimeoutExpired as e:
+      text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or '')
+      err = f'timed out after {args.timeout} s'
+    got = [json.loads(l[7:]) for l in text.splitlines() if l.startswith('RESULT ')]
+    records += got
+    msg = f'N={n}: {len(got)} compiles in {time.perf_counter() - t0:.0f} s'
+    if err:
+      msg += f' (incomplete: {err.strip().splitlines()[-1][:300]})'
+    notes.append(msg)
+    print(msg, file=sys.stderr, flush=True)
+  md = ['## Bytes per device (XLA:CPU compiled memory analysis; activation constraints '
+        f"{'on' if args.activation_constraints else 'off'}; teacher {args.teacher_shard})", '',
+        table(records, args.budget_gib, args.headroom_gib), '',
+        '## Largest per-device batch', '', max_batch(records, args.budget_gib, args.headroom_gib), '',
+        'Runs: ' + '; '.join(notes) + f'; total {time.perf_counter() - t_all:.0f} s.']
+  text = '\n'.join(md)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  print(text)
+  if args.jsonl:
+    with open(args.jsonl, 'w') as f:
+      for r in records:
+        f.write(json.dumps(r) + '\n')
+
+
+if __name__ == '__main__':
+  main()

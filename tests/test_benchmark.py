@@ -1,0 +1,66 @@
+"""The benchmark CLI (structure of its JSON, not timings) and the analytic FLOP count of the spec."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eva_jax import benchmark
+from eva_jax.models import config as model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+KEYS = ('step_s', 'images_per_s', 'tflops_per_step', 'tflops_per_s_per_device', 'mfu', 'compile_s',
+        'peak_bytes_per_device', 'device_kind', 'num_devices', 'precision', 'step_s_async',
+        'tflops_per_image', 'memory_analysis')
+
+
+def test_flops_g14_l14_is_1_76_tflop_per_image():
+  check = benchmark.reference_flops_check()
+  print(f"g/14 + L/14 @224: {check['g14_l14_tflop']:.4f} TFLOP/image "
+        f"(blocks only {check['g14_l14_blocks_tflop']:.4f})")
+  assert abs(check['g14_l14_tflop'] - 1.76) / 1.76 < 0.01
+  assert abs(check['g14_l14_blocks_tflop'] - 1.76) / 1.76 < 0.01
+  s, t = model_config.encoder_config('g/14'), model_config.teacher_config('clip-L/14')
+  f = benchmark.step_flops_per_image(s, t, with_embed=False)
+  assert abs(f['student_train'] / 1e12 - 1.60) < 0.01      # spec: g/14 training 1.60 TFLOP
+  assert abs(f['teacher_forward'] / 1e12 - 0.162) < 0.001  # spec: CLIP-L/14 forward 0.162
+
+
+def test_flops_swiglu_eva02_l():
+  s = model_config.encoder_config('eva02-L/14')
+  fwd = benchmark.forward_flops(s, with_embed=False)
+  assert abs(3 * fwd / 1e12 - 0.486) < 0.002               # spec: EVA-02-L student 0.486 TFLOP
+
+
+@pytest.mark.parametrize('kind,peak', [('NVIDIA H100 80GB HBM3', 989), ('NVIDIA H100 PCIe', 756),
+                                       ('NVIDIA A100-SXM4-40GB', 312), ('NVIDIA H200', 989),
+                                       ('TPU v4', 275), ('TPU v5 lite', 197), ('TPU v5p', 459),
+                                       ('TPU v6 lite', 918), ('cpu', None), ('Something', None)])
+def test_peak_table(kind, peak):
+  assert benchmark.peak_tflops(kind) == peak
+
+
+def test_cli_prints_json_with_the_keys():
+  cmd = [sys.executable, '-m', 'eva_jax.benchmark', f'--config={ROOT}/configs/pretrain_demo.py',
+         '--config.benchmark.steps=2', '--config.benchmark.warmup=1', '--config.batch_size=4',
+         '--config.image_size=56']
+  out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith('FLOP check') and lines[0].endswith('OK'), lines[0]
+  r = json.loads(lines[-1])
+  for k in KEYS:
+    assert k in r, k
+  assert r['steps'] == 2 and r['num_devices'] == 1 and r['precision'] == 'fp32'
+  assert r['device_kind'] == 'cpu' and r['mfu'] is None
+  assert r['step_s'] > 0 and r['compile_s'] > 0 and r['peak_bytes_per_device'] > 0
+  assert abs(r['images_per_s'] - 4 / r['step_s']) < 1e-6 * r['images_per_s']
+  s = model_config.encoder_config('tiny')
+  s.image_size = 56
+  t = model_config.teacher_config('clip-tiny')
+  t.image_size = 56
+  per_image = benchmark.step_flops_per_image(s, t)['total']
+  assert abs(r['tflops_per_step'] - 4 * per_image / 1e12) < 1e-12
