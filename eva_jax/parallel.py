@@ -145,3 +145,15 @@ def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh: Mesh):
   return optax.tree_map_params(
       tx, lambda v, s: v if masked(v) else s, abstract_opt_state, param_shardings,
       transform_non_params=lambda _: replicated, is_leaf=masked)
+
+
+def constrain_batch(x):
+  """Pins an activation [batch, ...] to the batch sharding when traced under a mesh (no-op else).
+
+  Without it XLA may let activations follow the FSDP-sharded weights, and with mesh.fsdp > 1 every
+  device would compute the whole global batch (docs/memory_plan.md).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))

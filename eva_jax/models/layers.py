@@ -212,6 +212,8 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, init=init, rngs=rngs)
 
   def __call__(self, x, rope=None, num_prefix=1, dp_rate=None, dp_key=None):
+    from eva_jax.parallel import constrain_batch  # the sharding rules live in one place
+    x = constrain_batch(x)
     a = self.attn(self.norm1(x), rope, num_prefix)
     if dp_key is not None:
       a = drop_path(a, dp_rate, jax.random.fold_in(dp_key, 0))
@@ -219,7 +221,7 @@ class Block(nnx.Module):
     m = self.mlp(self.norm2(x))
     if dp_key is not None:
       m = drop_path(m, dp_rate, jax.random.fold_in(dp_key, 1))
-    return x + m
+    return constrain_batch(x + m)
 
 
 class Blocks(nnx.Module):

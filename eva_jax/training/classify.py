@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from eva_jax import parallel
 from eva_jax.models import classifier as clf_lib
 from eva_jax.training import optim, precision
-from eva_jax.training.step import merge_pure, student_config
+from eva_jax.training.step import merge_pure, student_config, under_mesh
 
 PATCH_EMBED = ('patch_kernel', 'patch_bias')
 
@@ -145,9 +145,9 @@ def build(cfg, mesh: Mesh, num_classes: int) -> ClassifyTask:
       init=jax.jit(init, out_shardings=state_sh),
       with_params=jax.jit(with_params, in_shardings=(state_sh, param_sh), out_shardings=state_sh,
                           donate_argnums=0),
-      train_step=jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+      train_step=jax.jit(under_mesh(mesh, train_step), in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, rep), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(param_sh, eval_batch_sh), out_shardings=rep),
+      eval_step=jax.jit(under_mesh(mesh, eval_step), in_shardings=(param_sh, eval_batch_sh), out_shardings=rep),
   )
 
 

@@ -38,6 +38,14 @@ class TrainState:
   loss_scale: precision.LossScale
 
 
+def under_mesh(mesh: Mesh, fn):
+  """Traces `fn` with `mesh` as the abstract mesh, so activation constraints can name its axes."""
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
+
+
 def _pure(state: nnx.State):
   return nnx.to_pure_dict(state)
 
@@ -168,8 +176,8 @@ def build(cfg, mesh: Mesh, teacher_cfg: ml_collections.ConfigDict | None = None)
       state_shardings=state_sh, teacher_shardings=teacher_sh, abstract_state=abstract_state,
       init=jax.jit(init, out_shardings=state_sh),
       init_teacher=jax.jit(init_teacher_fn, out_shardings=teacher_sh),
-      train_step=jax.jit(train_step, in_shardings=(state_sh, teacher_sh, batch_sh),
+      train_step=jax.jit(under_mesh(mesh, train_step), in_shardings=(state_sh, teacher_sh, batch_sh),
                          out_shardings=(state_sh, metric_sh), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(state_sh, teacher_sh, batch_sh),
+      eval_step=jax.jit(under_mesh(mesh, eval_step), in_shardings=(state_sh, teacher_sh, batch_sh),
                         out_shardings=metric_sh),
   )
