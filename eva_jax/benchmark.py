@@ -13,8 +13,14 @@ images, BEiT block masks from the configured mask generator). Every timed step e
 `block_until_ready`; `step_s` is the median. `step_s_async` is the mean over the same number of
 steps dispatched back to back (what the training loop sees). With `benchmark.input=pipeline`, the
 step is also timed fed by the real input pipeline (`build_pretrain_loader` + `host_to_global`, as
-in `eva_jax.pretrain`), once synchronously and once through `eva_jax.training.prefetch`; the last
-output line is one JSON object.
+in `eva_jax.pretrain`), once synchronously and once through `eva_jax.training.prefetch`.
+`benchmark.compile_only=True` stops after the compile (compile time and XLA's memory analysis, no
+execution: e.g. g/14 on a CPU). The last output line is one JSON object. `step_cpu_s` is the process
+CPU time per step (all threads), a load-independent measure of work on a shared CPU machine.
+
+Memory: `peak_bytes_per_device` is the device's `peak_bytes_in_use` where the backend reports it
+(GPU/TPU), else XLA's compiled memory analysis: arguments + non-aliased outputs + temporaries
+(XLA:CPU's own `peak_memory_in_bytes` leaves the temporaries out).
 
 FLOP count (EVA-SPEC "Compute per image"; a multiply-add is 2 FLOPs; T tokens incl. cls, d width,
 f MLP hidden, L layers):
@@ -24,13 +30,13 @@ f MLP hidden, L layers):
   step per image         3 x student forward (forward + backward) + 1 x teacher forward
 Remat recomputation, LayerNorms, softmax, GELU and the optimizer are not counted (MFU convention).
 EVA-01 g/14 + CLIP-L/14 at 224: blocks only 1.7626 TFLOP/image (the spec's 1.76), with patch
-embedding and heads 1.7648. `tflops_per_step` = per-image x global batch; MFU divides the achieved
-TFLOP/s per device by the dense bf16 peak of the device kind (table below; null on CPU/unknown).
+embedding and heads (x3 for the student) 1.7663. `tflops_per_step` = per-image x global batch;
+MFU divides the achieved TFLOP/s per device by the dense bf16 peak of the device kind (table
+below; null on CPU/unknown), also for fp32 runs.
 """
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time

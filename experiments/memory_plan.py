@@ -3,8 +3,15 @@ compiled memory analysis: jax.jit(step).lower(abstract args).compile().memory_an
 is allocated or executed, so it runs on fake CPU devices (one subprocess per device count N with
 XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
-  python experiments/memory_plan.py --out=docs/memory_plan.md            # the full table
+  python experiments/memory_plan.py --remats=none,dots,dots_no_batch,full --out=/tmp/mp.md   # ~10 min
   python experiments/memory_plan.py --devices=8 --precisions=bf16 --remats=full --batches=32
+  python experiments/memory_plan.py --activation_constraints=0 ...   # the step exactly as step.build makes it
+
+`--activation_constraints=1` (default) also applies the batch-sharding constraint on block
+activations by monkeypatching (`apply_activation_constraints`). Since commit 3f512fb the step does
+this itself (`parallel.constrain_batch`), so the option only matters on older code, where without it
+the FSDP step computed the global batch on every device (docs/memory_plan.md, section 1). Results
+and their discussion: docs/memory_plan.md.
 
 Per (N, precision, remat, per-device batch) it reports, per device: arguments (params + optimizer
 state + teacher + batch), temporaries, the total (arguments + non-aliased outputs + temporaries) and
@@ -41,10 +48,10 @@ def _load_config(precision):
 
 
 def apply_activation_constraints():
-  """The activation-sharding fix proposed in docs/memory_plan.md, applied by monkeypatching: every
-  transformer block's input and output is pinned to batch sharding over ('data', 'fsdp') when traced
-  under a mesh. Without it, XLA's sharding propagation follows the FSDP-sharded weights (embed axis
-  over fsdp) and computes the MLP/attention on the *global* batch on every device."""
+  """The activation-sharding fix of docs/memory_plan.md by monkeypatching (redundant since commit
+  3f512fb put parallel.constrain_batch in layers.Block): every block's input and output is pinned
+  to batch sharding over ('data', 'fsdp') when traced under a mesh. Without it, XLA's sharding
+  propagation may follow the FSDP-sharded weights and compute on the *global* batch everywhere."""
   import jax
   from jax.sharding import PartitionSpec as P
   from eva_jax import parallel
@@ -158,8 +165,9 @@ def main():
   ap.add_argument('--timeout', type=int, default=1200, help='seconds per device count')
   ap.add_argument('--out', default='', help='write the markdown tables here (else stdout)')
   ap.add_argument('--activation_constraints', type=int, default=1,
-                  help='1 = apply the proposed batch-sharding constraints on block activations; '
-                       '0 = the step exactly as eva_jax.training.step builds it today')
+                  help='1 = also apply the batch-sharding constraint on block activations by '
+                       'monkeypatching (redundant since commit 3f512fb); 0 = the step exactly as '
+                       'eva_jax.training.step builds it')
   ap.add_argument('--jsonl', default='', help='also write the raw records here')
   ap.add_argument('--worker', type=int, default=0, help=argparse.SUPPRESS)
   args = ap.parse_args()
