@@ -66,8 +66,10 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
                '--config.progress=False', '--config.eval_batches=1']
   cmd = [sys.executable, '-m', 'eva_jax.pretrain', f'--config={ROOT}/configs/pretrain_demo.py']
   ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
-  subprocess.run(cmd + overrides + [f'--workdir={ref_dir}'], check=True, cwd=ROOT,
-                 env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True)
+  # The reference reads batches synchronously; the interrupted run goes through the device-prefetch
+  # thread (the default, data.device_prefetch=2), whose read-ahead must not leak into the checkpoint.
+  subprocess.run(cmd + overrides + [f'--workdir={ref_dir}', '--config.data.device_prefetch=0'],
+                 check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True)
   proc = subprocess.Popen(cmd + overrides + [f'--workdir={run_dir}'], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

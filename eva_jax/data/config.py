@@ -35,6 +35,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       workers=0,             # grain worker processes (0 = decode in this process)
       threads=16,            # read/decode threads per process (PIL releases the GIL)
       prefetch=2,            # batches buffered ahead (per worker when workers > 0)
+      device_prefetch=2,     # batches put on the devices ahead of the step by a thread (0 = off)
       shuffle=True,
       mean=CLIP_MEAN,
       std=CLIP_STD,

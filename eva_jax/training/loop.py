@@ -1,6 +1,7 @@
 """The step loop shared by pretraining and fine-tuning.
 
-One place for: feeding host batches to the device, fetching metrics one step late (the host never
+One place for: feeding host batches to the device (through a prefetch thread when
+`data.device_prefetch > 0`), fetching metrics one step late (the host never
 blocks on the step it just dispatched), periodic and final checkpoints (never of non-finite
 parameters), SIGTERM = finish the step, save, return; periodic evaluation.
 """
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-from eva_jax.training import precision
+from eva_jax.training import precision, prefetch
 
 
 class Preemption:
@@ -50,6 +51,26 @@ def run(cfg, *, state, start: int, train_step: Callable, loader, to_device: Call
   must exist. evaluate(state, step) -> dict of scalars, called every cfg.eval_every steps (if > 0)
   and after the last step.
   """
+  prefetcher = None
+  depth = int(cfg.data.get('device_prefetch', 0))
+  if depth < 0:
+    raise ValueError(f'config.data.device_prefetch must be >= 0 (0 = off), got {depth}.')
+  if depth > 0:
+    # A thread reads and transfers the next batches while the step runs; its get_state() is the
+    # state after the last batch handed out, so checkpoints stay exact (training/prefetch.py).
+    loader = prefetcher = prefetch.DevicePrefetcher(loader, to_device, size=depth)
+    to_device = lambda batch: batch
+  try:
+    return _run(cfg, state=state, start=start, train_step=train_step, loader=loader,
+                to_device=to_device, ckpt=ckpt, meta=meta, writer=writer, progress=progress,
+                evaluate=evaluate)
+  finally:
+    if prefetcher is not None:
+      prefetcher.stop()
+
+
+def _run(cfg, *, state, start, train_step, loader, to_device, ckpt, meta, writer, progress,
+         evaluate):
   pending = None
   last: dict = {}
   t_log, n_images = time.perf_counter(), 0

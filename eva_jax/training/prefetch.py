@@ -119,6 +119,10 @@ class DevicePrefetcher(Iterator[dict[str, Any]]):
     self._state = copy.deepcopy(state)
     self._done = False
 
+  def stop(self) -> None:
+    """Stops the thread and drops read-ahead batches; the wrapped loader stays open."""
+    self._halt()
+
   def close(self) -> None:
     self._halt()
     close = getattr(self._loader, 'close', None)
