@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run: train state (sharded arrays), input-iterator position, and metadata.
 
 Layout under WORKDIR/checkpoints/<step>/: `state` (orbax PyTree: params, opt_state, step,
-loss_scale), `data` (JSON: the grain iterator state), `meta` (JSON: config name, model config).
+loss_scale), `data` (JSON: every process's grain iterator state), `meta` (JSON: config name, model config).
 Saves are asynchronous; keep-last-N; restoring takes the target shardings, so a checkpoint written
 on one mesh restores onto any other (8 devices -> 1 or 4, multi-host collective I/O).
 """
@@ -39,6 +39,39 @@ def abstract_tree(abstract_state, shardings) -> dict:
                       state_to_tree(abstract_state), state_to_tree(shardings))
 
 
+def gather_process_states(own: Any) -> list:
+  """Every process's input-iterator state, in process order (collective on multi-host runs).
+
+  Orbax writes JSON items from the primary process only, so each host's position (its grain
+  index, its own count of skipped bad records) is gathered to all first and saved as one list.
+  """
+  if jax.process_count() == 1:
+    return [own]
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(own).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int64))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(rows[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
+def own_process_state(data: Any) -> Any:
+  """This process's entry of a saved `data` item (older checkpoints hold one shared state)."""
+  if not (isinstance(data, dict) and 'processes' in data):
+    return data
+  states, n, i = data['processes'], jax.process_count(), jax.process_index()
+  if len(states) == n:
+    return states[i]
+  # Each host reads its own shard of the data, so a position saved by a different number of hosts
+  # does not map exactly onto this run's shards; the step count and epoch position carry over.
+  logging.warning('The checkpoint was written by %d processes and this run has %d: every process '
+                  'resumes its input pipeline from process 0\'s position (same number of batches '
+                  'read; the per-host shards differ, so the sample order is not the original one).',
+                  len(states), n)
+  return states[0]
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the three items above."""
 
@@ -53,9 +86,10 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: Any, meta: dict, force: bool = False) -> bool:
+    """Collective: every process calls it with its own input-iterator state."""
+    data = {'processes': gather_process_states(data_state if data_state is not None else {})}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state_to_tree(state)),
-                              data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-                              meta=ocp.args.JsonSave(meta))
+                              data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state, shardings):
@@ -64,7 +98,7 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
-    return tree_to_state(out['state'], abstract_state), out['data'], out['meta']
+    return tree_to_state(out['state'], abstract_state), own_process_state(out['data']), out['meta']
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -92,6 +92,9 @@ def test_two_processes_match_one_process_then_resume(tmp_path):
   ckpts = mh_dir / 'checkpoints'
   assert sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) == [3, STEPS]
   assert (ckpts / '3' / 'state').is_dir() and (ckpts / '3' / 'data').is_dir()
+  # Each process's own input-iterator position is saved (orbax writes JSON from process 0 only).
+  data = json.loads((ckpts / '3' / 'data' / 'metadata').read_text())
+  assert len(data['processes']) == 2 and all(p['batches'] == 3 for p in data['processes']), data
 
   # Resume: drop the last checkpoint, run again -> both processes restore step 3 and redo 4..6.
   shutil.rmtree(ckpts / str(STEPS))

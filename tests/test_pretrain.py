@@ -117,6 +117,17 @@ def test_restore_onto_other_meshes(tmp_path):
   assert r['devices_4']['qkv_spec'] == "P(None, 'fsdp', None, None, None)"
 
 
+def test_saved_input_positions_are_per_process(caplog):
+  from eva_jax import checkpoint
+  a, b = {'grain': {'next_index': 48}, 'batches': 3, 'skipped': 0}, {'grain': {}, 'batches': 3, 'skipped': 2}
+  assert checkpoint.gather_process_states(a) == [a]            # one process: its own state
+  assert checkpoint.own_process_state({'processes': [b]}) == b
+  assert checkpoint.own_process_state(a) == a                  # checkpoints from before the list
+  with caplog.at_level('WARNING'):                              # written by 2 hosts, resumed on 1
+    assert checkpoint.own_process_state({'processes': [a, b]}) == a
+  assert 'written by 2 processes and this run has 1' in caplog.text
+
+
 def _synthetic(cfg, n, seed=0):
   rng = np.random.default_rng(seed)
   grid = (cfg.image_size // 14) ** 2
