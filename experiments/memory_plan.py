@@ -5,13 +5,11 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
   python experiments/memory_plan.py --remats=none,dots,dots_no_batch,full --out=/tmp/mp.md   # ~10 min
   python experiments/memory_plan.py --devices=8 --precisions=bf16 --remats=full --batches=32
-  python experiments/memory_plan.py --activation_constraints=0 ...   # the step exactly as step.build makes it
 
-`--activation_constraints=1` (default) also applies the batch-sharding constraint on block
-activations by monkeypatching (`apply_activation_constraints`). Since commit 3f512fb the step does
-this itself (`parallel.constrain_batch`), so the option only matters on older code, where without it
-the FSDP step computed the global batch on every device (docs/memory_plan.md, section 1). Results
-and their discussion: docs/memory_plan.md.
+It compiles the step exactly as `eva_jax.training.step.build` makes it, block activations pinned to
+the batch sharding by `parallel.constrain_batch` (before commit 3f512fb they were not, and the FSDP
+step computed the global batch on every device: docs/memory_plan.md, section 1). Results and their
+discussion: docs/memory_plan.md.
 
 Per (N, precision, remat, per-device batch) it reports, per device: arguments (params + optimizer
 state + teacher + batch), temporaries, the total (arguments + non-aliased outputs + temporaries) and
@@ -47,37 +45,9 @@ def _load_config(precision):
   return mod.get_config(precision)
 
 
-def apply_activation_constraints():
-  """The activation-sharding fix of docs/memory_plan.md by monkeypatching (redundant since commit
-  3f512fb put parallel.constrain_batch in layers.Block): every block's input and output is pinned
-  to batch sharding over ('data', 'fsdp') when traced under a mesh. Without it, XLA's sharding
-  propagation may follow the FSDP-sharded weights and compute on the *global* batch everywhere."""
-  import jax
-  from jax.sharding import PartitionSpec as P
-  from eva_jax import parallel
-  from eva_jax.models import layers
-  if getattr(layers.Block.__call__, 'constrained', False):
-    return
-
-  def constrain(x):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-      return x
-    return jax.lax.with_sharding_constraint(x, P(parallel.BATCH_AXES, *([None] * (x.ndim - 1))))
-
-  original = layers.Block.__call__
-
-  def call(self, x, *args, **kwargs):
-    return constrain(original(self, constrain(x), *args, **kwargs))
-  call.constrained = True
-  layers.Block.__call__ = call
-
-
-def worker(n, precisions, remats, batches, teacher_shard, constrain):
+def worker(n, precisions, remats, batches, teacher_shard):
   import jax
   sys.path.insert(0, ROOT)
-  if constrain:
-    apply_activation_constraints()
   from eva_jax import benchmark, parallel
   from eva_jax.training import step as step_lib
   assert jax.device_count() == n, (jax.device_count(), n)
@@ -97,11 +67,10 @@ def worker(n, precisions, remats, batches, teacher_shard, constrain):
         batch = {'image': jax.ShapeDtypeStruct((cfg.batch_size, cfg.image_size, cfg.image_size, 3),
                                                jax.numpy.float32),
                  'mask': jax.ShapeDtypeStruct((cfg.batch_size, g * g), jax.numpy.bool_)}
-        with jax.set_mesh(mesh):   # the mesh context the constraints read (no effect otherwise)
-          compiled = task.train_step.lower(task.abstract_state, teacher, batch).compile()
+        compiled = task.train_step.lower(task.abstract_state, teacher, batch).compile()
         mem = benchmark.memory_stats(compiled)
         rec = {'devices': n, 'precision': precision, 'remat': remat, 'per_device_batch': per_dev,
-               'teacher_shard': teacher_shard, 'activation_constraints': bool(constrain),
+               'teacher_shard': teacher_shard,
                'compile_s': time.perf_counter() - t0, **mem}
         print('RESULT ' + json.dumps(rec), flush=True)
 
@@ -164,10 +133,6 @@ def main():
   ap.add_argument('--headroom_gib', type=float, default=2.0)
   ap.add_argument('--timeout', type=int, default=1200, help='seconds per device count')
   ap.add_argument('--out', default='', help='write the markdown tables here (else stdout)')
-  ap.add_argument('--activation_constraints', type=int, default=1,
-                  help='1 = also apply the batch-sharding constraint on block activations by '
-                       'monkeypatching (redundant since commit 3f512fb); 0 = the step exactly as '
-                       'eva_jax.training.step builds it')
   ap.add_argument('--jsonl', default='', help='also write the raw records here')
   ap.add_argument('--worker', type=int, default=0, help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -175,7 +140,7 @@ def main():
   remats = args.remats.split(',')
   batches = [int(b) for b in args.batches.split(',')]
   if args.worker:
-    worker(args.worker, precisions, remats, batches, args.teacher_shard, args.activation_constraints)
+    worker(args.worker, precisions, remats, batches, args.teacher_shard)
     return
   devices = [int(n) for n in args.devices.split(',')]
   records, notes = [], []
@@ -186,8 +151,7 @@ def main():
                JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.abspath(__file__), f'--worker={n}', f'--precisions={args.precisions}',
            f'--remats={args.remats}', f'--batches={",".join(map(str, b))}',
-           f'--teacher_shard={args.teacher_shard}',
-           f'--activation_constraints={args.activation_constraints}']
+           f'--teacher_shard={args.teacher_shard}']
     t0 = time.perf_counter()
     try:
       out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -202,8 +166,8 @@ def main():
       msg += f' (incomplete: {err.strip().splitlines()[-1][:300]})'
     notes.append(msg)
     print(msg, file=sys.stderr, flush=True)
-  md = ['## Bytes per device (XLA:CPU compiled memory analysis; activation constraints '
-        f"{'on' if args.activation_constraints else 'off'}; teacher {args.teacher_shard})", '',
+  md = ['## Bytes per device (XLA:CPU compiled memory analysis; teacher '
+        f'{args.teacher_shard})', '',
         table(records, args.budget_gib, args.headroom_gib), '',
         '## Largest per-device batch', '', max_batch(records, args.budget_gib, args.headroom_gib), '',
         'Runs: ' + '; '.join(notes) + f'; total {time.perf_counter() - t_all:.0f} s.']

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eva_jax.parallel import constrain_batch  # the sharding rules live in one place
+
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -216,7 +218,6 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, init=init, rngs=rngs)
 
   def __call__(self, x, rope=None, num_prefix=1, dp_rate=None, dp_key=None):
-    from eva_jax.parallel import constrain_batch  # the sharding rules live in one place
     x = constrain_batch(x)
     a = self.attn(self.norm1(x), rope, num_prefix)
     if dp_key is not None:
