@@ -14,11 +14,8 @@ import json
 import os
 
 import jax
+from absl import logging
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel
@@ -146,21 +143,5 @@ def train(cfg, workdir: str) -> dict:
   return last
 
 
-def main(argv):
-  del argv
-  if FLAGS.workdir is None or FLAGS.config is None:
-    raise app.UsageError('--config=configs/NAME.py and --workdir=DIR are required.')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  train(FLAGS.config, FLAGS.workdir)
-
-
-def define_flags() -> None:
-  """Flags are defined only when run as a program, so modules can be imported together."""
-  config_flags.DEFINE_config_file('config', None, 'Fine-tuning config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
-
-
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  loop.run_program(train, 'Fine-tuning')

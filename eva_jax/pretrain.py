@@ -13,10 +13,7 @@ import json
 import os
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
+from absl import logging
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel
@@ -136,21 +133,5 @@ def evaluate(cfg, task, state, teacher_params, step) -> dict:
   return {'val_loss': total / tokens}
 
 
-def main(argv):
-  del argv
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
-    logging.set_verbosity(logging.WARNING)
-  if FLAGS.workdir is None or FLAGS.config is None:
-    raise app.UsageError('--config=configs/NAME.py and --workdir=DIR are required.')
-  train(FLAGS.config, FLAGS.workdir)
-
-
-def define_flags() -> None:
-  """Flags are defined only when run as a program, so modules can be imported together."""
-  config_flags.DEFINE_config_file('config', None, 'Pretraining config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
-
-
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  loop.run_program(train, 'Pretraining')

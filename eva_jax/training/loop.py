@@ -125,3 +125,23 @@ def _log(writer, progress, pending, cfg) -> dict:
   writer.write(record)
   progress.show(record)
   return record
+
+
+def run_program(train: Callable[[Any, str], Any], what: str) -> None:
+  """Entry point `python -m eva_jax.<module> --config=configs/NAME.py --workdir=DIR` around a
+  `train(cfg, workdir)` function (pretraining, fine-tuning). The flags are defined here, only when
+  run as a program, so the entry modules can be imported together."""
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, f'{what} config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
+
+  def main(argv):
+    del argv
+    if flags.FLAGS.workdir is None or flags.FLAGS.config is None:
+      raise app.UsageError('--config=configs/NAME.py and --workdir=DIR are required.')
+    if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
+      logging.set_verbosity(logging.WARNING)
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+  app.run(main)
