@@ -110,3 +110,25 @@ def merged30m_pretrain(model: str, teacher: str, *, precision: str, batch_size: 
   c.data.source = ''
   c.data.workers = 16
   return c
+
+
+def finetune_recipe(model: str, *, images: int, image_size: int, batch_size: int, epochs: int,
+                    warmup_epochs: int, lr: float, min_lr: float, betas: tuple[float, float],
+                    eps: float, layer_decay: float, drop_path: float,
+                    precision: str = 'fp16') -> ml_collections.ConfigDict:
+  """The shape shared by the paper's ImageNet fine-tuning stages (EVA-SPEC "ImageNet fine-tuning"):
+  epochs and warmup counted in steps of `images // batch_size`, AdamW with weight decay 0.05 and
+  layer decay, FSDP over every chip; the configs set data, augmentation and EMA per stage."""
+  c = finetune_defaults(model=model)
+  c.precision = precision
+  c.image_size = image_size
+  c.batch_size = batch_size
+  steps_per_epoch = images // batch_size
+  c.total_steps = epochs * steps_per_epoch
+  c.optim.update(dict(lr=lr, min_lr=min_lr, warmup_steps=warmup_epochs * steps_per_epoch,
+                      b1=betas[0], b2=betas[1], eps=eps, weight_decay=0.05,
+                      layer_decay=layer_decay))
+  c.model.drop_path = drop_path
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.data.workers = 16
+  return c
