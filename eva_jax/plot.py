@@ -97,15 +97,21 @@ def plot_metrics(records: list[dict], axes=None, title: str = ''):
   return fig if fig is not None else axes[0].figure
 
 
+def save_figure(fig, out: str, panels: list[str], dpi: int = 100) -> None:
+  """Writes `fig` as PNG to `out` (creating its folder), lists the panels in the PNG metadata and
+  closes the figure. Shared with eva_jax.visualize."""
+  import matplotlib.pyplot as plt
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=dpi, metadata={'Description': 'panels: ' + ','.join(panels)})
+  plt.close(fig)
+
+
 def plot(workdir: str, out: str, dpi: int = 100) -> list[str]:
   """CLI body: writes `out`; returns the panel names drawn."""
-  import matplotlib.pyplot as plt
   records = read_metrics(workdir)
   names = [p[0] for p in panels_for(records)]
   fig = plot_metrics(records, title=f'{os.path.abspath(workdir)} ({records[-1]["step"]} steps)')
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=dpi, metadata={'Description': 'panels: ' + ','.join(names)})
-  plt.close(fig)
+  save_figure(fig, out, names, dpi)
   return names
 
 

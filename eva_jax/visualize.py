@@ -379,7 +379,6 @@ def render(models: Models, rgb: np.ndarray, analysis: Analysis, title: str = '')
 def visualize(workdir: str, image: str, out: str, teacher: str | None = None, mask_seed: int = 0,
               num_masking_patches: int = 0, dpi: int = 100) -> Analysis:
   """CLI body: loads, analyzes, writes `out` (PNG); returns the Analysis."""
-  import matplotlib.pyplot as plt
   if not os.path.isdir(os.fspath(workdir)):
     raise FileNotFoundError(f'--workdir {workdir!r} does not exist or is not a directory.')
   photo = read_image(image)     # bad input fails before any model is loaded
@@ -393,10 +392,8 @@ def visualize(workdir: str, image: str, out: str, teacher: str | None = None, ma
   fig = render(models, rgb, analysis, title=(
       f'{os.path.basename(os.path.abspath(workdir))} step {models.step} - '
       f'teacher {models.teacher_source} - {os.path.basename(image)}'))
-  out_dir = os.path.dirname(os.path.abspath(out))
-  os.makedirs(out_dir, exist_ok=True)
-  fig.savefig(out, dpi=dpi, metadata={'Description': 'panels: ' + ','.join(PANELS)})
-  plt.close(fig)
+  from eva_jax.plot import save_figure
+  save_figure(fig, out, list(PANELS), dpi)
   return analysis
 
 
