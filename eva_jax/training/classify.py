@@ -118,7 +118,7 @@ def build(cfg, mesh: Mesh, num_classes: int) -> ClassifyTask:
     acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
     new = FinetuneState(step=state.step + 1, params=u.params, opt_state=u.opt_state, ema=ema,
                         loss_scale=u.loss_scale)
-    return new, {'loss': u.loss, 'train_top1': acc, 'grad_norm': optax.global_norm(u.grads),
+    return new, {'loss': u.loss, 'train_top1': acc, 'grad_norm': optax.tree.norm(u.grads),
                  'lr': schedule(state.step), 'loss_scale': state.loss_scale.scale,
                  'finite': u.finite.astype(jnp.float32)}
 

@@ -158,7 +158,7 @@ def build(cfg, mesh: Mesh, teacher_cfg: ml_collections.ConfigDict | None = None)
     u = precision.scaled_update(loss_fn, state.params, state.opt_state, tx, state.loss_scale)
     new = TrainState(step=state.step + 1, params=u.params, opt_state=u.opt_state,
                      loss_scale=u.loss_scale)
-    metrics = {'loss': u.loss, 'grad_norm': optax.global_norm(u.grads), 'lr': schedule(state.step),
+    metrics = {'loss': u.loss, 'grad_norm': optax.tree.norm(u.grads), 'lr': schedule(state.step),
                'mask_ratio': jnp.mean(mask.astype(jnp.float32)), 'masked_tokens': u.aux,
                'loss_scale': state.loss_scale.scale, 'finite': u.finite.astype(jnp.float32)}
     return new, metrics
