@@ -29,6 +29,12 @@ class BlockMaskGenerator:
     max_aspect = max_aspect or 1 / min_aspect
     self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
 
+  @classmethod
+  def from_config(cls, grid: tuple[int, int], m) -> 'BlockMaskGenerator':
+    """From a `config.data.mask` block (a ConfigDict or a plain dict with the same keys)."""
+    return cls(grid, m['num_masking_patches'], m['min_num_patches'], m['max_aspect'],
+               m.get('min_aspect', 0.3))
+
   def _add_block(self, mask: np.ndarray, max_mask_patches: int,
                  rng: np.random.Generator) -> int:
     delta = 0

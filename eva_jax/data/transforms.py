@@ -135,8 +135,7 @@ class PretrainTransform(_Transform):
           f'config.data.mask.num_masking_patches={m.num_masking_patches} exceeds the '
           f'{grid[0]}x{grid[1]} patch grid of image_size={image_size}, patch_size={patch_size}; '
           f'set it to about 0.4 * {grid[0] * grid[1]}.')
-    self.masker = BlockMaskGenerator(grid, m.num_masking_patches, m.min_num_patches,
-                                     m.max_aspect, m.get('min_aspect', 0.3))
+    self.masker = BlockMaskGenerator.from_config(grid, m)
     self.eval_mask = eval_mask(grid).reshape(-1)
 
   def __call__(self, index: int, element) -> dict[str, Any]:
