@@ -173,9 +173,7 @@ def synthetic_host_batch(cfg, patch_size: int, batch: int, seed: int = 0) -> dic
   from eva_jax.data.masking import BlockMaskGenerator
   rng = np.random.default_rng(seed)
   g = cfg.image_size // patch_size
-  m = cfg.data.mask
-  gen = BlockMaskGenerator((g, g), m.num_masking_patches, m.min_num_patches, m.max_aspect,
-                           m.min_aspect)
+  gen = BlockMaskGenerator.from_config((g, g), cfg.data.mask)
   images = rng.standard_normal((batch, cfg.image_size, cfg.image_size, 3), dtype=np.float32)
   masks = np.stack([gen(rng).reshape(-1) for _ in range(batch)])
   return {'image': images, 'mask': masks}
@@ -290,7 +288,8 @@ def run(cfg) -> dict[str, Any]:
 
 
 def _pipeline(cfg, task, compiled, state, teacher, mesh, steps, warmup) -> dict[str, Any]:
-  """The step fed by the real input pipeline: synchronously (pretrain.py today) and prefetched."""
+  """The step fed by the real input pipeline: synchronously (the training loop with
+  data.device_prefetch=0) and through the prefetch thread (its default)."""
   from eva_jax import parallel
   from eva_jax.data import pipeline as data_lib
   from eva_jax.training import prefetch
@@ -314,7 +313,7 @@ def _pipeline(cfg, task, compiled, state, teacher, mesh, steps, warmup) -> dict[
   for _ in range(steps):
     host_next(it)
   out['data_batch_s'] = (time.perf_counter() - t0) / steps     # host pipeline alone
-  # As eva_jax.pretrain's loop: read, transfer, dispatch (metrics never block the host).
+  # As the training loop without prefetch: read, transfer, dispatch (metrics never block the host).
   for i in range(warmup + steps):
     if i == warmup:
       jax.block_until_ready(state)
@@ -324,7 +323,8 @@ def _pipeline(cfg, task, compiled, state, teacher, mesh, steps, warmup) -> dict[
   out['pipeline_step_s'] = (time.perf_counter() - t0) / steps
   it.close()
 
-  pf = prefetch.DevicePrefetcher(loader(), lambda b: parallel.host_to_global(b, mesh), size=2)
+  pf = prefetch.DevicePrefetcher(loader(), lambda b: parallel.host_to_global(b, mesh),
+                                 size=int(cfg.data.get('device_prefetch', 0)) or 2)
   for i in range(warmup + steps):
     if i == warmup:
       jax.block_until_ready(state)

@@ -41,6 +41,7 @@ from eva_jax.data.masking import BlockMaskGenerator
 from eva_jax.data.transforms import resize_center_crop
 from eva_jax.models import TEACHER_NAMES, teacher_config, vit
 from eva_jax.models import mim as mim_lib
+from eva_jax.plot import save_figure
 from eva_jax.training import step as step_lib
 
 PANELS = ('photo', 'masked', 'cosine', 'pca_student', 'pca_teacher')
@@ -250,9 +251,7 @@ def normalize(rgb: np.ndarray) -> np.ndarray:
 def draw_mask(grid: tuple[int, int], mask_settings: dict | None = None, seed: int = 0) -> np.ndarray:
   """One BEiT block mask, bool [h, w], from np.random.default_rng(seed) (the run's settings)."""
   s = _mask_settings(mask_settings, grid)
-  gen = BlockMaskGenerator(grid, s['num_masking_patches'], s['min_num_patches'], s['max_aspect'],
-                           s['min_aspect'])
-  return gen(np.random.default_rng(seed))
+  return BlockMaskGenerator.from_config(grid, s)(np.random.default_rng(seed))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -392,7 +391,6 @@ def visualize(workdir: str, image: str, out: str, teacher: str | None = None, ma
   fig = render(models, rgb, analysis, title=(
       f'{os.path.basename(os.path.abspath(workdir))} step {models.step} - '
       f'teacher {models.teacher_source} - {os.path.basename(image)}'))
-  from eva_jax.plot import save_figure
   save_figure(fig, out, list(PANELS), dpi)
   return analysis
 
