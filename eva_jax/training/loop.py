@@ -7,6 +7,7 @@ parameters), SIGTERM = finish the step, save, return; periodic evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -43,6 +44,24 @@ def check_finite(params, step: int) -> None:
                              'checkpoint is kept; lower the learning rate or increase warmup.')
 
 
+@contextlib.contextmanager
+def _device_feed(cfg, loader, to_device):
+  """(loader, to_device) for the loop: as given, or with `data.device_prefetch > 0` a thread that
+  reads and transfers the next batches while the step runs (stopped on exit). Its get_state() is
+  the state after the last batch handed out, so checkpoints stay exact (training/prefetch.py)."""
+  depth = int(cfg.data.get('device_prefetch', 0))
+  if depth < 0:
+    raise ValueError(f'config.data.device_prefetch must be >= 0 (0 = off), got {depth}.')
+  if depth == 0:
+    yield loader, to_device
+    return
+  prefetcher = prefetch.DevicePrefetcher(loader, to_device, size=depth)
+  try:
+    yield prefetcher, lambda batch: batch   # batches arrive on the devices already
+  finally:
+    prefetcher.stop()
+
+
 def run(cfg, *, state, start: int, train_step: Callable, loader, to_device: Callable,
         ckpt, meta: dict, writer, progress, evaluate: Callable | None = None) -> tuple[Any, dict, bool]:
   """Runs steps start+1..cfg.total_steps. Returns (state, last record, preempted).
@@ -51,36 +70,16 @@ def run(cfg, *, state, start: int, train_step: Callable, loader, to_device: Call
   must exist. evaluate(state, step) -> dict of scalars, called every cfg.eval_every steps (if > 0)
   and after the last step.
   """
-  prefetcher = None
-  depth = int(cfg.data.get('device_prefetch', 0))
-  if depth < 0:
-    raise ValueError(f'config.data.device_prefetch must be >= 0 (0 = off), got {depth}.')
-  if depth > 0:
-    # A thread reads and transfers the next batches while the step runs; its get_state() is the
-    # state after the last batch handed out, so checkpoints stay exact (training/prefetch.py).
-    loader = prefetcher = prefetch.DevicePrefetcher(loader, to_device, size=depth)
-    to_device = lambda batch: batch
-  try:
-    return _run(cfg, state=state, start=start, train_step=train_step, loader=loader,
-                to_device=to_device, ckpt=ckpt, meta=meta, writer=writer, progress=progress,
-                evaluate=evaluate)
-  finally:
-    if prefetcher is not None:
-      prefetcher.stop()
-
-
-def _run(cfg, *, state, start, train_step, loader, to_device, ckpt, meta, writer, progress,
-         evaluate):
   pending = None
   last: dict = {}
   t_log, n_images = time.perf_counter(), 0
   step = start
-  with Preemption() as stop:
+  with _device_feed(cfg, loader, to_device) as (loader, to_device), Preemption() as stop:
     while step < cfg.total_steps:
-      host_batch = next(loader)
-      skipped = int(host_batch.pop('skipped', 0))
-      host_batch.pop('valid', None)   # always True in training (drop_remainder)
-      state, metrics = train_step(state, to_device(host_batch))
+      batch = next(loader)   # host arrays, or device arrays from the prefetch thread
+      skipped = int(batch.pop('skipped', 0))
+      batch.pop('valid', None)   # always True in training (drop_remainder)
+      state, metrics = train_step(state, to_device(batch))
       step += 1
       n_images += cfg.batch_size
       if pending is not None:   # the device runs step N while the host reads step N-1
