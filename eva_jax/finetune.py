@@ -14,8 +14,8 @@ import json
 import os
 
 import jax
-from absl import logging
 import numpy as np
+from absl import logging
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel

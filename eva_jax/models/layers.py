@@ -149,7 +149,8 @@ class Attention(nnx.Module):
     # Three projections from the one (d, 3, h, hd) parameter rather than one fused einsum and a
     # split: the split's gradient is three zero-padded copies of the fused output that XLA then adds,
     # and the fused output's (3, b, t, ...) layout costs transposes both ways. Measured on
-    # configs/bench_cpu.py: 0.66 vs 0.74 s/step, 1.27 vs 1.40 CPU-s/step; same FLOPs, same params.
+    # configs/bench_cpu.py (2 CPU cores, alternating runs in two sessions of differing VM speed):
+    # 0.66 vs 0.73-0.77 and 0.77-0.78 vs 0.80-0.86 s/step; same FLOPs, same params.
     w = self.qkv[...].astype(dt)
     q, k, v = (jnp.einsum('btd,dhk->bthk', x, w[:, i]) for i in range(3))
     if self.q_bias is not None:

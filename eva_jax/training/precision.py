@@ -77,7 +77,6 @@ def select_tree(pred, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-
 class Update(NamedTuple):
   params: Any
   opt_state: Any
