@@ -14,26 +14,10 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.models import TEACHER_NAMES, create, teacher_config
-from eva_jax.models.layers import DTYPES
+from eva_jax.training.precision import DTYPES, dtype_name as _dtype_name
 
 __all__ = ['load_teacher', 'Teacher', 'load_encoder', 'Encoder']
 
-_DTYPE_ALIASES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16',
-                  'f32': 'float32', 'f16': 'float16'}
-
-
-def _dtype_name(dtype) -> str:
-  """'float32' | 'bfloat16' | 'float16' from a jnp/np dtype or a name (also fp32/bf16/fp16)."""
-  if isinstance(dtype, str):
-    name = _DTYPE_ALIASES.get(dtype, dtype)
-  else:
-    try:
-      name = np.dtype(dtype).name
-    except TypeError:
-      name = str(dtype)
-  if name not in DTYPES:
-    raise ValueError(f'dtype must be float32, bfloat16 or float16, got {dtype!r}.')
-  return name
 
 
 # -------------------------------------------------------------------------------------------------
@@ -170,9 +154,10 @@ class Encoder:
 
 
 def load_encoder(path, dtype=jnp.float32) -> Encoder:
-  """Loads the student encoder of a pretraining/fine-tuning workdir or checkpoint folder.
+  """Loads an EVA encoder from anything eva_jax.checkpoint.read_encoder reads.
 
-  path: WORKDIR (its latest checkpoint), WORKDIR/checkpoints, or WORKDIR/checkpoints/<step>.
+  path: WORKDIR (its latest checkpoint), WORKDIR/checkpoints, WORKDIR/checkpoints/<step>, or a
+  timm / official EVA PyTorch file (.pth, .pt, .bin, .safetensors).
   dtype: compute dtype of the returned encoder (LayerNorm and softmax stay float32).
   Only the parameters are read (on the host), never the optimizer state.
   """

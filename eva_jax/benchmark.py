@@ -1,11 +1,11 @@
 r"""Speed of the real EVA pretraining step: compile time, step time, images/s, TFLOP/s, MFU, memory.
 
-  python -m eva_jax.benchmark --config=configs/bench_cpu.py
-  python -m eva_jax.benchmark --config=configs/eva01_l14_pretrain.py:bf16 --config.batch_size=64 \
+  eva-benchmark --config=bench_cpu
+  eva-benchmark --config=eva01_l14_pretrain:bf16 --config.batch_size=64 \
       --config.model.attention=cudnn --config.model.remat=dots --config.benchmark.steps=20
-  python -m eva_jax.benchmark --config=configs/bench_cpu.py --config.benchmark.input=pipeline
+  eva-benchmark --config=bench_cpu --config.benchmark.input=pipeline
 
-It builds exactly what `eva_jax.pretrain` runs (`eva_jax.training.step.build`: student + frozen
+It builds exactly what eva-pretrain runs (`eva_jax.training.pretrain.build`: student + frozen
 teacher + optimizer, the configured mesh, sharding and precision), compiles the train step ahead of
 time (`compile_s` = lower + XLA compile, nothing executed), then runs it `benchmark.warmup` times
 untimed and `benchmark.steps` times timed on a device-resident synthetic batch (random normalized
@@ -13,7 +13,7 @@ images, BEiT block masks from the configured mask generator). Every timed step e
 `block_until_ready`; `step_s` is the median. `step_s_async` is the mean over the same number of
 steps dispatched back to back (what the training loop sees). With `benchmark.input=pipeline`, the
 step is also timed fed by the real input pipeline (`build_pretrain_loader` + `host_to_global`, as
-in `eva_jax.pretrain`), once synchronously and once through `eva_jax.training.prefetch`.
+in training), once synchronously and once through `eva_jax.training.prefetch`.
 `benchmark.compile_only=True` stops after the compile (compile time and XLA's memory analysis, no
 execution: e.g. g/14 on a CPU). The last output line is one JSON object. `step_cpu_s` is the process
 CPU time per step (all threads), a load-independent measure of work on a shared CPU machine.
@@ -36,17 +36,13 @@ below; null on CPU/unknown), also for fp32 runs.
 """
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
 # Dense bf16 peak TFLOP/s per chip (EVA-SPEC), matched against jax's device_kind (lower case);
 # the first matching entry wins, so the more specific names come first.
@@ -194,7 +190,7 @@ def _time_steps(fn, state, n):
 def run(cfg) -> dict[str, Any]:
   """Builds, compiles and times the pretraining step; returns the result record."""
   from eva_jax import parallel
-  from eva_jax.training import step as step_lib
+  from eva_jax.training import pretrain
 
   cfg = add_benchmark_defaults(cfg)
   b = cfg.benchmark
@@ -203,14 +199,14 @@ def run(cfg) -> dict[str, Any]:
   parallel.maybe_initialize_distributed(cfg)
   mesh = parallel.make_mesh(cfg.mesh)
   parallel.check_batch(cfg.batch_size, mesh)
-  task = step_lib.build(cfg, mesh)
-  scfg, tcfg = task.student_cfg, task.teacher_cfg
+  task, scfg, tcfg = pretrain.build(cfg, mesh)
+  init_teacher = lambda seed: pretrain.random_teacher(tcfg, task.consts_shardings, seed)
   devices = mesh.devices.reshape(-1)
   device_kind = devices[0].device_kind
   local_batch = cfg.batch_size // jax.process_count()
 
   # Ahead-of-time compile of the exact jitted step (shardings + donation), nothing executed.
-  teacher_abstract = jax.eval_shape(task.init_teacher, 0)
+  teacher_abstract = jax.eval_shape(init_teacher, 0)
   host = synthetic_host_batch(cfg, scfg.patch_size, local_batch, seed=cfg.seed)
   batch_abstract = {k: jax.ShapeDtypeStruct((cfg.batch_size,) + v.shape[1:], v.dtype)
                     for k, v in host.items()}
@@ -245,7 +241,7 @@ def run(cfg) -> dict[str, Any]:
     return result
 
   state = task.init(cfg.seed)
-  teacher = task.init_teacher(cfg.seed + 1)
+  teacher = init_teacher(cfg.seed + 1)
   batch = parallel.host_to_global(host, mesh)
   jax.block_until_ready((state, teacher, batch))
 
@@ -282,12 +278,12 @@ def run(cfg) -> dict[str, Any]:
       'input': b.input,
   })
   if b.input == 'pipeline':
-    result.update(_pipeline(cfg, task, compiled, state, teacher, mesh, int(b.steps),
+    result.update(_pipeline(cfg, scfg, compiled, state, teacher, mesh, int(b.steps),
                             max(int(b.warmup), 1)))
   return result
 
 
-def _pipeline(cfg, task, compiled, state, teacher, mesh, steps, warmup) -> dict[str, Any]:
+def _pipeline(cfg, scfg, compiled, state, teacher, mesh, steps, warmup) -> dict[str, Any]:
   """The step fed by the real input pipeline: synchronously (the training loop with
   data.device_prefetch=0) and through the prefetch thread (its default)."""
   from eva_jax import parallel
@@ -296,14 +292,11 @@ def _pipeline(cfg, task, compiled, state, teacher, mesh, steps, warmup) -> dict[
 
   def loader():
     return data_lib.build_pretrain_loader(
-        cfg.data, image_size=cfg.image_size, patch_size=task.student_cfg.patch_size,
+        cfg.data, image_size=cfg.image_size, patch_size=scfg.patch_size,
         batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed, train=True)
 
   def host_next(it):
-    b = next(it)
-    b.pop('skipped', None)
-    b.pop('valid', None)
-    return b
+    return next(it).arrays
 
   out = {}
   it = loader()
@@ -329,9 +322,7 @@ def _pipeline(cfg, task, compiled, state, teacher, mesh, steps, warmup) -> dict[
     if i == warmup:
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-    b = next(pf)
-    b.pop('skipped', None)
-    state, metrics = compiled(state, teacher, b)
+    state, metrics = compiled(state, teacher, next(pf).arrays)
   jax.block_until_ready((state, metrics))
   out['pipeline_prefetch_step_s'] = (time.perf_counter() - t0) / steps
   pf.close()
@@ -340,69 +331,6 @@ def _pipeline(cfg, task, compiled, state, teacher, mesh, steps, warmup) -> dict[
   return out
 
 
-# ------------------------------------------------------------------------------------------------
-class _WithBenchmarkDefaults(flags.ArgumentParser):
-  """Wraps the config-file parser: adds config.benchmark defaults after loading the file and before
-  the command-line overrides apply, so --config.benchmark.steps=20 works with any pretraining config."""
-
-  def __init__(self, inner):
-    self._inner = inner
-
-  def parse(self, argument):
-    cfg = self._inner.parse(argument)
-    return add_benchmark_defaults(cfg) if isinstance(cfg, ml_collections.ConfigDict) else cfg
-
-  def flag_type(self):
-    return self._inner.flag_type()
-
-
-_CONFIG = None
-
-
-def _define_flags():
-  """Flags are defined only when run as a program, so tests can import the FLOP helpers next to
-  eva_jax.pretrain (which defines its own --config)."""
-  global _CONFIG
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Pretraining config file.',
-                                            lock_config=True)
-  flags.FLAGS['config'].parser = _WithBenchmarkDefaults(flags.FLAGS['config'].parser)
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  if _CONFIG.value is None:
-    raise app.UsageError('--config=configs/NAME.py is required.')
-  check = reference_flops_check()
-  if jax.process_index() == 0:
-    print(f"FLOP check: EVA-01 g/14 + CLIP-L/14 @224 = {check['g14_l14_tflop']:.4f} TFLOP/image "
-          f"(blocks only {check['g14_l14_blocks_tflop']:.4f}; spec 1.76; rel err "
-          f"{check['rel_err']:.2%}) {'OK' if check['rel_err'] < 0.01 else 'MISMATCH'}", flush=True)
-  result = run(_CONFIG.value)
-  if jax.process_index() == 0 and 'step_s' not in result:
-    print(f"compile only: {result['compile_s']:.1f} s (lower {result['lower_s']:.1f} s), "
-          f"{(result['peak_bytes_per_device'] or 0) / 2 ** 30:.2f} GiB/device", file=sys.stderr)
-    print(json.dumps(result), flush=True)
-    return
-  if jax.process_index() == 0:
-    r = result
-    line = (f"{r['device_kind']} x{r['num_devices']} {r['precision']}: step {r['step_s'] * 1e3:.1f} ms "
-            f"(median of {r['steps']}), {r['images_per_s']:.1f} img/s, "
-            f"{r['tflops_per_s_per_device']:.3f} TFLOP/s/device")
-    if r['mfu'] is not None:
-      line += f", MFU {r['mfu']:.1%}"
-    line += f", compile {r['compile_s']:.1f} s"
-    if r['peak_bytes_per_device']:
-      line += f", peak {r['peak_bytes_per_device'] / 2 ** 30:.2f} GiB/device"
-    if 'pipeline_step_s' in r:
-      line += (f"; pipeline {r['pipeline_step_s'] * 1e3:.1f} ms/step, prefetched "
-               f"{r['pipeline_prefetch_step_s'] * 1e3:.1f} ms/step, data alone "
-               f"{r['data_batch_s'] * 1e3:.1f} ms/batch")
-    print(line, file=sys.stderr, flush=True)
-    print(json.dumps(result), flush=True)
-
-
-if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+if __name__ == '__main__':   # `python -m eva_jax.benchmark` = eva-benchmark
+  from eva_jax.cli.benchmark import run as main
+  main()

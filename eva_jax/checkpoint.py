@@ -19,8 +19,10 @@ import orbax.checkpoint as ocp
 
 
 def state_to_tree(state) -> dict:
-  """Train-state dataclass -> plain dict (orbax stores dicts and optax's named tuples directly)."""
-  tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  """Train-state dataclass -> plain dict (orbax stores dicts and optax's named tuples directly).
+  Fields that are None (no EMA kept) are not stored."""
+  tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if getattr(state, f.name) is not None}
   ls = tree.pop('loss_scale')
   tree['loss_scale'] = {'scale': ls.scale, 'since_overflow': ls.since_overflow,
                         'hysteresis': ls.hysteresis}
@@ -155,20 +157,57 @@ def restore_params(path: str) -> tuple[dict, dict, int]:
   return out['params'], meta, step
 
 
-def encoder_from_checkpoint(path: str, dtype: str | None = None):
-  """The student encoder of a pretraining (or fine-tuning) checkpoint as a VisionTransformer.
+@dataclasses.dataclass
+class EncoderWeights:
+  """An encoder read from any source the product accepts (see read_encoder)."""
+  params: dict      # the encoder: nested dict of numpy arrays in VisionTransformer layout
+  extra: dict       # the other parameter groups of an eva_jax checkpoint (lm_head; fc_norm, head)
+  config: dict      # encoder config (models/config.py fields)
+  meta: dict        # checkpoint metadata ({'kind': 'timm' | 'eva_official'} for PyTorch files)
+  source: str       # what was read, for messages
+  step: int | None = None   # training step of an eva_jax checkpoint
 
-  Returns (model, meta). `dtype` overrides the compute dtype ('float32' by default for evaluation).
+
+def read_encoder(path: str) -> EncoderWeights:
+  """The one function that decides what a path is and reads the encoder in it, on the host.
+
+  path: an eva_jax workdir, its checkpoints/ folder or one checkpoints/<step> folder (pretraining or
+  fine-tuning); or a PyTorch file (.pth/.pt/.bin/.safetensors) in timm's or the official EVA
+  layout (eva_jax.convert.eva_torch; torch imported only then). Only parameters are read, never
+  optimizer state. Raises FileNotFoundError for a missing path and ValueError (or the converter's
+  CheckpointError) for something that holds no EVA encoder.
   """
+  src = os.fspath(path)
+  if os.path.isdir(src):
+    params, meta, step = restore_params(src)
+    if 'student' not in meta or 'encoder' not in params:
+      raise ValueError(f'{src!r} (step {step}) is not an eva_jax pretraining or fine-tuning '
+                       f'checkpoint (metadata keys {sorted(meta)}, parameter groups '
+                       f'{sorted(params)}).')
+    return EncoderWeights(params=params['encoder'],
+                          extra={k: v for k, v in params.items() if k != 'encoder'},
+                          config=dict(meta['student']), meta=meta,
+                          source=f'eva_jax checkpoint {src} (step {step})', step=step)
+  if os.path.isfile(src):
+    from eva_jax.convert import common, eva_torch
+    enc_cfg, model, extras = eva_torch.from_torch_state_dict(common.TensorSource(src))
+    logging.info('Imported %s; keys not used by the encoder: %s', src, sorted(extras))
+    return EncoderWeights(params=common.unflatten(common.model_params_numpy(model)), extra={},
+                          config=enc_cfg.to_dict(), meta={'kind': 'pytorch'},
+                          source=f'PyTorch file {src}')
+  raise FileNotFoundError(f'{src!r} does not exist. Pass an eva_jax workdir or checkpoint folder, '
+                          'or a timm / official EVA .pth / .safetensors file.')
+
+
+def encoder_from_checkpoint(path: str, dtype: str | None = None):
+  """(VisionTransformer, meta) of anything read_encoder reads; `dtype` is the compute dtype
+  ('float32' by default, for evaluation)."""
   import ml_collections
   from eva_jax.convert import common
-  params, meta, step = restore_params(path)
-  if 'student' not in meta or 'encoder' not in params:
-    raise ValueError(f'{path!r} (step {step}) is not an eva_jax pretraining/fine-tuning checkpoint '
-                     f'(metadata keys {sorted(meta)}, parameter groups {sorted(params)}).')
-  cfg = ml_collections.ConfigDict(meta['student'])
+  weights = read_encoder(path)
+  cfg = ml_collections.ConfigDict(weights.config)
   cfg.dtype = dtype or 'float32'
-  flat = common.flatten(params['encoder'])
-  model = common.model_from_params(cfg, {k: np.shape(v) for k, v in flat.items()}, flat.__getitem__,
-                                   what=f'checkpoint {path!r} step {step}')
-  return model, meta
+  flat = common.flatten(weights.params)
+  model = common.model_from_params(cfg, {k: np.shape(v) for k, v in flat.items()},
+                                   flat.__getitem__, what=weights.source)
+  return model, weights.meta

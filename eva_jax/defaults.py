@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from eva_jax.data.config import default_data_config
-from eva_jax.models.config import encoder_config
+from eva_jax.models.config import model_section
 
 
 def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_collections.ConfigDict:
@@ -25,18 +25,23 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
   c.eval_batches = 2
   c.progress = True            # progress bar on a TTY, plain lines otherwise
 
-  c.model = encoder_config(model)   # any encoder field may be overridden: --config.model.drop_path=0.1
-  c.model.drop_path = 0.1
+  # The architecture name plus overrides only (models/config.py model_section): any encoder field
+  # may be set, --config.model.drop_path=0.2; --config.model.name picks another architecture.
+  c.model = model_section(model, drop_path=0.1)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.name = teacher          # architecture of a random-init teacher when checkpoint is empty
   c.teacher.checkpoint = ''         # HF dir, OpenAI ViT-L-14.pt or open_clip file (load_teacher)
   c.teacher.shard = 'replicate'     # replicate | fsdp (shard the frozen teacher like the student)
   c.teacher.precision = ''          # '' = same as precision
+  # Architecture facts a bare state dict does not record (issue: never guessed silently):
+  c.teacher.act = ''                # '' = from the file; else 'gelu' | 'quick_gelu'
+  c.teacher.heads = 0               # 0 = from the file; else the attention head count
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, min_lr=1e-5, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
       clip_norm=3.0, layer_decay=1.0))
+  c.sharding_rules = ()             # (logical axis, mesh axes) pairs tried before parallel.LOGICAL_RULES
   c.loss_scale = ml_collections.ConfigDict(dict(
       initial=2.0 ** 16, growth_interval=500, hysteresis=2, min_scale=1.0))
 

@@ -7,6 +7,7 @@ carries (see eva_jax/models/layers.py).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -85,9 +86,34 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(arr, MESH_AXES)
 
 
+def rules_from_config(cfg) -> tuple[tuple[str, Any], ...]:
+  """`config.sharding_rules` (pairs of logical axis, mesh axis / axes / None) placed before
+  LOGICAL_RULES, so a config overrides any rule as MaxText's `logical_axis_rules` does:
+  --config.sharding_rules="(('mlp', None),)" keeps the MLP hidden dimension replicated.
+
+  Raises ValueError for a malformed pair or an unknown mesh axis."""
+  extra = tuple(tuple(r) for r in (cfg.get('sharding_rules') or ()))
+  for rule in extra:
+    axes = rule[1] if len(rule) == 2 else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if len(rule) != 2 or not isinstance(rule[0], str) or any(a not in MESH_AXES for a in axes):
+      raise ValueError(f'config.sharding_rules entry {rule!r} must be (logical axis name, mesh '
+                       f'axis or tuple of {MESH_AXES} or None).')
+  return extra + LOGICAL_RULES
+
+
+_logged_replicated: set = set()
+
+
 def spec_for(shape, names, mesh: Mesh, rules=LOGICAL_RULES) -> P:
-  """PartitionSpec for an array of `shape` with logical axis `names`, under `rules` on `mesh`."""
-  table = dict(rules)
+  """PartitionSpec for an array of `shape` with logical axis `names`, under `rules` on `mesh`.
+
+  The first rule naming a logical axis wins. A dimension that its mesh axes do not divide stays
+  replicated, which is logged once per (axis, size, mesh axes): it costs memory on every device.
+  """
+  table: dict = {}
+  for name, axes in rules:
+    table.setdefault(name, axes)
   used: set[str] = set()
   out = []
   for dim, name in zip(shape, names or (None,) * len(shape)):
@@ -99,6 +125,11 @@ def spec_for(shape, names, mesh: Mesh, rules=LOGICAL_RULES) -> P:
       used.update(axes)
       out.append(axes if len(axes) > 1 else axes[0])
     else:
+      if axes and (name, dim, axes) not in _logged_replicated:
+        _logged_replicated.add((name, dim, axes))
+        logging.warning('Logical axis %r of size %d is not divisible by mesh axes %s (size %d): '
+                        'it stays replicated on every device. Pick a mesh size that divides it or '
+                        'set config.sharding_rules.', name, dim, axes, size)
       out.append(None)
   return P(*out)
 

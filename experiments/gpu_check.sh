@@ -35,7 +35,7 @@ timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,
 timeout 60 "$PYTHON" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, torch.cuda.is_available())' || true
 
 ours() {  # $1 = attention impl, $2 = remat policy; writes $OUT/ours.{json,log}
-  timeout "$T_OURS" "$PYTHON" -m eva_jax.benchmark --config="$CONFIG" --config.precision=bf16 \
+  timeout "$T_OURS" "$PYTHON" -m eva_jax.cli.benchmark --config="$CONFIG" --config.precision=bf16 \
       --config.batch_size="$BATCH" --config.model.attention="$1" --config.model.remat="$2" \
       --config.teacher.precision=bf16 --config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.tensor=1 \
       --config.benchmark.steps="$STEPS" --config.benchmark.warmup=3 \

@@ -6,7 +6,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N).
   python experiments/memory_plan.py --remats=none,dots,dots_no_batch,full --out=/tmp/mp.md   # ~10 min
   python experiments/memory_plan.py --devices=8 --precisions=bf16 --remats=full --batches=32
 
-It compiles the step exactly as `eva_jax.training.step.build` makes it, block activations pinned to
+It compiles the step exactly as `eva_jax.training.pretrain.build` makes it, block activations pinned to
 the batch sharding by `parallel.constrain_batch` (before commit 3f512fb they were not, and the FSDP
 step computed the global batch on every device: docs/memory_plan.md, section 1). Results and their
 discussion: docs/memory_plan.md.
@@ -49,7 +49,7 @@ def worker(n, precisions, remats, batches, teacher_shard):
   import jax
   sys.path.insert(0, ROOT)
   from eva_jax import benchmark, parallel
-  from eva_jax.training import step as step_lib
+  from eva_jax.training import pretrain
   assert jax.device_count() == n, (jax.device_count(), n)
   for precision in precisions:
     for remat in remats:
@@ -61,9 +61,9 @@ def worker(n, precisions, remats, batches, teacher_shard):
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
         mesh = parallel.make_mesh(cfg.mesh)
         t0 = time.perf_counter()
-        task = step_lib.build(cfg, mesh)
-        teacher = jax.eval_shape(task.init_teacher, 0)
-        g = cfg.image_size // task.student_cfg.patch_size
+        task, scfg, tcfg = pretrain.build(cfg, mesh)
+        teacher = jax.eval_shape(lambda: pretrain.random_teacher(tcfg, task.consts_shardings, 0))
+        g = cfg.image_size // scfg.patch_size
         batch = {'image': jax.ShapeDtypeStruct((cfg.batch_size, cfg.image_size, cfg.image_size, 3),
                                                jax.numpy.float32),
                  'mask': jax.ShapeDtypeStruct((cfg.batch_size, g * g), jax.numpy.bool_)}

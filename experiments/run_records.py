@@ -48,11 +48,11 @@ def stages(root: str) -> list[tuple[str, list[str]]]:
   """(name, argv after `python`) of every stage, paths relative to the repository root."""
   r = _rel(root)
   train, test = f'folder:{r}/data/train', f'folder:{r}/data/test'
-  pre = ['-m', 'eva_jax.pretrain', '--config=configs/pretrain_demo.py',
+  pre = ['-m', 'eva_jax.cli.pretrain', '--config=pretrain_demo',
          f'--config.data.source={train}', '--config.progress=False']
-  ft = ['-m', 'eva_jax.finetune', '--config=configs/finetune_demo.py',
+  ft = ['-m', 'eva_jax.cli.finetune', '--config=finetune_demo',
         f'--config.data.source={train}', f'--config.eval_source={test}', '--config.progress=False']
-  probe = ['-m', 'eva_jax.linear_probe', '--config=configs/linear_probe_demo.py',
+  probe = ['-m', 'eva_jax.cli.linear_probe', '--config=linear_probe_demo',
            f'--config.data.source={train}', f'--config.eval_source={test}']
   return [
       ('pretrain', pre + [f'--workdir={r}/pretrain']),

@@ -3,7 +3,7 @@ r"""The EVA pretraining step in PyTorch (timm `Eva` student + HF CLIP teacher), 
   python experiments/torch_reference.py --preset=bench_cpu                 # same step as configs/bench_cpu.py
   python experiments/torch_reference.py --preset=l14 --modes=eager,compile  # L/14 + CLIP-L/14 @224, GPU
 
-Step (what eva_jax.training.step does):
+Step (what eva_jax.training.pretrain builds):
 - teacher: `CLIPVisionModelWithProjection` (quick_gelu), under torch.no_grad:
   targets = visual_projection(post_layernorm(last_hidden_state[:, 1:]));
 - student: timm `Eva` (qkv_bias = EVA's q/v biases, final `norm` over all tokens, drop path); timm has

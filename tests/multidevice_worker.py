@@ -13,7 +13,7 @@ import numpy as np
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import defaults, parallel
-from eva_jax.training import step as step_lib
+from eva_jax.training import pretrain
 
 
 def small_config():
@@ -37,8 +37,9 @@ def batches(n, cfg, seed=0):
 
 def run(cfg, devices, steps=5):
   mesh = parallel.make_mesh(cfg.mesh, devices=devices)
-  task = step_lib.build(cfg, mesh)
-  state, teacher = task.init(cfg.seed), task.init_teacher(cfg.seed + 1)
+  task, _, tcfg = pretrain.build(cfg, mesh)
+  state = task.init(cfg.seed)
+  teacher = pretrain.random_teacher(tcfg, task.consts_shardings, cfg.seed + 1)
   losses = []
   for b in batches(steps, cfg):
     state, m = task.train_step(state, teacher, parallel.host_to_global(b, mesh))
@@ -74,13 +75,13 @@ def restore_other_mesh(workdir):
   for n, mesh_sizes in ((1, (1, 1, 1)), (4, (1, 4, 1))):
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_sizes
     mesh = parallel.make_mesh(cfg.mesh, devices=jax.devices()[:n])
-    task = step_lib.build(cfg, mesh)
+    task, _, tcfg = pretrain.build(cfg, mesh)
     state, data_state, _ = ck.restore(3, task.abstract_state, task.state_shardings)
     same = all(np.array_equal(np.asarray(a), b) for a, b in
                zip(jax.tree.leaves(state.params), jax.tree.leaves(ref)))
     step = int(state.step)
     spec = str(state.params['encoder']['blocks']['layers']['attn']['qkv'].sharding.spec)
-    teacher = task.init_teacher(cfg.seed + 1)
+    teacher = pretrain.random_teacher(tcfg, task.consts_shardings, cfg.seed + 1)
     _, m = task.train_step(state, teacher, parallel.host_to_global(b, mesh))  # donates state
     out[f'devices_{n}'] = {'params_equal': same, 'loss': float(m['loss']),
                            'data_state': data_state, 'step': step, 'qkv_spec': spec}

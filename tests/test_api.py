@@ -9,7 +9,7 @@ import eva_jax
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import defaults, parallel
 from eva_jax.models import vit
-from eva_jax.training import step as step_lib
+from eva_jax.training import pretrain, task as task_lib
 
 
 @pytest.fixture(scope='module')
@@ -17,23 +17,23 @@ def fresh_run(tmp_path_factory):
   cfg = defaults.pretrain_defaults(model='tiny', teacher='clip-tiny')
   cfg.image_size, cfg.batch_size = 56, 4
   mesh = parallel.make_mesh(cfg.mesh)
-  task = step_lib.build(cfg, mesh)
+  task, scfg, tcfg = pretrain.build(cfg, mesh)
   state = task.init(7)
   workdir = tmp_path_factory.mktemp('fresh')
   ck = ckpt_lib.Checkpointer(str(workdir))
-  ck.save(0, state, {}, {'kind': 'eva_pretrain', 'student': task.student_cfg.to_dict(),
-                         'teacher': task.teacher_cfg.to_dict()}, force=True)
+  ck.save(0, state, {}, {'kind': 'eva_pretrain', 'student': scfg.to_dict(),
+                         'teacher': tcfg.to_dict()}, force=True)
   ck.close()
-  return workdir, task, jax.tree.map(np.asarray, state.params)
+  return workdir, scfg, jax.tree.map(np.asarray, state.params)
 
 
 def test_load_encoder_reproduces_the_saved_model(fresh_run):
-  workdir, task, params = fresh_run
+  workdir, scfg, params = fresh_run
   x = np.random.default_rng(0).normal(size=(2, 56, 56, 3)).astype(np.float32)
   mask = np.zeros((2, 16), bool)
   mask[:, ::3] = True
-  graphdef, template = nnx.split(vit.abstract(task.student_cfg), nnx.Param)
-  ref_model = step_lib.merge_pure(graphdef, template, params['encoder'])
+  graphdef, template = nnx.split(vit.abstract(scfg), nnx.Param)
+  ref_model = task_lib.merge_pure(graphdef, template, params['encoder'])
   for path in (workdir, workdir / 'checkpoints', workdir / 'checkpoints' / '0'):
     enc = eva_jax.load_encoder(path)
     out = np.asarray(enc(x))
@@ -49,7 +49,7 @@ def test_load_encoder_reproduces_the_saved_model(fresh_run):
 
 def test_load_encoder_errors(fresh_run, tmp_path):
   workdir, _, _ = fresh_run
-  with pytest.raises(FileNotFoundError, match='not a directory'):
+  with pytest.raises(FileNotFoundError, match='does not exist'):
     eva_jax.load_encoder(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='No finished checkpoint'):
     eva_jax.load_encoder(tmp_path)

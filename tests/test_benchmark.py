@@ -43,7 +43,7 @@ def test_peak_table(kind, peak):
 
 
 def test_cli_prints_json_with_the_keys():
-  cmd = [sys.executable, '-m', 'eva_jax.benchmark', f'--config={ROOT}/configs/pretrain_demo.py',
+  cmd = [sys.executable, '-m', 'eva_jax.cli.benchmark', '--config=pretrain_demo',
          '--config.benchmark.steps=2', '--config.benchmark.warmup=1', '--config.batch_size=4',
          '--config.image_size=56']
   out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,

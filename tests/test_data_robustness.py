@@ -4,8 +4,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -14,12 +12,12 @@ import skimage.data
 
 from eva_jax.data import (build_classification_loader, build_pretrain_loader,
                           default_data_config, merged30m_mixture)
-from eva_jax.data import pack
 from eva_jax.data.config import MERGED30M_SIZES
 from eva_jax.data.decode import BadImageError, decode_image
 from eva_jax.data.sources import ArrayRecordSource, FolderSource, decode_record, open_source
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import support
+
 HOST = dict(process_index=0, process_count=1)
 BAD = ('corrupt.jpg', 'truncated.jpg', 'empty.jpg', 'notes.png')
 
@@ -150,15 +148,16 @@ def test_misconfiguration_errors_name_the_fix(tmp_path):
     build_pretrain_loader(cfg, image_size=64, patch_size=16, batch_size=2, seed=0, **HOST)
 
 
-def test_pack_roundtrip(tmp_path, capsys):
+def test_pack_roundtrip(tmp_path):
   src = tmp_path / 'src'
   photos = {'coffee': skimage.data.coffee(), 'rocket': skimage.data.rocket()}
   for name, arr in photos.items():
     (src / name).mkdir(parents=True)
     for i in range(5):
       _write(src / name / f'{i}.jpg', _jpeg(arr[i * 10:, i * 12:]))
-  pack.main(['--src', str(src), '--out', str(tmp_path / 'out'), '--images_per_shard', '4'])
-  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  proc = support.run_cli('pack', f'--src={src}', f'--out={tmp_path / "out"}', '--images_per_shard=4')
+  assert proc.returncode == 0, proc.stderr
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary['num_records'] == 10 and summary['num_shards'] == 3
   assert summary['num_classes'] == 2
   folder, packed = FolderSource(str(src)), ArrayRecordSource(str(tmp_path / 'out'))
@@ -197,11 +196,10 @@ def test_merged30m_mixture_entry():
 def test_benchmark_cli_reports_grain_and_tfdata(tmp_path):
   pytest.importorskip('tensorflow')
   cache = tmp_path / 'cache'
-  out = subprocess.run(
-      [sys.executable, '-m', 'eva_jax.data.benchmark', '--config=configs/data_bench.py',
-       '--config.batch_size=8', '--config.num_batches=2', '--config.warmup_batches=1',
-       '--config.data.threads=1', f'--config.data.cache_dir={cache}', '--compare_tfdata'],
-      capture_output=True, text=True, cwd=REPO, timeout=300)
+  out = support.run_cli('data_benchmark', '--config=data_bench', '--config.batch_size=8',
+                        '--config.num_batches=2', '--config.warmup_batches=1',
+                        '--config.data.threads=1', f'--config.data.cache_dir={cache}',
+                        '--compare_tfdata', timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['workers'] == 0 and result['images_per_s'] > 1

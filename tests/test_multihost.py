@@ -1,6 +1,6 @@
 """Multi-host pretraining on one machine: 2 processes x 2 CPU devices through the real entry point.
 
-Each process runs `python -m eva_jax.pretrain ... --config.distributed.coordinator=127.0.0.1:PORT
+Each process runs `python -m eva_jax.cli.pretrain ... --config.distributed.coordinator=127.0.0.1:PORT
 --config.distributed.num_processes=2 --config.distributed.process_id=i` with 2 fake CPU devices
 (jax.distributed over gloo CPU collectives), reading its own half of every batch. The losses must
 match a 1-process run on 4 devices (same global batches, permuted rows; the loss is a token-weighted
@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _cmd(workdir, *extra):
-  return [sys.executable, '-m', 'eva_jax.pretrain', f'--config={ROOT}/configs/pretrain_demo.py',
+  return [sys.executable, '-m', 'eva_jax.cli.pretrain', '--config=pretrain_demo',
           f'--workdir={workdir}', f'--config.total_steps={STEPS}', '--config.log_every=1',
           '--config.checkpoint_every=3', '--config.progress=False', '--config.eval_batches=1',
           '--config.optim.warmup_steps=2', *extra]

@@ -6,6 +6,7 @@ import pytest
 
 from eva_jax import defaults, parallel
 from eva_jax.data import pipeline as data_lib
+from eva_jax.data.pipeline import Batch
 from eva_jax.training import prefetch
 
 
@@ -35,10 +36,10 @@ def test_prefetch_order_devices_and_exact_resume():
   pf = prefetch.DevicePrefetcher(_loader(cfg), to_device, size=2)
   got = [next(pf) for _ in range(3)]
   for g, r in zip(got, ref):
-    assert isinstance(g['image'], jax.Array) and 'valid' not in g
-    assert isinstance(g['skipped'], int)            # host values pass through
-    np.testing.assert_array_equal(np.asarray(g['image']), r['image'])
-    np.testing.assert_array_equal(np.asarray(g['mask']), r['mask'])
+    assert set(g.arrays) == {'image', 'mask'} and isinstance(g.arrays['image'], jax.Array)
+    assert g.skipped == r.skipped == 0 and np.array_equal(g.valid, r.valid)   # host-side, as read
+    np.testing.assert_array_equal(np.asarray(g.arrays['image']), r.arrays['image'])
+    np.testing.assert_array_equal(np.asarray(g.arrays['mask']), r.arrays['mask'])
   state = pf.get_state()
   assert state['batches'] == 3                     # consumed, not read ahead (the thread has more)
   pf.close()
@@ -64,7 +65,8 @@ class _Finite:
     if self.i >= self.n:
       raise StopIteration
     self.i += 1
-    return {'x': np.full((2,), self.i, np.float32)}
+    return Batch(arrays={'x': np.full((2,), self.i, np.float32)}, valid=np.ones(2, bool),
+                 skipped=0)
 
   def get_state(self):
     return {'i': self.i}

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from eva_jax import defaults, parallel, pretrain
-from eva_jax.training import step as step_lib
+from eva_jax import defaults, parallel
+from eva_jax.training import pretrain, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV8 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
@@ -64,7 +64,7 @@ def test_demo_pretraining_loss_falls_and_fills_workdir(tmp_path):
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
   overrides = ['--config.total_steps=40', '--config.log_every=1', '--config.checkpoint_every=1000',
                '--config.progress=False', '--config.eval_batches=1']
-  cmd = [sys.executable, '-m', 'eva_jax.pretrain', f'--config={ROOT}/configs/pretrain_demo.py']
+  cmd = [sys.executable, '-m', 'eva_jax.cli.pretrain', '--config=pretrain_demo']
   ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
   # The reference reads batches synchronously; the interrupted run goes through the device-prefetch
   # thread (the default, data.device_prefetch=2), whose read-ahead must not leak into the checkpoint.
@@ -84,8 +84,11 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
   assert proc.returncode == 0, out[-3000:]
   saved = [int(s) for s in os.listdir(run_dir / 'checkpoints')]
   assert len(saved) == 1 and 5 <= saved[0] < 40, saved   # stopped early, saved where it stopped
-  subprocess.run(cmd + overrides + [f'--workdir={run_dir}'], check=True, cwd=ROOT,
-                 env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True)
+  # The resume repeats the run from its own saved config (WORKDIR/config.json as --config).
+  resume = [sys.executable, '-m', 'eva_jax.cli.pretrain', f'--config={run_dir}',
+            f'--workdir={run_dir}']
+  subprocess.run(resume, check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                 capture_output=True)
   ref = {r['step']: r['loss'] for r in read_metrics(ref_dir) if 'loss' in r}
   got = {r['step']: r['loss'] for r in read_metrics(run_dir) if 'loss' in r}
   assert set(got) == set(ref) == set(range(1, 41))
@@ -145,8 +148,8 @@ def _small(precision='fp32'):
 
 def _run_losses(cfg, batches):
   mesh = parallel.make_mesh(cfg.mesh)
-  task = step_lib.build(cfg, mesh)
-  state, teacher = task.init(0), task.init_teacher(1)
+  task, _, tcfg = pretrain.build(cfg, mesh)
+  state, teacher = task.init(0), pretrain.random_teacher(tcfg, task.consts_shardings, 1)
   losses = []
   for b in batches:
     state, m = task.train_step(state, teacher, parallel.host_to_global(b, mesh))
@@ -167,8 +170,8 @@ def test_bf16_and_fp16_track_fp32():
 def test_fp16_overflow_skips_update_and_lowers_scale():
   cfg = _small('fp16')
   mesh = parallel.make_mesh(cfg.mesh)
-  task = step_lib.build(cfg, mesh)
-  state, teacher = task.init(0), task.init_teacher(1)
+  task, _, tcfg = pretrain.build(cfg, mesh)
+  state, teacher = task.init(0), pretrain.random_teacher(tcfg, task.consts_shardings, 1)
   good, = _synthetic(cfg, 1)
   bad = dict(good, image=good['image'] * 1e6)   # activations overflow float16 (max 65504)
 
@@ -238,13 +241,14 @@ def test_batch_and_mesh_divisibility_errors():
     ('configs/eva02_l14_pretrain.py', None)])
 def test_every_config_builds_abstractly(path, arg):
   cfg = load_config(path, arg)
-  pretrain.validate_config(cfg)
+  trainer.check_common(cfg)
+  pretrain.PretrainProgram(cfg).validate()
   mesh = parallel.make_mesh(cfg.mesh)
-  task = step_lib.build(cfg, mesh)
-  grid = (cfg.image_size // task.student_cfg.patch_size) ** 2
+  task, scfg, tcfg = pretrain.build(cfg, mesh)
+  grid = (cfg.image_size // scfg.patch_size) ** 2
   batch = {'image': jax.ShapeDtypeStruct((cfg.batch_size, cfg.image_size, cfg.image_size, 3), jnp.float32),
            'mask': jax.ShapeDtypeStruct((cfg.batch_size, grid), jnp.bool_)}
-  teacher = jax.eval_shape(task.init_teacher, 0)
+  teacher = jax.eval_shape(lambda: pretrain.random_teacher(tcfg, task.consts_shardings, 0))
   new_state, metrics = jax.eval_shape(task.train_step, task.abstract_state, teacher, batch)
   assert metrics['loss'].shape == () and new_state.step.shape == ()
   assert cfg.data.mask.num_masking_patches < grid

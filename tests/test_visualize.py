@@ -1,9 +1,7 @@
-"""eva_jax.visualize and eva_jax.plot CLIs on a tiny pretraining run (about 30 s on 2 CPU cores)."""
+"""eva-visualize and eva-plot on a tiny pretraining run (about 30 s on 2 CPU cores)."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,12 +10,12 @@ from flax import nnx
 from PIL import Image
 
 from eva_jax import checkpoint as ckpt_lib
-from eva_jax import parallel, plot, pretrain, visualize
+from eva_jax import parallel
 from eva_jax.data.demo import ensure_demo_set
-from eva_jax.training import step as step_lib
+from eva_jax.evaluation import plot, visualize
+from eva_jax.training import pretrain
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+import support
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
@@ -37,12 +35,13 @@ def _png(path):
   return img
 
 
-def test_visualize_cli_png_and_mean_cosine_matches_the_train_steps_loss(run, tmp_path, capsys):
+def test_visualize_cli_png_and_mean_cosine_matches_the_train_steps_loss(run, tmp_path):
   workdir, cfg, photo = run
   out = tmp_path / 'viz.png'
-  assert visualize.main([f'--workdir={workdir}', f'--image={photo}', f'--out={out}',
-                         '--mask_seed=3']) == 0
-  printed = capsys.readouterr().out
+  proc = support.run_cli('visualize', f'--workdir={workdir}', f'--image={photo}', f'--out={out}',
+                         '--mask_seed=3')
+  assert proc.returncode == 0, proc.stderr
+  printed = proc.stdout
   mean_cos = float(re.search(r'mean masked cosine: (-?[\d.]+)', printed).group(1))
   img = _png(out)
   assert img.size == (2000, 460)                      # 5 panels of 4 x 4.6 inches at 100 dpi
@@ -52,17 +51,17 @@ def test_visualize_cli_png_and_mean_cosine_matches_the_train_steps_loss(run, tmp
   # Independent: the trainer's own eval_step (its teacher init, its restore, its cosine_loss)
   # on the same image and mask gives loss == -mean masked cosine.
   mesh = parallel.make_mesh(cfg.mesh)
-  task = step_lib.build(cfg, mesh)
+  task, _, tcfg = pretrain.build(cfg, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir)
   state, _, _ = ckpt.restore(ckpt.latest_step(), task.abstract_state, task.state_shardings)
   ckpt.close()
-  teacher_params = task.init_teacher(cfg.seed + 1)
+  teacher_params = pretrain.random_teacher(tcfg, task.consts_shardings, cfg.seed + 1)
   _, x = visualize.load_image(photo, cfg.image_size)
   grid = (cfg.image_size // 14,) * 2
   mask = visualize.draw_mask(grid, cfg.data.mask.to_dict(), seed=3)
   assert 0 < mask.sum() <= cfg.data.mask.num_masking_patches
   batch = parallel.host_to_global({'image': x[None], 'mask': mask.reshape(1, -1)}, mesh)
-  m = jax.device_get(task.eval_step(state, teacher_params, batch))
+  m = jax.device_get(task.eval_step(state.params, teacher_params, batch))
   assert int(m['masked_tokens']) == mask.sum()
   np.testing.assert_allclose(mean_cos, -float(m['loss']), atol=2e-6)
 
@@ -92,31 +91,30 @@ def test_visualize_analysis_pieces(run):
                                 np.asarray(models.teacher.proj[...]))
 
 
-def test_visualize_errors(run, tmp_path, capsys):
+def test_visualize_errors(run, tmp_path):
   workdir, _, photo = run
   out = str(tmp_path / 'x.png')
-  assert visualize.main([f'--workdir={tmp_path / "nope"}', f'--image={photo}', f'--out={out}']) == 2
-  assert 'does not exist' in capsys.readouterr().err
-  assert visualize.main([f'--workdir={workdir}', f'--image={tmp_path / "nope.jpg"}',
-                         f'--out={out}']) == 2
-  assert '--image' in capsys.readouterr().err
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    visualize.visualize(str(tmp_path / 'nope'), photo, out)
+  with pytest.raises(FileNotFoundError, match='--image'):
+    visualize.visualize(workdir, str(tmp_path / 'nope.jpg'), out)
   text = tmp_path / 'notes.jpg'
   text.write_text('not an image')
-  assert visualize.main([f'--workdir={workdir}', f'--image={text}', f'--out={out}']) == 2
-  assert 'not a readable image' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='not a readable image'):
+    visualize.visualize(workdir, str(text), out)
   empty = tmp_path / 'empty_run'
   empty.mkdir()
-  assert visualize.main([f'--workdir={empty}', f'--image={photo}', f'--out={out}']) == 2
-  assert 'No finished checkpoint' in capsys.readouterr().err
+  # The command turns a known error into one line and exit status 2.
+  proc = support.run_cli('visualize', f'--workdir={empty}', f'--image={photo}', f'--out={out}')
+  assert proc.returncode == 2 and 'No finished checkpoint' in proc.stderr
+  assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3
   assert not os.path.exists(out)
 
 
 def test_plot_cli(run, tmp_path):
   workdir, _, _ = run
   out = tmp_path / 'curves.png'
-  proc = subprocess.run([sys.executable, '-m', 'eva_jax.plot', f'--workdir={workdir}',
-                         f'--out={out}'], cwd=ROOT, capture_output=True, text=True,
-                        env=dict(os.environ, PYTHONPATH=ROOT))
+  proc = support.run_cli('plot', f'--workdir={workdir}', f'--out={out}')
   assert proc.returncode == 0, proc.stderr
   img = _png(out)
   assert img.text['Description'] == 'panels: loss,learning rate,gradient norm,images / s'
@@ -125,7 +123,7 @@ def test_plot_cli(run, tmp_path):
   assert records[-1]['val_loss'] < 0 and [r['step'] for r in records if 'loss' in r] == [1, 5, 10]
 
 
-def test_plot_loss_scale_panel_and_errors(tmp_path, capsys):
+def test_plot_loss_scale_panel_and_errors(tmp_path):
   recs = [{'step': s, 'loss': -s / 10, 'lr': 1e-3, 'grad_norm': 1.0, 'images_per_sec': 10.0,
            'loss_scale': 2.0 ** (16 - s)} for s in (1, 2, 3)]
   (tmp_path / 'metrics.jsonl').write_text(
@@ -134,8 +132,8 @@ def test_plot_loss_scale_panel_and_errors(tmp_path, capsys):
   assert 'loss scale (fp16)' in names and len(plot.read_metrics(tmp_path)) == 3
   empty = tmp_path / 'empty'
   empty.mkdir()
-  assert plot.main([f'--workdir={empty}', f'--out={tmp_path / "e.png"}']) == 2
-  assert 'No metrics file' in capsys.readouterr().err
+  with pytest.raises(FileNotFoundError, match='No metrics file'):
+    plot.plot(str(empty), str(tmp_path / 'e.png'))
   (empty / 'metrics.jsonl').write_text('')
-  assert plot.main([f'--workdir={empty}', f'--out={tmp_path / "e.png"}']) == 2
-  assert 'empty' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='empty'):
+    plot.plot(str(empty), str(tmp_path / 'e.png'))

@@ -1,29 +1,23 @@
 """Measures the real input pipeline; optionally tf.data doing the same work on the same files.
 
-  python -m eva_jax.data.benchmark --config=configs/data_bench.py [--config.data.workers=2]
+  eva-data-benchmark --config=data_bench [--config.data.workers=2]
       [--config.data.source=folder:/data/train] [--compare_tfdata]
 
-Prints one JSON line last: images_per_s (wall clock), images_per_cpu_s (images per CPU-second
+Returns (the command prints as one JSON line): images_per_s (wall clock), images_per_cpu_s (images per CPU-second
 of this process and its workers: the per-core rate), workers, threads, cores, and with
 --compare_tfdata the same two figures for a tf.data pipeline (read, decode, RandomResizedCrop-style
 crop via sample_distorted_bounding_box, bicubic resize, flip, normalize; no mask) on the same files.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 import psutil
 
 from eva_jax.data import pipeline
 from eva_jax.data.sources import FolderSource, open_source
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/data_bench.py', 'benchmark config')
-_COMPARE = flags.DEFINE_bool('compare_tfdata', False, 'also time an equivalent tf.data pipeline')
 
 
 def _cpu_seconds() -> float:
@@ -76,9 +70,10 @@ def _tfdata(paths, cfg) -> dict:
   return _time(it, cfg.warmup_batches, cfg.num_batches, cfg.batch_size)
 
 
-def main(argv):
-  del argv
-  cfg = _CONFIG.value
+def run(cfg, compare_tfdata: bool = False) -> dict:
+  """Times cfg.num_batches batches after cfg.warmup_batches; returns the figures as a dict.
+  compare_tfdata: also the equivalent tf.data pipeline (folder and demo sources only; ValueError
+  otherwise)."""
   kw = dict(image_size=cfg.image_size, batch_size=cfg.batch_size, seed=cfg.seed,
             process_index=0, process_count=1)
   if cfg.mode == 'pretrain':
@@ -94,15 +89,16 @@ def main(argv):
     result['skipped'] = it.get_state()['skipped']
   finally:
     it.close()     # stop workers/threads before tf.data is timed on the same cores
-  if _COMPARE.value:
+  if compare_tfdata:
     source = open_source(cfg.data.source, cfg.data)
     if not isinstance(source, FolderSource) or cfg.data.mixture:
-      raise app.UsageError('--compare_tfdata reads image files: use demo or folder: sources.')
+      raise ValueError('--compare_tfdata reads image files: use demo or folder: sources.')
     tf_result = _tfdata(source.paths, cfg)
     result['tfdata_images_per_s'] = tf_result['images_per_s']
     result['tfdata_images_per_cpu_s'] = tf_result['images_per_cpu_s']
-  print(json.dumps(result), flush=True)
+  return result
 
 
-if __name__ == '__main__':
-  app.run(main)
+if __name__ == '__main__':   # `python -m eva_jax.data.benchmark` = eva-data-benchmark
+  from eva_jax.cli.data_benchmark import run as main
+  main()

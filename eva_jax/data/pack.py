@@ -1,6 +1,6 @@
 """Packs an image folder into ArrayRecord shards for fast random access.
 
-  python -m eva_jax.data.pack --src DIR --out DIR [--name train] [--images_per_shard 10000]
+  eva-pack --src=DIR --out=DIR [--name=train] [--images_per_shard=10000]
 
 Writes OUT/NAME-00000-of-0000N.array_record (records: msgpack {'image': original encoded bytes,
 'label': class index or -1}) and OUT/NAME-meta.json (classes, count). Labels come from class
@@ -9,7 +9,6 @@ Files are copied as they are: undecodable ones are skipped (and counted) by the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -46,17 +45,6 @@ def pack_folder(src: str, out: str, name: str = 'train', images_per_shard: int =
   return meta
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--src', required=True, help='image folder (class sub-folders = labels)')
-  parser.add_argument('--out', required=True, help='output folder for the shards')
-  parser.add_argument('--name', default='train', help='shard file prefix, e.g. train or val')
-  parser.add_argument('--images_per_shard', type=int, default=10_000)
-  args = parser.parse_args(argv)
-  meta = pack_folder(args.src, args.out, args.name, args.images_per_shard)
-  print(json.dumps({k: meta[k] for k in ('num_records', 'num_shards')}
-                   | {'num_classes': len(meta['classes']), 'out': os.path.abspath(args.out)}))
-
-
-if __name__ == '__main__':
-  main()
+if __name__ == '__main__':   # `python -m eva_jax.data.pack` = eva-pack
+  from eva_jax.cli.pack import run
+  run()

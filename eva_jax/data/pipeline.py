@@ -11,13 +11,16 @@ The transform sees the element's index in the global stream, so augmentation and
 only on (seed, index). Batches are the same for a given (seed, process count, workers); changing
 `workers` regroups examples into batches (grain batches inside each worker).
 
-Batches are dicts of numpy arrays: 'image' float32 [B,H,W,3] (normalized NHWC), 'valid' bool [B]
-(False only for evaluation padding), 'skipped' (Python int: records skipped as undecodable on this
-host since the start of training, restored with the iterator state), plus 'mask' bool [B,N]
-(pretraining) or 'label' int32 [B] / float32 [B,classes] with mixup/cutmix (classification).
+Loaders yield `Batch`es: the device arrays apart from the host-side bookkeeping.
+  batch.arrays: 'image' float32 [B,H,W,3] (normalized NHWC), plus 'mask' bool [B,N] (pretraining)
+                or 'label' int32 [B] / float32 [B,classes] with mixup/cutmix (classification);
+  batch.valid:  bool [B], False only for evaluation padding;
+  batch.skipped: records skipped as undecodable on this host since the start of training (restored
+                with the iterator state).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from typing import Any, Callable, Iterator
@@ -80,7 +83,25 @@ def _host_stream(data_cfg, transform: Callable, *, sources, seed: int, train: bo
   return ds[process_index::process_count]
 
 
-class LoaderIterator(Iterator[dict[str, Any]]):
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """One host's batch: `arrays` go to the devices; `valid` and `skipped` stay on the host.
+
+  `batch[key]` reads an array or a bookkeeping field ('valid', 'skipped') for convenience."""
+  arrays: dict[str, Any]
+  valid: np.ndarray
+  skipped: int
+
+  def __getitem__(self, key: str):
+    if key in ('valid', 'skipped'):
+      return getattr(self, key)
+    return self.arrays[key]
+
+  def replace(self, **changes) -> 'Batch':
+    return dataclasses.replace(self, **changes)
+
+
+class LoaderIterator(Iterator[Batch]):
   """The grain iterator plus host-side batch work, with JSON-serializable get_state/set_state."""
 
   def __init__(self, ds: grain.IterDataset, *, seed: int, process_index: int,
@@ -96,16 +117,17 @@ class LoaderIterator(Iterator[dict[str, Any]]):
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, Any]:
-    batch = dict(next(self._it))
-    self._skipped += int(batch['skipped'].sum())
-    batch['skipped'] = self._skipped
+  def __next__(self) -> Batch:
+    arrays = dict(next(self._it))
+    self._skipped += int(arrays.pop('skipped').sum())
+    valid = np.asarray(arrays.pop('valid'), bool)
     if self._mixup is not None:
       # Seeded by the batch number so a restored iterator mixes exactly as the original did.
       rng = np.random.default_rng([self._seed, self._process_index, self._batches, 1])
-      batch['image'], batch['label'] = self._mixup(np.asarray(batch['image']), batch['label'], rng)
+      arrays['image'], arrays['label'] = self._mixup(np.asarray(arrays['image']), arrays['label'],
+                                                     rng)
     self._batches += 1
-    return batch
+    return Batch(arrays=arrays, valid=valid, skipped=self._skipped)
 
   def get_state(self) -> dict[str, Any]:
     return {'grain': self._it.get_state(), 'batches': self._batches, 'skipped': self._skipped}
@@ -162,8 +184,8 @@ def build_pretrain_loader(data_cfg, *, image_size: int, patch_size: int, batch_s
                           seed: int, train: bool = True, process_index: int | None = None,
                           process_count: int | None = None,
                           num_epochs: int | None = None) -> LoaderIterator:
-  """Masked-image-modeling batches: 'image', 'mask' [B, (image_size//patch_size)**2], 'valid',
-  'skipped'. `batch_size` is per host. train=False: one ordered pass, no flip, resize + center
+  """Masked-image-modeling `Batch`es: arrays 'image', 'mask' [B, (image_size//patch_size)**2].
+  `batch_size` is per host. train=False: one ordered pass, no flip, resize + center
   crop, the fixed eval mask, padded to full batches ('valid' marks real examples)."""
   pi, pc = _process(process_index, process_count)
   transform = PretrainTransform(data_cfg, image_size, patch_size, seed, train)
@@ -178,7 +200,7 @@ def build_classification_loader(data_cfg, *, image_size: int, batch_size: int, s
                                 process_index: int | None = None,
                                 process_count: int | None = None,
                                 num_epochs: int | None = None) -> LoaderIterator:
-  """Fine-tuning batches: 'image', 'label', 'valid', 'skipped'. Train: RRC(finetune_scale) + flip
+  """Fine-tuning `Batch`es: arrays 'image', 'label'. Train: RRC(finetune_scale) + flip
   + RandAugment, and with mixup/cutmix > 0 soft float32 labels [B, num_classes] that include
   label smoothing (otherwise int labels: apply data_cfg.label_smoothing in the loss, e.g. with
   `eva_jax.data.mixup.smooth_one_hot`). Eval: resize + center crop (crop_pct), padded."""

@@ -7,6 +7,7 @@ describe the CLIP teacher tower (see `teacher_config`).
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 # name -> (width, depth, heads, mlp_dim, patch)
 _EVA01 = {
@@ -91,8 +92,9 @@ def encoder_config(name: str) -> ml_collections.ConfigDict:
     cfg.init = 'eva02'
     cfg.rope_ref_grid = 16
   else:
-    raise ValueError(f'Unknown encoder name {name!r}. Known: {", ".join(ENCODER_NAMES)}; '
-                     'or pass a ConfigDict with width/depth/heads/mlp_dim/patch_size.')
+    raise ValueError(f'Unknown encoder name {name!r} (config.model.name). Known: '
+                     f'{", ".join(ENCODER_NAMES)}; change single fields with '
+                     '--config.model.<field>=... on top of a known name.')
   cfg.name = name
   return cfg
 
@@ -114,6 +116,60 @@ def teacher_config(name: str) -> ml_collections.ConfigDict:
   cfg.out_dim = out_dim
   cfg.init = 'clip'
   return cfg
+
+
+# Encoder fields the run decides, not the architecture: config.model may not set them.
+RUN_OWNED = {'image_size': 'config.image_size', 'dtype': 'config.precision'}
+
+
+def model_section(name: str = 'tiny', **overrides) -> ml_collections.ConfigDict:
+  """`config.model`: an architecture name plus the user's explicit overrides, nothing else.
+
+  Every other encoder field is a typed placeholder (None until set), so any of them can be set from
+  the command line (`--config.model.drop_path=0.2`) while the named architecture stays the source
+  of the rest: `--config.model.name=eva02-B/14` on any recipe gives EVA-02 B/14. Resolve with
+  `resolve_encoder`. Raises ValueError for an unknown name or field.
+  """
+  template = encoder_config(name)
+  unknown = sorted(set(overrides) - set(template))
+  if unknown:
+    raise ValueError(f'config.model.{unknown[0]} is not an encoder field. Known: '
+                     f'{", ".join(sorted(k for k in template if k != "name"))}.')
+  section = ml_collections.ConfigDict({'name': name})
+  for k, v in template.items():
+    if k != 'name':
+      section[k] = config_dict.placeholder(type(v))
+  for k, v in overrides.items():
+    if v is not None:
+      section[k] = v
+  return section
+
+
+def model_overrides(section) -> dict:
+  """The fields of a `config.model` section that are set (name included), as a plain dict."""
+  return {k: v for k, v in section.items() if v is not None}
+
+
+def resolve_encoder(section, *, image_size: int, dtype: str) -> ml_collections.ConfigDict:
+  """The full encoder ConfigDict: the named architecture, then the overrides set in `section`,
+  then the fields the run owns (image size, compute dtype). Raises ValueError naming the field
+  for an unknown name or field, a run-owned field set in config.model, or an invalid result."""
+  name = section.get('name') or 'tiny'
+  enc = encoder_config(name)
+  for k, v in section.items():
+    if k == 'name' or v is None:
+      continue
+    if k in RUN_OWNED:
+      raise ValueError(f'config.model.{k} is set by the run, not the architecture: use '
+                       f'--{RUN_OWNED[k]}=... instead (and leave config.model.{k} unset).')
+    if k not in enc:
+      raise ValueError(f'config.model.{k} is not an encoder field. Known: '
+                       f'{", ".join(sorted(f for f in enc if f != "name"))}.')
+    enc[k] = v
+  enc.image_size = int(image_size)
+  enc.dtype = dtype
+  validate(enc)
+  return enc
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

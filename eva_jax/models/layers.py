@@ -21,10 +21,9 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.parallel import constrain_batch  # the sharding rules live in one place
+from eva_jax.training.precision import DTYPES  # the one dtype table
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Remat (activation checkpointing) policies by name, applied per transformer block.
 REMAT_POLICIES = {

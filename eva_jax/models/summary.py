@@ -1,7 +1,7 @@
 """Per-module parameter table, computed abstractly (jax.eval_shape: nothing is allocated).
 
-  python -m eva_jax.models.summary g/14
-  python -m eva_jax.models.summary clip-L/14
+  eva-summary g/14          (or python -m eva_jax.models.summary g/14)
+  eva-summary clip-L/14
 
 The last line is `params: <total>`, the *backbone* count the paper reports: everything except the
 MIM-only parts (mask token, final `norm`, which fine-tuning replaces by fc_norm). The lines above it
@@ -10,7 +10,6 @@ give the full count with those parts.
 from __future__ import annotations
 
 import math
-import sys
 from collections import OrderedDict
 
 from eva_jax.convert.common import model_params_abstract
@@ -40,26 +39,20 @@ def table(cfg) -> tuple[list[tuple[str, str, int]], int, int]:
   return rows, total, backbone
 
 
-def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  if len(argv) != 1:
-    print(f'usage: python -m eva_jax.models.summary NAME\n  encoders: {", ".join(config_lib.ENCODER_NAMES)}'
-          f'\n  teachers: {", ".join(config_lib.TEACHER_NAMES)}', file=sys.stderr)
-    return 2
-  name = argv[0]
+def report(name: str) -> str:
+  """The printed table of an encoder or teacher name; ValueError for an unknown name."""
   cfg = (config_lib.teacher_config(name) if name in config_lib.TEACHER_NAMES
          else config_lib.encoder_config(name))
   rows, total, backbone = table(cfg)
   w = max(len(r[0]) for r in rows)
-  print(f'{name}: width {cfg.width}, depth {cfg.depth}, heads {cfg.heads}, mlp {cfg.mlp_dim}, '
-        f'patch {cfg.patch_size}, image {cfg.image_size}')
-  print(f'{"module":<{w}}  {"params":>14}  shapes (blocks stacked over depth)')
-  for g, s, n in rows:
-    print(f'{g:<{w}}  {n:>14,}  {s}')
-  print(f'total (with mask token and final norm): {total:,}')
-  print(f'params: {backbone:,}')
-  return 0
+  lines = [f'{name}: width {cfg.width}, depth {cfg.depth}, heads {cfg.heads}, mlp {cfg.mlp_dim}, '
+           f'patch {cfg.patch_size}, image {cfg.image_size}',
+           f'{"module":<{w}}  {"params":>14}  shapes (blocks stacked over depth)']
+  lines += [f'{g:<{w}}  {n:>14,}  {s}' for g, s, n in rows]
+  lines += [f'total (with mask token and final norm): {total:,}', f'params: {backbone:,}']
+  return '\n'.join(lines)
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+if __name__ == '__main__':   # `python -m eva_jax.models.summary` = eva-summary
+  from eva_jax.cli.summary import run
+  run()

@@ -1,4 +1,4 @@
-"""The step loop shared by pretraining and fine-tuning.
+"""The step loop of the trainer skeleton (training/trainer.py), shared by every training program.
 
 One place for: feeding host batches to the device (through a prefetch thread when
 `data.device_prefetch > 0`), fetching metrics one step late (the host never
@@ -66,7 +66,8 @@ def run(cfg, *, state, start: int, train_step: Callable, loader, to_device: Call
         ckpt, meta: dict, writer, progress, evaluate: Callable | None = None) -> tuple[Any, dict, bool]:
   """Runs steps start+1..cfg.total_steps. Returns (state, last record, preempted).
 
-  train_step(state, device_batch) -> (state, metrics dict of device scalars); `metrics['loss']`
+  loader yields data.pipeline.Batch; to_device(batch.arrays) -> device arrays.
+  train_step(state, device_arrays) -> (state, metrics dict of device scalars); `metrics['loss']`
   must exist. evaluate(state, step) -> dict of scalars, called every cfg.eval_every steps (if > 0)
   and after the last step.
   """
@@ -77,9 +78,7 @@ def run(cfg, *, state, start: int, train_step: Callable, loader, to_device: Call
   with _device_feed(cfg, loader, to_device) as (loader, to_device), Preemption() as stop:
     while step < cfg.total_steps:
       batch = next(loader)   # host arrays, or device arrays from the prefetch thread
-      skipped = int(batch.pop('skipped', 0))
-      batch.pop('valid', None)   # always True in training (drop_remainder)
-      state, metrics = train_step(state, to_device(batch))
+      state, metrics = train_step(state, to_device(batch.arrays))
       step += 1
       n_images += cfg.batch_size
       if pending is not None:   # the device runs step N while the host reads step N-1
@@ -88,7 +87,7 @@ def run(cfg, *, state, start: int, train_step: Callable, loader, to_device: Call
       if step % cfg.log_every == 0 or step in (1, cfg.total_steps) or stop.requested:
         now = time.perf_counter()
         pending = (step, metrics, {'images_per_sec': n_images / (now - t_log),
-                                   'data/skipped': skipped})
+                                   'data/skipped': batch.skipped})
         t_log, n_images = now, 0
       progress.update(step)
       final = step == cfg.total_steps or stop.requested
@@ -124,23 +123,3 @@ def _log(writer, progress, pending, cfg) -> dict:
   writer.write(record)
   progress.show(record)
   return record
-
-
-def run_program(train: Callable[[Any, str], Any], what: str) -> None:
-  """Entry point `python -m eva_jax.<module> --config=configs/NAME.py --workdir=DIR` around a
-  `train(cfg, workdir)` function (pretraining, fine-tuning). The flags are defined here, only when
-  run as a program, so the entry modules can be imported together."""
-  from absl import app, flags, logging
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, f'{what} config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Output directory (resumes if it has checkpoints).')
-
-  def main(argv):
-    del argv
-    if flags.FLAGS.workdir is None or flags.FLAGS.config is None:
-      raise app.UsageError('--config=configs/NAME.py and --workdir=DIR are required.')
-    if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
-      logging.set_verbosity(logging.WARNING)
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
-
-  app.run(main)

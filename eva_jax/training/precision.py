@@ -12,16 +12,40 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
+# The one dtype table. Canonical names (ConfigDict `dtype` fields) -> jnp dtypes, and the
+# config's precision names (and other spellings users pass to load_teacher / load_encoder).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+_ALIASES = {**PRECISIONS, 'f32': 'float32', 'f16': 'float16'}
 
 
 def compute_dtype(precision: str) -> str:
+  """'float32' | 'bfloat16' | 'float16' for a config precision ('fp32' | 'bf16' | 'fp16').
+
+  Raises ValueError naming the choices."""
   if precision not in PRECISIONS:
     raise ValueError(f'precision={precision!r} unknown; choose one of {sorted(PRECISIONS)}.')
   return PRECISIONS[precision]
+
+
+def dtype_name(dtype) -> str:
+  """Canonical dtype name from a name, an alias (fp32, bf16, ...) or a jnp/np dtype.
+
+  Raises ValueError for anything else."""
+  if isinstance(dtype, str):
+    name = _ALIASES.get(dtype, dtype)
+  else:
+    try:
+      name = np.dtype(dtype).name
+    except TypeError:
+      name = str(dtype)
+  if name not in DTYPES:
+    raise ValueError(f'dtype must be float32, bfloat16 or float16, got {dtype!r}.')
+  return name
 
 
 @struct.dataclass

@@ -1,8 +1,8 @@
 """Asynchronous host-to-device prefetch: a background thread reads the loader and puts batches on
 the devices while the current step runs.
 
-  loader = DevicePrefetcher(loader, lambda b: parallel.host_to_global(b, mesh), size=2)
-  batch = next(loader)           # dict of global jax.Arrays (+ host scalars such as 'skipped')
+  loader = DevicePrefetcher(loader, lambda arrays: parallel.host_to_global(arrays, mesh), size=2)
+  batch = next(loader)           # a data.pipeline.Batch whose arrays are global jax.Arrays
   ckpt.save(step, state, loader.get_state(), ...)
 
 Exact resume. The thread runs up to `size` (+1 in flight) batches ahead of the training loop, so the
@@ -14,8 +14,7 @@ batch. `DevicePrefetcher.get_state()` returns the state attached to the last bat
 that state and reading on gives the next unconsumed batch. `set_state()` stops the thread, drops
 what it had read ahead, sets the loader and restarts lazily at the next `__next__`.
 
-Values that are not arrays (e.g. the loader's Python-int 'skipped' counter) pass through unchanged;
-keys in `drop` (default 'valid', always True in training) are removed before the transfer.
+Only `batch.arrays` are transferred; the host-side bookkeeping (`valid`, `skipped`) passes through.
 """
 from __future__ import annotations
 
@@ -24,19 +23,16 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
 _END = object()
 
 
-class DevicePrefetcher(Iterator[dict[str, Any]]):
-  """Wraps a loader with get_state/set_state/close (eva_jax.data.pipeline.LoaderIterator)."""
+class DevicePrefetcher(Iterator[Any]):
+  """Wraps a loader of `Batch`es with get_state/set_state/close (data.pipeline.LoaderIterator)."""
 
-  def __init__(self, loader, to_device: Callable[[dict[str, Any]], dict[str, Any]], size: int = 2,
-               drop: tuple[str, ...] = ('valid',)):
+  def __init__(self, loader, to_device: Callable[[dict[str, Any]], dict[str, Any]], size: int = 2):
     if size < 1:
       raise ValueError(f'prefetch size must be >= 1, got {size}.')
-    self._loader, self._to_device, self._size, self._drop = loader, to_device, int(size), drop
+    self._loader, self._to_device, self._size = loader, to_device, int(size)
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
@@ -66,12 +62,7 @@ class DevicePrefetcher(Iterator[dict[str, Any]]):
           self._put((_END, None, None))
           return
         state = self._snapshot()
-        host = dict(host)
-        for k in self._drop:
-          host.pop(k, None)
-        arrays = {k: v for k, v in host.items() if isinstance(v, np.ndarray) or hasattr(v, 'shape')}
-        rest = {k: v for k, v in host.items() if k not in arrays}
-        batch = {**self._to_device(arrays), **rest}
+        batch = host.replace(arrays=self._to_device(host.arrays))
         if not self._put((batch, state, None)):
           return
     except BaseException as e:  # handed to the consumer, raised there
@@ -93,7 +84,7 @@ class DevicePrefetcher(Iterator[dict[str, Any]]):
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, Any]:
+  def __next__(self):
     if self._done:
       raise StopIteration
     if self._thread is None:

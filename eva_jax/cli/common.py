@@ -1,0 +1,107 @@
+"""The one convention of every eva_jax command: absl flags plus an ml_collections config flag.
+
+  --config=SPEC        a recipe name ('pretrain_demo', 'eva01_g14_pretrain:bf16'), a config file
+                       ('configs/x.py[:arg]') or a saved run ('WORKDIR', 'WORKDIR/config.json');
+  --config.a.b=VALUE   overrides any field of it;
+  --workdir=DIR        where a run writes (local path or a URL such as gs://bucket/run).
+
+Known errors (a bad config value, a missing or foreign checkpoint, unreadable data) print one
+`error: ...` line and exit with status 2; `--traceback` (or EVA_JAX_TRACEBACK=1) shows the trace.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from eva_jax import configs
+
+FLAGS = flags.FLAGS
+# Error types that mean "the input is wrong", not "the program is wrong".
+KNOWN_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, FloatingPointError)
+
+
+class _SpecParser(flags.ArgumentParser):
+  """Wraps config_flags' file parser: resolves a config spec first (configs.resolve), then lets
+  `post(cfg)` add program defaults before the command-line overrides apply."""
+
+  def __init__(self, inner, post: Callable | None):
+    self._inner, self._post = inner, post
+
+  def parse(self, argument):
+    if not isinstance(argument, str):
+      return argument
+    try:
+      path = configs.resolve(argument)
+    except FileNotFoundError as e:
+      raise ValueError(str(e)) from None   # absl reports a ValueError as a one-line flag error
+    cfg = self._inner.parse(path)
+    return self._post(cfg) if self._post is not None and hasattr(cfg, 'to_dict') else cfg
+
+  def flag_type(self):
+    return self._inner.flag_type()
+
+
+def define_config(help_text: str, post: Callable | None = None) -> None:
+  """Defines --config (required); `post(cfg)` may add program-specific defaults."""
+  config_flags.DEFINE_config_file('config', None, f'{help_text} A recipe name (e.g. '
+                                  f'{configs.names()[0]}), a config .py file[:arg] or a run '
+                                  'directory / config.json.', lock_config=True)
+  FLAGS['config'].parser = _SpecParser(FLAGS['config'].parser, post)
+
+
+def define_workdir(help_text: str = 'Output directory (local or a URL such as gs://bucket/run); '
+                   'an existing run resumes.', required: bool = True) -> None:
+  flags.DEFINE_string('workdir', None, help_text)
+  if required:
+    flags.mark_flag_as_required('workdir')
+
+
+def _show_in_help(names) -> None:
+  """absl's --help lists the flags of the main module, which for a console script is the
+  generated stub: register the program's flags there so --help shows them."""
+  for name in names:
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+def run(main: Callable[[list[str]], int | None], doc: str, flag_names: list[str]) -> None:
+  """Runs `main` under absl with the program's docstring as usage (it holds the example)."""
+  flags.DEFINE_bool('traceback', False, 'Show the full traceback of known errors.')
+  sys.modules['__main__'].__doc__ = doc
+  _show_in_help(list(flag_names) + ['traceback'])
+
+  started = []
+
+  def wrapped(argv):
+    started.append(True)
+    if not FLAGS['verbosity'].present:   # orbax logs every file it writes at INFO
+      logging.set_verbosity(logging.WARNING)
+    try:
+      return main(argv)
+    except KNOWN_ERRORS as e:
+      if FLAGS.traceback or os.environ.get('EVA_JAX_TRACEBACK'):
+        raise
+      message = e.args[0] if isinstance(e, KeyError) and e.args else e
+      print(f'error: {message}', file=sys.stderr, flush=True)
+      print('(--traceback shows where.)', file=sys.stderr)
+      return 2
+
+  try:
+    app.run(wrapped)
+  except (AttributeError, KeyError) as e:
+    if started:   # raised by the program itself: a bug, keep the trace
+      raise
+    # ml_collections raises these while parsing an override that names no config field.
+    message = str(e.args[0] if e.args else e)
+    try:   # the message arrives as the repr of a KeyError
+      message = str(ast.literal_eval(message))
+    except (ValueError, SyntaxError):
+      pass
+    message = message.replace('\n', ' ')
+    print(f'error: a --config.* override names no field of the config: {message}',
+          file=sys.stderr)
+    sys.exit(2)

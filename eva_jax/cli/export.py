@@ -1,0 +1,36 @@
+r"""eva-export: an eva_jax checkpoint as PyTorch weights (timm or the official EVA layout).
+
+  eva-export --workdir=workdirs/demo --format=timm --out=eva_demo.safetensors
+  eva-export --checkpoint=workdirs/demo/checkpoints/150 --format=eva --out=eva_demo.pth
+
+--format=timm writes safetensors for timm's `Eva` plus its kwargs in OUT.json; --format=eva writes
+`{"model": state_dict}` (.pth). Prints a JSON summary line.
+"""
+import json
+
+from absl import app, flags
+
+from eva_jax.cli import common
+from eva_jax.convert import export
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  path = f.checkpoint or f.workdir
+  if not path:
+    raise app.UsageError('--workdir=DIR (or --checkpoint=DIR/checkpoints/STEP) is required.')
+  print(json.dumps(export.export(path, f.format, f.out)))
+
+
+def run():
+  flags.DEFINE_string('workdir', None, 'Run directory (its latest checkpoint).')
+  flags.DEFINE_string('checkpoint', None, 'A checkpoints/<step> folder.')
+  flags.DEFINE_enum('format', 'timm', ['timm', 'eva'], 'Output layout.')
+  flags.DEFINE_string('out', None, 'Output file (.safetensors for timm, .pth for eva).')
+  flags.mark_flag_as_required('out')
+  common.run(main, __doc__, ['workdir', 'checkpoint', 'format', 'out'])
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,57 @@
+r"""Export an eva_jax checkpoint to PyTorch.
+
+  eva-export --workdir=workdirs/demo --format=timm --out=eva_demo.safetensors
+  eva-export --checkpoint=workdirs/demo/checkpoints/150 --format=eva --out=eva_demo.pth
+
+--format=timm  safetensors loadable by `timm.models.eva.Eva(**kwargs).load_state_dict(sd,
+               strict=True)`; the kwargs go to FILE.json. A pretraining checkpoint becomes a
+               backbone (the final `norm` kept, mask token and lm_head dropped: timm's Eva has
+               neither); a fine-tuned one keeps fc_norm + head (global_pool='avg').
+--format=eva   the official layout `{"model": state_dict}` (.pth): mask_token and lm_head kept for
+               pretraining checkpoints, fc_norm and head for fine-tuned ones; timm's
+               `checkpoint_filter_fn` accepts it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from eva_jax import checkpoint as ckpt_lib
+from eva_jax.convert import common, eva_torch
+
+
+def export(path: str, fmt: str, out: str) -> dict:
+  """Writes `out` (and `out`.json for timm); returns a summary dict.
+
+  path: an eva_jax workdir or checkpoint (checkpoint.read_encoder). fmt: 'timm' | 'eva'.
+  Raises ValueError for a source that is not an eva_jax checkpoint or an unknown format."""
+  if fmt not in ('timm', 'eva'):
+    raise ValueError(f"format must be 'timm' or 'eva', got {fmt!r}.")
+  weights = ckpt_lib.read_encoder(path)
+  if weights.step is None:
+    raise ValueError(f'{weights.source} is already a PyTorch file; export reads eva_jax '
+                     'checkpoints.')
+  meta, step = weights.meta, weights.step
+  cfg = ml_collections.ConfigDict(meta['student'])
+  flat = common.flatten({'encoder': weights.params, **weights.extra})
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  finetuned = meta.get('kind') == 'eva_finetune'
+  if fmt == 'timm':
+    flat = {k: v for k, v in flat.items() if not k.startswith('lm_head/')}
+    sd = eva_torch.to_torch_state_dict(flat, cfg, 'timm')
+    kwargs = eva_torch.timm_kwargs(cfg, num_classes=meta['num_classes'] if finetuned else 0,
+                                   global_pool='avg' if finetuned and meta.get('pool') == 'mean'
+                                   else 'token',
+                                   use_fc_norm=finetuned)
+    from safetensors.numpy import save_file
+    save_file(sd, out, metadata={'format': 'pt', 'source': 'eva_jax', 'step': str(step)})
+    with open(out + '.json', 'w') as f:
+      json.dump(kwargs, f, indent=2)
+  else:
+    sd = eva_torch.to_torch_state_dict(flat, cfg, 'eva')
+    import torch  # lazy: only the .pth writer needs it
+    torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}}, out)
+  return {'checkpoint': path, 'step': step, 'format': fmt, 'out': out, 'tensors': len(sd),
+          'kind': meta.get('kind')}

@@ -1,0 +1,1 @@
+"""Evaluation of trained encoders: linear probe and k-NN, MIM visualization, training curves."""

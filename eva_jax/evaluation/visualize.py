@@ -1,0 +1,388 @@
+r"""What a pretraining run learned, on one photo: mask, per-patch cosine to the teacher, feature PCA.
+
+  eva-visualize --workdir=workdirs/demo --image=photo.jpg --out=viz.png \
+      [--teacher=PATH_OR_NAME] [--mask_seed=0] [--num_masking_patches=N]
+
+Loads the student encoder + lm_head of the latest checkpoint in WORKDIR and the frozen teacher the
+run trained against: the checkpoint in config.json's teacher.checkpoint, or (random-init demo runs)
+the teacher architecture recorded in the checkpoint metadata re-initialized exactly as the trainer
+did (`training.pretrain.random_teacher(..., config.seed + 1)`). The photo is resized (shorter side) and center-cropped
+to the run's image size, CLIP-normalized, masked with the run's BEiT block-mask settings, and one
+PNG is written with five panels:
+
+  photo | masked patches greyed | cos(student prediction, teacher target) per patch (masked
+  patches outlined; visible ones faded) | PCA(3) of the student's patch features (unmasked
+  forward) as RGB | the same PCA for the teacher's targets.
+
+Prints `mean masked cosine: X` = -(the training loss on this image and mask). The functions
+(`load_models`, `random_models`, `load_image`, `draw_mask`, `analyze`, `render`, `pca_rgb`) are
+the notebook's (experiments/eva_jax_colab.ipynb) building blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from eva_jax import checkpoint as ckpt_lib
+from eva_jax.data.config import CLIP_MEAN, CLIP_STD
+from eva_jax.data.decode import BadImageError, decode_image
+from eva_jax.data.masking import BlockMaskGenerator
+from eva_jax.data.transforms import resize_center_crop
+from eva_jax.models import TEACHER_NAMES, teacher_config, vit
+from eva_jax.models import mim as mim_lib
+from eva_jax.evaluation.plot import save_figure
+from eva_jax.training import pretrain, task as task_lib
+
+PANELS = ('photo', 'masked', 'cosine', 'pca_student', 'pca_teacher')
+
+
+# -------------------------------------------------------------------------------------------------
+# Models
+@dataclasses.dataclass
+class Models:
+  """Student (encoder + lm_head) and frozen teacher of one pretraining run, ready to apply.
+
+  mim: eva_jax.models.mim.MIM (nnx); teacher: VisionTransformer with out_dim (CLIP tower).
+  mask: the run's `config.data.mask` settings (num_masking_patches, min_num_patches, ...).
+  """
+  mim: Any
+  teacher: Any
+  image_size: int
+  patch_size: int
+  mask: dict
+  step: int | None = None
+  source: str = ''
+  teacher_source: str = ''
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return (self.image_size // self.patch_size,) * 2
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  log = logging.getLogger('absl')
+  level = log.level
+  log.setLevel(max(level, logging.ERROR))
+  try:
+    yield
+  finally:
+    log.setLevel(level)
+
+
+def _find_config_json(path: str) -> str | None:
+  """config.json of the run owning `path` (a workdir, its checkpoints/ or checkpoints/<step>)."""
+  p = os.path.abspath(path)
+  for _ in range(3):
+    cand = os.path.join(p, 'config.json')
+    if os.path.isfile(cand):
+      return cand
+    p = os.path.dirname(p)
+  return None
+
+
+def random_teacher(tcfg, seed: int):
+  """The trainer's random-init teacher: bit-identical to `training.pretrain.random_teacher`."""
+  frozen = ml_collections.FrozenConfigDict(tcfg.to_dict() if hasattr(tcfg, 'to_dict') else dict(tcfg))
+  graphdef, _ = nnx.split(vit.abstract(ml_collections.ConfigDict(frozen.to_dict())))
+  return nnx.merge(graphdef, _init_teacher_state(frozen, jax.random.key(seed)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_teacher_state(frozen_cfg, key):
+  # Same construction and key as training.pretrain.random_teacher.
+  return nnx.state(vit.VisionTransformer(ml_collections.ConfigDict(frozen_cfg.to_dict()),
+                                         rngs=nnx.Rngs(params=key)))
+
+
+def _mim_from_params(scfg, teacher_dim: int, params: dict):
+  abstract = nnx.eval_shape(lambda: mim_lib.MIM(scfg, teacher_dim, rngs=nnx.Rngs(params=0)))
+  graphdef, template = nnx.split(abstract, nnx.Param)
+  pure = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  return task_lib.merge_pure(graphdef, template, pure)
+
+
+def _mask_settings(mask_cfg, grid) -> dict:
+  n = grid[0] * grid[1]
+  defaults = {'num_masking_patches': int(round(0.4 * n)), 'min_num_patches': 16 if n >= 256 else 4,
+              'max_aspect': 1 / 0.3, 'min_aspect': 0.3}
+  out = dict(defaults)
+  out.update({k: v for k, v in dict(mask_cfg or {}).items() if k in defaults})
+  return out
+
+
+def load_models(workdir: str, teacher: str | None = None, dtype: str = 'float32') -> Models:
+  """Student (encoder + lm_head) of the latest checkpoint under `workdir` and its teacher.
+
+  teacher: None = what the run used (config.json teacher.checkpoint, else the random-init teacher
+  of meta['teacher'] with seed config.seed + 1, as the trainer); a path = that CLIP checkpoint
+  (eva_jax.load_teacher); a teacher name ('clip-tiny', ...) = a random-init teacher of that
+  architecture at the run's image size, seed config.seed + 1.
+  dtype: compute dtype of both models (the parameters are float32 either way).
+  """
+  workdir = os.fspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'--workdir {workdir!r} does not exist or is not a directory; pass a '
+                            'pretraining workdir (eva-pretrain ... --workdir=DIR).')
+  with _quiet_absl():   # orbax warns about its own optional metadata file
+    weights = ckpt_lib.read_encoder(workdir)
+  meta, step = weights.meta, weights.step
+  if 'lm_head' not in weights.extra or 'teacher' not in meta:
+    raise ValueError(f'{weights.source} is not a pretraining checkpoint with encoder + lm_head '
+                     f'(parameter groups {sorted(weights.extra)} besides the encoder; a '
+                     'fine-tuning run has no regression head).')
+  params = {'encoder': weights.params, **weights.extra}
+  config_path = _find_config_json(workdir)
+  run_cfg = {}
+  if config_path:
+    with open(config_path) as f:
+      run_cfg = json.load(f)
+  seed = int(run_cfg.get('seed', 0)) + 1
+
+  scfg = ml_collections.ConfigDict(meta['student'])
+  scfg.dtype = dtype
+  tcfg = ml_collections.ConfigDict(meta['teacher'])
+  tcfg.dtype = dtype
+
+  if teacher is None:
+    teacher = (run_cfg.get('teacher') or {}).get('checkpoint') or None
+    if teacher is None and not config_path:
+      logging.warning('No config.json found above %s: assuming the random teacher of seed 0 + 1.',
+                      workdir)
+  if teacher is None or (teacher in TEACHER_NAMES and not os.path.exists(teacher)):
+    if teacher is not None:
+      tcfg = teacher_config(teacher)
+      tcfg.image_size, tcfg.dtype = scfg.image_size, dtype
+    teacher_model = random_teacher(tcfg, seed)
+    teacher_source = f'random-init {tcfg.name} (seed {seed})'
+  else:
+    from eva_jax.api import load_teacher
+    teacher_model = load_teacher(teacher, dtype=dtype).model
+    teacher_source = os.fspath(teacher)
+  if teacher_model.cfg.patch_size != scfg.patch_size or teacher_model.cfg.out_dim != \
+      params['lm_head']['kernel'].shape[1]:
+    raise ValueError(f'teacher {teacher_source} (patch {teacher_model.cfg.patch_size}, out_dim '
+                     f'{teacher_model.cfg.out_dim}) does not match the student (patch '
+                     f'{scfg.patch_size}, lm_head out {params["lm_head"]["kernel"].shape[1]}).')
+  mim = _mim_from_params(scfg, params['lm_head']['kernel'].shape[1], params)
+  grid = (scfg.image_size // scfg.patch_size,) * 2
+  mask = _mask_settings((run_cfg.get('data') or {}).get('mask'), grid)
+  return Models(mim=mim, teacher=teacher_model, image_size=int(scfg.image_size),
+                patch_size=int(scfg.patch_size), mask=mask, step=step, source=workdir,
+                teacher_source=teacher_source)
+
+
+def random_models(cfg=None) -> Models:
+  """The models of a fresh pretraining run at step 0 (student init(seed), teacher seed + 1).
+
+  cfg: a pretraining config (default: configs/pretrain_demo.py's get_config()).
+  """
+  if cfg is None:
+    cfg = demo_config()
+  scfg = pretrain.student_config(cfg)
+  tcfg = pretrain.teacher_config(cfg)
+  mim = nnx.jit(lambda: mim_lib.MIM(scfg, tcfg.out_dim,
+                                    rngs=nnx.Rngs(params=jax.random.key(cfg.seed))))()
+  grid = (scfg.image_size // scfg.patch_size,) * 2
+  return Models(mim=mim, teacher=random_teacher(tcfg, cfg.seed + 1), image_size=int(cfg.image_size),
+                patch_size=int(scfg.patch_size), mask=_mask_settings(cfg.data.mask, grid), step=0,
+                source='random init', teacher_source=f'random-init {tcfg.name} (seed {cfg.seed + 1})')
+
+
+def demo_config():
+  """The pretrain_demo recipe's config (shipped in the package as eva_jax.configs)."""
+  from eva_jax import configs
+  return configs.get('pretrain_demo')
+
+
+# -------------------------------------------------------------------------------------------------
+# Inputs
+def read_image(path: str):
+  """The file as an RGB PIL image; FileNotFoundError / ValueError (not an image) otherwise."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--image {path!r} does not exist or is not a file.')
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    return decode_image(data)
+  except BadImageError as e:
+    raise ValueError(f'--image {path!r} is not a readable image ({e}).') from None
+
+
+def preprocess(img, image_size: int, crop_pct: float = 1.0):
+  """PIL image or uint8 HWC array -> (uint8 RGB [S, S, 3], CLIP-normalized float32 [S, S, 3]):
+  resize of the shorter side + center crop, as the evaluation transform."""
+  from PIL import Image
+  if isinstance(img, np.ndarray):
+    img = Image.fromarray(np.asarray(img, np.uint8)).convert('RGB')
+  rgb = np.asarray(resize_center_crop(img.convert('RGB'), image_size, crop_pct), np.uint8)
+  return rgb, normalize(rgb)
+
+
+def load_image(path: str, image_size: int, crop_pct: float = 1.0):
+  """read_image + preprocess: (uint8 RGB [S, S, 3], CLIP-normalized float32 [S, S, 3])."""
+  return preprocess(read_image(path), image_size, crop_pct)
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+  return ((rgb.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32))
+          / np.asarray(CLIP_STD, np.float32)).astype(np.float32)
+
+
+def draw_mask(grid: tuple[int, int], mask_settings: dict | None = None, seed: int = 0) -> np.ndarray:
+  """One BEiT block mask, bool [h, w], from np.random.default_rng(seed) (the run's settings)."""
+  s = _mask_settings(mask_settings, grid)
+  return BlockMaskGenerator.from_config(grid, s)(np.random.default_rng(seed))
+
+
+# -------------------------------------------------------------------------------------------------
+# Analysis
+@dataclasses.dataclass
+class Analysis:
+  cos: np.ndarray              # [h, w] cos(student prediction, teacher target) per patch
+  mask: np.ndarray             # [h, w] bool
+  mean_masked_cos: float       # = -cosine_loss on this image and mask
+  mean_visible_cos: float
+  student_features: np.ndarray  # [N, D] encoder patch tokens, unmasked forward
+  teacher_targets: np.ndarray   # [N, Dt]
+  predictions: np.ndarray       # [N, Dt] lm_head on the masked forward
+
+
+def _forward(mim, teacher, images, mask):
+  pred = mim(images, mask)                                       # masked forward, [B, N, Dt]
+  feats = mim.encoder(images)[:, mim.encoder.num_prefix:]        # unmasked forward, [B, N, D]
+  return pred, feats.astype(jnp.float32), teacher.targets(images)
+
+
+_forward_jit = None
+
+
+def _apply(models: Models, images, mask):
+  global _forward_jit
+  if _forward_jit is None:   # one jitted function: compiled once per architecture and shape
+      _forward_jit = nnx.jit(_forward)
+  return _forward_jit(models.mim, models.teacher, images, mask)
+
+
+def analyze(models: Models, image: np.ndarray, mask: np.ndarray) -> Analysis:
+  """image: CLIP-normalized [S, S, 3]; mask: bool [h, w] (True = masked)."""
+  image = np.asarray(image, np.float32)
+  if image.shape != (models.image_size, models.image_size, 3):
+    raise ValueError(f'image must be [{models.image_size}, {models.image_size}, 3], got '
+                     f'{image.shape}; use load_image(path, models.image_size).')
+  mask = np.asarray(mask, bool).reshape(models.grid)
+  pred, feats, targets = _apply(models, jnp.asarray(image[None]),
+                                jnp.asarray(mask.reshape(1, -1)))
+  pred, feats, targets = (np.asarray(a[0], np.float64) for a in (pred, feats, targets))
+  cos = np.sum(pred * targets, -1) / np.maximum(
+      np.linalg.norm(pred, axis=-1) * np.linalg.norm(targets, axis=-1), 1e-8)
+  m = mask.reshape(-1)
+  return Analysis(cos=cos.reshape(models.grid).astype(np.float32), mask=mask,
+                  mean_masked_cos=float(cos[m].mean()) if m.any() else float('nan'),
+                  mean_visible_cos=float(cos[~m].mean()) if (~m).any() else float('nan'),
+                  student_features=feats.astype(np.float32),
+                  teacher_targets=targets.astype(np.float32),
+                  predictions=pred.astype(np.float32))
+
+
+def pca_rgb(features: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+  """First 3 principal components of [N, D] features -> RGB [h, w, 3] in [0, 1] (per-channel
+  min-max; signs fixed so each component's largest loading is positive)."""
+  x = np.asarray(features, np.float64)
+  x = x - x.mean(0, keepdims=True)
+  _, _, vt = np.linalg.svd(x, full_matrices=False)
+  comps = vt[:3]
+  comps = comps * np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]
+  proj = x @ comps.T
+  if proj.shape[1] < 3:   # fewer than 3 dims: pad with zeros
+    proj = np.concatenate([proj, np.zeros((len(x), 3 - proj.shape[1]))], 1)
+  lo, hi = proj.min(0), proj.max(0)
+  rgb = (proj - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
+  return rgb.reshape(grid[0], grid[1], 3).astype(np.float32)
+
+
+def masked_photo(rgb: np.ndarray, mask: np.ndarray, patch_size: int,
+                 grey: tuple[int, int, int] = (128, 128, 128)) -> np.ndarray:
+  """The photo with masked patches painted grey."""
+  big = np.kron(np.asarray(mask, np.uint8), np.ones((patch_size, patch_size), np.uint8)).astype(bool)
+  out = np.array(rgb, copy=True)
+  out[big] = grey
+  return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Rendering
+def plot_mask(ax, rgb, mask, patch_size, title='masked patches'):
+  ax.imshow(masked_photo(rgb, mask, patch_size))
+  ax.set_title(f'{title} ({int(mask.sum())}/{mask.size})')
+  ax.axis('off')
+
+
+def plot_cosine(ax, analysis: Analysis, fig=None, title=None):
+  """Per-patch cosine heat map; visible patches faded, masked ones outlined."""
+  from matplotlib.patches import Rectangle
+  cos, mask = analysis.cos, analysis.mask
+  alpha = np.where(mask, 1.0, 0.35)
+  im = ax.imshow(cos, cmap='viridis', vmin=-1.0, vmax=1.0, alpha=alpha, interpolation='nearest')
+  for y, x in zip(*np.nonzero(mask)):
+    ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor='white', linewidth=0.6))
+  ax.set_title(title or f'cos(student, teacher)\nmasked mean {analysis.mean_masked_cos:.3f}, '
+               f'visible {analysis.mean_visible_cos:.3f}')
+  ax.axis('off')
+  if fig is not None:
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+  return im
+
+
+def plot_pca(ax, features, grid, title):
+  ax.imshow(pca_rgb(features, grid), interpolation='nearest')
+  ax.set_title(title)
+  ax.axis('off')
+
+
+def render(models: Models, rgb: np.ndarray, analysis: Analysis, title: str = ''):
+  """The five-panel matplotlib figure (see PANELS)."""
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 4.6), layout='constrained')
+  axes[0].imshow(rgb)
+  axes[0].set_title(f'photo ({models.image_size}px)')
+  axes[0].axis('off')
+  plot_mask(axes[1], rgb, analysis.mask, models.patch_size)
+  plot_cosine(axes[2], analysis, fig=fig)
+  plot_pca(axes[3], analysis.student_features, models.grid, 'PCA: student features (unmasked)')
+  plot_pca(axes[4], analysis.teacher_targets, models.grid, 'PCA: teacher targets')
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def visualize(workdir: str, image: str, out: str, teacher: str | None = None, mask_seed: int = 0,
+              num_masking_patches: int = 0, dpi: int = 100) -> Analysis:
+  """CLI body: loads, analyzes, writes `out` (PNG); returns the Analysis."""
+  if not os.path.isdir(os.fspath(workdir)):
+    raise FileNotFoundError(f'--workdir {workdir!r} does not exist or is not a directory.')
+  photo = read_image(image)     # bad input fails before any model is loaded
+  models = load_models(workdir, teacher=teacher)
+  rgb, x = preprocess(photo, models.image_size)
+  settings = dict(models.mask)
+  if num_masking_patches:
+    settings['num_masking_patches'] = int(num_masking_patches)
+  mask = draw_mask(models.grid, settings, seed=mask_seed)
+  analysis = analyze(models, x, mask)
+  fig = render(models, rgb, analysis, title=(
+      f'{os.path.basename(os.path.abspath(workdir))} step {models.step} - '
+      f'teacher {models.teacher_source} - {os.path.basename(image)}'))
+  save_figure(fig, out, list(PANELS), dpi)
+  return analysis

@@ -1,0 +1,202 @@
+"""Fine-tuning an EVA encoder for image classification (../shared/EVA-SPEC.md "ImageNet fine-tuning").
+
+Mean-pooled patch tokens -> fc_norm -> head; soft-label cross-entropy (mixup/cutmix and label
+smoothing arrive as soft labels from the loader, or hard labels are smoothed here), frozen patch
+embedding, layer-wise lr decay, and an EMA of the weights that evaluation uses when kept.
+`config.init_from`: anything checkpoint.read_encoder reads (an eva_jax workdir or checkpoint, a
+timm or official EVA file); '' = random init.
+
+Everything else (mesh, restore-or-init, loop, checkpoints, SIGTERM, logging) is the trainer
+skeleton's: this module is the whole of what a new trainer has to write.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from eva_jax import checkpoint as ckpt_lib
+from eva_jax import parallel
+from eva_jax.data import pipeline as data_lib
+from eva_jax.models import classifier as clf_lib
+from eva_jax.training import task as task_lib, trainer
+from eva_jax.training.pretrain import student_config
+
+PATCH_EMBED = ('patch_kernel', 'patch_bias')
+ARCH_FIELDS = ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'swiglu', 'sub_ln',
+               'sub_ln_attn', 'rope', 'class_token')
+
+
+def soft_targets(labels, num_classes: int, smoothing: float):
+  """Hard int labels -> smoothed one-hot (timm: off = s/C, on = 1 - s + s/C); soft labels pass."""
+  if labels.ndim == 2:
+    return labels.astype(jnp.float32)
+  off = smoothing / num_classes
+  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+
+
+def trainable(params, freeze_patch_embed: bool):
+  """Tree of bools: False for the patch embedding when EVA's fine-tuning freezes it."""
+  def one(path, _):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    return not (freeze_patch_embed and names[0] == 'encoder' and names[1] in PATCH_EMBED)
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def build(cfg, mesh, num_classes: int):
+  """(Task, encoder ConfigDict): a Classifier trained with soft-label cross-entropy."""
+  ecfg = student_config(cfg)
+  smoothing = float(cfg.data.label_smoothing)
+
+  def make_model(seed):
+    return clf_lib.Classifier(ecfg, num_classes, pool=cfg.pool, head_init_scale=cfg.head_init_scale,
+                              rngs=nnx.Rngs(params=jax.random.key(seed)))
+
+  def loss_fn(model, consts, batch, key):
+    targets = soft_targets(batch['label'], num_classes, smoothing)
+    logits = model(batch['image'], dropout_key=key)
+    acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
+    return optax.softmax_cross_entropy(logits, targets).mean(), {'train_top1': acc}
+
+  def eval_fn(model, consts, batch):
+    logits, labels = model(batch['image']), batch['label']
+    valid = batch['valid'].astype(jnp.float32)
+    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+    hit1 = (top5[:, 0] == labels).astype(jnp.float32)
+    hit5 = jnp.any(top5 == labels[:, None], -1).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {'loss': jnp.sum(ce * valid), 'top1': jnp.sum(hit1 * valid),
+            'top5': jnp.sum(hit5 * valid), 'count': jnp.sum(valid)}
+
+  soft = cfg.data.mixup > 0 or cfg.data.cutmix > 0   # the loader then yields [B, classes] labels
+  graphdef, template = task_lib.split_abstract(make_model)
+  task = task_lib.build(
+      cfg, mesh, make_model=make_model, loss_fn=loss_fn, eval_fn=eval_fn,
+      batch_ndims={'image': 4, 'label': 2 if soft else 1},
+      eval_batch_ndims={'image': 4, 'label': 1, 'valid': 1}, depth=ecfg.depth,
+      trainable=trainable(nnx.to_pure_dict(template), cfg.freeze_patch_embed))
+  return task, ecfg
+
+
+def pretrained_into(abstract_params: dict, encoder_params: dict, *, grid_from: tuple[int, int],
+                    grid_to: tuple[int, int], num_prefix: int = 1) -> tuple[dict, list[str]]:
+  """Classifier encoder params from a pretrained encoder (numpy, host side).
+
+  Drops what fine-tuning does not use (mask_token, the pretraining `norm`), resizes the pos-embed
+  bicubically when the grid changes (224 -> 336), and fails listing missing keys. Returns the
+  encoder subtree and the names of the dropped keys.
+  """
+  from eva_jax.convert import common
+  from eva_jax.models.layers import resize_grid
+  want = common.flatten(abstract_params['encoder'])
+  got = common.flatten(encoder_params)
+  dropped = sorted(k for k in got if k not in want)
+  unexpected = [k for k in dropped if not (k == 'mask_token' or k.startswith('norm/'))]
+  missing = sorted(k for k in want if k not in got)
+  if missing or unexpected:
+    common.check_keys({k: np.shape(v) for k, v in want.items()},
+                      {k: np.shape(got[k]) for k in got if k not in ('mask_token',)
+                       and not k.startswith('norm/')}, 'pretrained encoder')
+  out = {}
+  for k, target in want.items():
+    v = np.asarray(got[k], np.float32)
+    if k == 'pos_embed' and tuple(grid_from) != tuple(grid_to):
+      patches = np.asarray(resize_grid(jnp.asarray(v[num_prefix:]), grid_from, grid_to))
+      v = np.concatenate([v[:num_prefix], patches], 0)
+    if v.shape != tuple(target.shape):
+      raise ValueError(f'pretrained {k} has shape {v.shape}, the fine-tuning model wants '
+                       f'{tuple(target.shape)}; is it the same architecture?')
+    out[k] = v
+  return common.unflatten(out), dropped
+
+
+class FinetuneProgram(trainer.Program):
+  kind = 'eva_finetune'
+
+  def validate(self):
+    cfg = self.cfg
+    self.num_classes = cfg.num_classes or data_lib.source_num_classes(cfg.data)
+    if not self.num_classes:
+      raise ValueError(f'config.data.source={cfg.data.source!r} has no labels and '
+                       'config.num_classes is 0; fine-tuning needs a labeled source.')
+    student_config(cfg)
+
+  def build(self, mesh):
+    task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes)
+    return task
+
+  def loader(self, train: bool, source: str = ''):
+    data_cfg = self.cfg.data
+    if source:
+      data_cfg = data_cfg.copy_and_resolve_references()
+      data_cfg.source = source
+    return data_lib.build_classification_loader(
+        data_cfg, image_size=self.cfg.image_size, batch_size=trainer.per_host_batch(self.cfg),
+        seed=self.cfg.seed, train=train, num_classes=self.num_classes)
+
+  def train_loader(self, task):
+    return self.loader(train=True)
+
+  def init_state(self, task):
+    cfg = self.cfg
+    state = task.init(cfg.seed)
+    if not cfg.init_from:
+      return state
+    weights = ckpt_lib.read_encoder(cfg.init_from)
+    for field in ARCH_FIELDS:
+      if field in weights.config and weights.config[field] != self.encoder_cfg[field]:
+        raise ValueError(f'config.init_from has model.{field}={weights.config[field]} but the '
+                         f'fine-tuning config has {self.encoder_cfg[field]}; set '
+                         '--config.model.name (and overrides) to match the checkpoint.')
+    p = self.encoder_cfg.patch_size
+    grid_from = (weights.config.get('image_size', 224) // p,) * 2
+    grid_to = (self.encoder_cfg.image_size // p,) * 2
+    params = jax.tree.map(np.asarray, jax.device_get(state.params))
+    params['encoder'], dropped = pretrained_into(
+        task.abstract_state.params, weights.params, grid_from=grid_from, grid_to=grid_to,
+        num_prefix=1 if self.encoder_cfg.class_token else 0)
+    if cfg.fc_norm_from_norm and 'norm' in weights.params:
+      # timm's checkpoint_filter_fn: the MIM `norm` becomes the classifier's `fc_norm`.
+      params['fc_norm'] = {k: np.asarray(v, np.float32) for k, v in weights.params['norm'].items()}
+      dropped = [d for d in dropped if not d.startswith('norm/')] + ['norm -> fc_norm']
+    print(f'Initialized the encoder from {weights.source} (pos-embed grid {grid_from} -> '
+          f'{grid_to}; not used: {", ".join(dropped) or "nothing"}).', flush=True)
+    return task.with_params(state, jax.tree.map(jax.device_put, params, task.param_shardings))
+
+  def evaluate(self, task, state, consts, step):
+    cfg = self.cfg
+    sums = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
+    eval_loader = self.loader(train=False, source=cfg.eval_source)
+    try:
+      for i, b in enumerate(eval_loader):
+        if cfg.eval_batches > 0 and i >= cfg.eval_batches:
+          break
+        arrays = {'image': b.arrays['image'], 'label': b.arrays['label'], 'valid': b.valid}
+        out = jax.device_get(task.eval_step(task.eval_params(state), consts,
+                                            parallel.host_to_global(arrays, task.mesh)))
+        for k in sums:
+          sums[k] += float(out[k])
+    finally:
+      eval_loader.close()
+    n = max(sums['count'], 1.0)
+    rec = {'eval_loss': sums['loss'] / n, 'eval_top1': sums['top1'] / n,
+           'eval_top5': sums['top5'] / n, 'eval_count': int(sums['count'])}
+    if jax.process_index() == 0:
+      print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} "
+            f"on {rec['eval_count']} images{' (EMA)' if state.ema is not None else ''}",
+            flush=True)
+    return rec
+
+  def meta(self, task):
+    return {'kind': self.kind, 'num_classes': self.num_classes, 'pool': self.cfg.pool,
+            'student': clf_lib.finetune_encoder_config(self.encoder_cfg).to_dict()}
+
+  def resolved(self, task):
+    return {'encoder': self.encoder_cfg.to_dict(), 'num_classes': self.num_classes}
+
+
+def train(cfg, workdir: str) -> dict:
+  """Runs (or resumes) fine-tuning in `workdir`; returns the last logged metrics."""
+  return trainer.run(FinetuneProgram(cfg), workdir)

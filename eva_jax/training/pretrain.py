@@ -1,0 +1,169 @@
+"""EVA pretraining: masked image modeling that regresses a frozen teacher's features.
+
+The student (EVA encoder + lm_head) sees images with ~40% of the patches block-masked and replaced
+by the mask token; the loss is the negative cosine between its predictions and the teacher's
+features on the masked patches (paper section 2.1; official `engine_for_pretraining.py`). The
+teacher runs inside the same jitted, mesh-sharded step, under stop_gradient, in the compute dtype.
+
+  program = PretrainProgram(cfg); trainer.run(program, workdir)     # eva-pretrain does this
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from eva_jax import parallel
+from eva_jax.data import pipeline as data_lib
+from eva_jax.models import config as model_config
+from eva_jax.models import mim as mim_lib
+from eva_jax.models import vit
+from eva_jax.training import precision, task as task_lib, trainer
+
+
+def student_config(cfg) -> ml_collections.ConfigDict:
+  """The resolved student encoder: config.model's architecture name plus its overrides."""
+  return model_config.resolve_encoder(cfg.model, image_size=cfg.image_size,
+                                      dtype=precision.compute_dtype(cfg.precision))
+
+
+def teacher_dtype(cfg) -> str:
+  return precision.compute_dtype(cfg.teacher.get('precision') or cfg.precision)
+
+
+def teacher_config(cfg) -> ml_collections.ConfigDict:
+  """The random-init teacher architecture named by config.teacher.name."""
+  t = model_config.teacher_config(cfg.teacher.name)
+  t.image_size = cfg.image_size
+  t.dtype = teacher_dtype(cfg)
+  return t
+
+
+def load_teacher(cfg):
+  """(teacher ConfigDict, host params) from config.teacher.checkpoint, or (None, None) when it is
+  empty (a random-init teacher of config.teacher.name: demos and tests only)."""
+  if not cfg.teacher.checkpoint:
+    logging.warning('No config.teacher.checkpoint: RANDOM-INIT teacher %s (demos and tests only).',
+                    cfg.teacher.name)
+    return None, None
+  from eva_jax.api import load_teacher as load
+  teacher = load(cfg.teacher.checkpoint, dtype=teacher_dtype(cfg),
+                 heads=cfg.teacher.get('heads') or None, act=cfg.teacher.get('act') or None)
+  tcfg = ml_collections.ConfigDict(teacher.model.cfg.to_dict())
+  return tcfg, nnx.to_pure_dict(nnx.state(teacher.model, nnx.Param))
+
+
+def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
+  """(Task, student ConfigDict, teacher ConfigDict). teacher_cfg: the architecture of a loaded
+  teacher checkpoint (None = config.teacher.name). The step's consts are the teacher parameters."""
+  scfg = student_config(cfg)
+  tcfg = teacher_config(cfg) if teacher_cfg is None else teacher_cfg
+  t_graphdef, t_template = nnx.split(vit.abstract(tcfg), nnx.Param)
+  teacher_sh = nnx.to_pure_dict(parallel.state_shardings(
+      t_template, mesh, parallel.rules_from_config(cfg), replicate=cfg.teacher.shard == 'replicate'))
+
+  def make_model(seed):
+    return mim_lib.MIM(scfg, tcfg.out_dim, rngs=nnx.Rngs(params=jax.random.key(seed)))
+
+  def targets(teacher_params, images):
+    return mim_lib.teacher_targets(task_lib.merge_pure(t_graphdef, t_template, teacher_params),
+                                   images)
+
+  def loss_fn(model, teacher_params, batch, key):
+    images, mask = batch['image'], batch['mask']
+    loss, n = mim_lib.cosine_loss(model(images, mask, dropout_key=key),
+                                  targets(teacher_params, images), mask)
+    return loss, {'masked_tokens': n, 'mask_ratio': jnp.mean(mask.astype(jnp.float32))}
+
+  def eval_fn(model, teacher_params, batch):
+    images, mask = batch['image'], batch['mask']
+    loss, n = mim_lib.cosine_loss(model(images, mask), targets(teacher_params, images), mask)
+    return {'loss': loss, 'masked_tokens': n}
+
+  task = task_lib.build(cfg, mesh, make_model=make_model, loss_fn=loss_fn, eval_fn=eval_fn,
+                        batch_ndims={'image': 4, 'mask': 2},
+                        eval_batch_ndims={'image': 4, 'mask': 2}, depth=scfg.depth,
+                        consts_shardings=teacher_sh)
+  return task, scfg, tcfg
+
+
+def random_teacher(tcfg, shardings, seed: int):
+  """Random-init teacher parameters, created already sharded (demos and tests only)."""
+  def init(key):
+    return nnx.to_pure_dict(nnx.state(vit.VisionTransformer(tcfg, rngs=nnx.Rngs(params=key)),
+                                      nnx.Param))
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def loader(cfg, patch_size: int, train: bool):
+  return data_lib.build_pretrain_loader(
+      cfg.data, image_size=cfg.image_size, patch_size=patch_size,
+      batch_size=trainer.per_host_batch(cfg), seed=cfg.seed, train=train)
+
+
+def evaluate(cfg, task, params, teacher_params, patch_size: int, step: int) -> dict:
+  """Validation loss with the spec's deterministic mask (every even patch) on center crops."""
+  total, tokens = 0.0, 0.0
+  eval_loader = loader(cfg, patch_size, train=False)
+  try:
+    for i, batch in enumerate(eval_loader):
+      if i >= cfg.eval_batches:
+        break
+      # Padding examples of the last batch carry no masked tokens, so they add nothing to the loss.
+      arrays = {'image': batch.arrays['image'],
+                'mask': batch.arrays['mask'] & batch.valid[:, None]}
+      m = jax.device_get(task.eval_step(params, teacher_params,
+                                        parallel.host_to_global(arrays, task.mesh)))
+      total += float(m['loss']) * float(m['masked_tokens'])
+      tokens += float(m['masked_tokens'])
+  finally:
+    eval_loader.close()
+  if not tokens:
+    return {}
+  if jax.process_index() == 0:
+    print(f'step {step} val_loss {total / tokens:.4f} ({int(tokens)} masked tokens)', flush=True)
+  return {'val_loss': total / tokens}
+
+
+class PretrainProgram(trainer.Program):
+  kind = 'eva_pretrain'
+
+  def validate(self):
+    if self.cfg.teacher.shard not in ('replicate', 'fsdp'):
+      raise ValueError("config.teacher.shard must be 'replicate' or 'fsdp', got "
+                       f'{self.cfg.teacher.shard!r}.')
+    student_config(self.cfg)   # unknown model name / field / shape errors
+
+  def build(self, mesh):
+    teacher_cfg, self.teacher_host = load_teacher(self.cfg)
+    task, self.student_cfg, self.teacher_cfg = build(self.cfg, mesh, teacher_cfg)
+    return task
+
+  def train_loader(self, task):
+    return loader(self.cfg, self.student_cfg.patch_size, train=True)
+
+  def consts(self, task):
+    if self.teacher_host is None:
+      return random_teacher(self.teacher_cfg, task.consts_shardings, self.cfg.seed + 1)
+    params = jax.tree.map(jax.device_put, self.teacher_host, task.consts_shardings)
+    self.teacher_host = None   # the host copy is no longer needed
+    return params
+
+  def evaluate(self, task, state, consts, step):
+    return evaluate(self.cfg, task, task.eval_params(state), consts, self.student_cfg.patch_size,
+                    step)
+
+  def meta(self, task):
+    return {'kind': self.kind, 'student': self.student_cfg.to_dict(),
+            'teacher': self.teacher_cfg.to_dict()}
+
+  def resolved(self, task):
+    return {'student': self.student_cfg.to_dict(), 'teacher': self.teacher_cfg.to_dict()}
+
+
+def train(cfg, workdir: str) -> dict:
+  """Runs (or resumes) pretraining in `workdir`; returns the last logged metrics."""
+  return trainer.run(PretrainProgram(cfg), workdir)

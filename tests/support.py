@@ -1,0 +1,33 @@
+"""Helpers shared by the tests (imported as `support`: tests/ is on sys.path through conftest.py)."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import this checkout's eva_jax, whatever is installed.
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+ENV8 = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+
+
+def recipe(name, arg=None, **overrides):
+  """A recipe config by name (eva_jax.configs), progress bar off, top-level fields overridden."""
+  from eva_jax import configs
+  cfg = configs.get(f'{name}:{arg}' if arg else name)
+  cfg.progress = False
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def run_cli(program, *args, env=None, timeout=600, cwd=ROOT):
+  """`python -m eva_jax.cli.<program> ARGS`; returns the CompletedProcess (text output)."""
+  return subprocess.run([sys.executable, '-m', f'eva_jax.cli.{program}', *map(str, args)],
+                        cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def run_worker(*args, timeout=600):
+  """tests/multidevice_worker.py ARGS on 8 fake CPU devices; returns its last stdout line."""
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'multidevice_worker.py'),
+                        *map(str, args)], env=ENV8, capture_output=True, text=True, check=True,
+                       timeout=timeout)
+  return out.stdout.strip().splitlines()[-1]
