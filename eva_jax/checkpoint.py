@@ -16,6 +16,14 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def as_path(path: epath.PathLike) -> epath.Path:
+  """`path` as an epath.Path: URLs (gs://, s3://) as given, local paths made absolute (orbax wants that)."""
+  if '://' in os.fspath(path):
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def state_to_tree(state) -> dict:
@@ -75,8 +83,8 @@ def own_process_state(data: Any) -> Any:
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the three items above."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  def __init__(self, workdir: epath.PathLike, keep: int = 3, async_save: bool = True):
+    self.directory = as_path(workdir) / 'checkpoints'
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -121,41 +129,47 @@ class _quiet_missing_metadata(logging.Filter):
     logging.getLogger('absl').removeFilter(self)
 
 
-def resolve(path: str) -> tuple[str, int]:
-  """(step directory, step) for a workdir, its checkpoints/ folder, or one step's folder."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'{path!r} is not a directory. Pass a pretraining workdir, its '
-                            'checkpoints/ folder or one checkpoints/<step> folder.')
-  if os.path.isdir(os.path.join(path, 'state')) and os.path.isdir(os.path.join(path, 'meta')):
-    return path, int(os.path.basename(path))
-  ckpts = os.path.join(path, 'checkpoints') if os.path.isdir(os.path.join(path, 'checkpoints')) else path
-  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()
-                 and os.path.isdir(os.path.join(ckpts, d, 'state')))
+def resolve(path: epath.PathLike) -> tuple[str, int]:
+  """(step directory, step) for a workdir, its checkpoints/ folder, or one step's folder.
+
+  `path` may be local or a URL (gs://bucket/run): every access goes through etils.epath.
+  """
+  path = as_path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'{os.fspath(path)!r} is not a directory. Pass a pretraining workdir, '
+                            'its checkpoints/ folder or one checkpoints/<step> folder.')
+  if (path / 'state').is_dir() and (path / 'meta').is_dir():
+    return os.fspath(path), int(path.name)
+  ckpts = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+  # On object stores orbax writes a step in place and marks it done with commit_success.txt (no
+  # rename), so a step folder alone does not mean a finished save; orbax's own test covers both.
+  steps = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()
+                 and (d / 'state').is_dir() and ocp.utils.is_checkpoint_finalized(d))
   if not steps:
-    raise FileNotFoundError(f'No finished checkpoint under {ckpts!r} (expected <step>/state and '
-                            '<step>/meta folders written by eva_jax.pretrain or eva_jax.finetune).')
-  return os.path.join(ckpts, str(steps[-1])), steps[-1]
+    raise FileNotFoundError(f'No finished checkpoint under {os.fspath(ckpts)!r} (expected '
+                            '<step>/state and <step>/meta folders written by eva_jax.pretrain or '
+                            'eva_jax.finetune).')
+  return os.fspath(ckpts / str(steps[-1])), steps[-1]
 
 
-def restore_params(path: str) -> tuple[dict, dict, int]:
+def restore_params(path: epath.PathLike) -> tuple[dict, dict, int]:
   """Host (numpy) parameters, metadata and step of a checkpoint; the optimizer state is not read."""
   step_dir, step = resolve(path)
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
+  step_dir = epath.Path(step_dir)
+  meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
   ckptr = ocp.PyTreeCheckpointer()
   with _quiet_missing_metadata():  # the manager keeps that file one level up; harmless here
-    metadata = ckptr.metadata(os.path.join(step_dir, 'state'))
+    metadata = ckptr.metadata(step_dir / 'state')
   tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
   # Restore only the params subtree, as numpy on the host (no device memory, no optimizer state).
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                               tree['params'])
-  out = ckptr.restore(os.path.join(step_dir, 'state'), args=ocp.args.PyTreeRestore(
+  out = ckptr.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
       item={'params': tree['params']}, restore_args={'params': restore_args}, partial_restore=True))
   return out['params'], meta, step
 
 
-def encoder_from_checkpoint(path: str, dtype: str | None = None):
+def encoder_from_checkpoint(path: epath.PathLike, dtype: str | None = None):
   """The student encoder of a pretraining (or fine-tuning) checkpoint as a VisionTransformer.
 
   Returns (model, meta). `dtype` overrides the compute dtype ('float32' by default for evaluation).
