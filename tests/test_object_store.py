@@ -37,6 +37,7 @@ class _Bucket:
     self.objects: dict[str, tuple[int, bytes]] = {}
     self.generation = 0
     self.lock = threading.Lock()
+    self.http_requests = 0  # served to TensorStore
 
   def put(self, key: str, data: bytes) -> int:
     with self.lock:
@@ -186,6 +187,7 @@ class _GCSJsonApi(http.server.BaseHTTPRequestHandler):
     self._reply(code, json.dumps(obj).encode(), {'Content-Type': 'application/json'})
 
   def _route(self):
+    STORE.http_requests += 1
     url = urllib.parse.urlsplit(self.path)
     query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
     parts = url.path.split('/')
@@ -296,6 +298,7 @@ def gcs(monkeypatch):
   monkeypatch.setenv('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'fake-token')
   with STORE.lock:
     STORE.objects.clear()
+    STORE.http_requests = 0
   yield STORE
   server.shutdown()
   server.server_close()
@@ -372,3 +375,66 @@ def test_metrics_writer_events_readable_by_tensorflow(gcs, tmp_path):
   values = [(e.step, v.tag, v.simple_value) for e in tf.compat.v1.train.summary_iterator(str(local))
             for v in e.summary.value]
   assert values == [(7, 'loss', 0.25)]
+
+
+def _small_state():
+  import jax.numpy as jnp
+  from flax import struct
+  from eva_jax.training import precision
+
+  @struct.dataclass
+  class State:
+    step: object
+    params: object
+    opt_state: object
+    loss_scale: object
+
+  params = {'encoder': {'w': jnp.arange(12, dtype=jnp.float32).reshape(3, 4),
+                        'b': jnp.ones((4,), jnp.bfloat16)}}
+  return State(step=jnp.asarray(5, jnp.int32), params=params,
+               opt_state={'mu': jax_tree_zeros(params)},
+               loss_scale=precision.LossScale.create(True))
+
+
+def jax_tree_zeros(tree):
+  import jax
+  import jax.numpy as jnp
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def test_checkpointer_save_restore_resolve(gcs):
+  """Orbax checkpoint on gs://: folders via epath, arrays via TensorStore's gcs driver."""
+  import jax
+  from eva_jax import checkpoint as ckpt_lib
+  state = _small_state()
+  shardings = jax.tree.map(lambda a: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
+  ck = ckpt_lib.Checkpointer('gs://bucket/run', keep=2)
+  assert str(ck.directory) == 'gs://bucket/run/checkpoints'
+  for step in (5, 6, 7):
+    ck.save(step, state.replace(step=jax.numpy.asarray(step)), {'pos': step}, {'kind': 'test'},
+            force=True)
+  ck.close()
+  names = gcs.names()
+  assert not [n for n in names if not n.startswith('bucket/run/checkpoints/')]  # nothing local
+  assert sorted({n.split('/')[3] for n in names}) == ['6', '7']  # keep=2 deleted step 5
+  assert 'bucket/run/checkpoints/7/commit_success.txt' in names
+  assert gcs.http_requests > 0  # the arrays went through TensorStore's gcs driver
+  assert any(n.startswith('bucket/run/checkpoints/7/state/ocdbt.process_0/d/') for n in names)
+  ck = ckpt_lib.Checkpointer('gs://bucket/run')
+  assert ck.latest_step() == 7
+  restored, data, meta = ck.restore(7, state, shardings)
+  ck.close()
+  assert data == {'pos': 7} and meta == {'kind': 'test'} and int(restored.step) == 7
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               restored.params, state.params)
+  for path in ('gs://bucket/run', 'gs://bucket/run/checkpoints', 'gs://bucket/run/checkpoints/7'):
+    assert ckpt_lib.resolve(path) == ('gs://bucket/run/checkpoints/7', 7)
+  params, meta, step = ckpt_lib.restore_params('gs://bucket/run')
+  assert step == 7 and meta == {'kind': 'test'}
+  assert isinstance(params['encoder']['w'], np.ndarray)
+  np.testing.assert_array_equal(params['encoder']['w'], np.asarray(state.params['encoder']['w']))
+  # A step whose save has not committed (no commit_success.txt on an object store) is not resolved.
+  epath.Path('gs://bucket/run/checkpoints/7/commit_success.txt').unlink()
+  assert ckpt_lib.resolve('gs://bucket/run') == ('gs://bucket/run/checkpoints/6', 6)
+  with pytest.raises(FileNotFoundError, match='not a directory'):
+    ckpt_lib.resolve('gs://bucket/elsewhere')
