@@ -438,3 +438,52 @@ def test_checkpointer_save_restore_resolve(gcs):
   assert ckpt_lib.resolve('gs://bucket/run') == ('gs://bucket/run/checkpoints/6', 6)
   with pytest.raises(FileNotFoundError, match='not a directory'):
     ckpt_lib.resolve('gs://bucket/elsewhere')
+
+
+@pytest.fixture
+def tiny_run_on_gcs(gcs):
+  """A freshly initialized tiny pretraining checkpoint at gs://bucket/tiny (as test_api's)."""
+  from eva_jax import checkpoint as ckpt_lib
+  from eva_jax import defaults, parallel
+  from eva_jax.training import step as step_lib
+  cfg = defaults.pretrain_defaults(model='tiny', teacher='clip-tiny')
+  cfg.image_size, cfg.batch_size = 56, 4
+  task = step_lib.build(cfg, parallel.make_mesh(cfg.mesh))
+  state = task.init(7)
+  ck = ckpt_lib.Checkpointer('gs://bucket/tiny')
+  ck.save(0, state, {}, {'kind': 'eva_pretrain', 'student': task.student_cfg.to_dict(),
+                         'teacher': task.teacher_cfg.to_dict()}, force=True)
+  ck.close()
+  return 'gs://bucket/tiny', state
+
+
+def test_encoder_from_checkpoint(tiny_run_on_gcs):
+  from eva_jax import checkpoint as ckpt_lib
+  path, _ = tiny_run_on_gcs
+  model, meta = ckpt_lib.encoder_from_checkpoint(path)
+  assert meta['kind'] == 'eva_pretrain'
+  out = model(np.zeros((1, 56, 56, 3), np.float32))
+  assert out.shape == (1, 17, 64)
+
+
+@pytest.mark.xfail(strict=True, reason='eva_jax/export.py still writes with save_file/torch.save/open '
+                   'on a local path: lead to route it through epath (see the h-epath report), then '
+                   'drop this marker')
+def test_export_to_object_store(tiny_run_on_gcs):
+  """eva_jax.export of a gs:// checkpoint to gs:// files (both formats), read back."""
+  import torch
+  from safetensors.numpy import load
+  from eva_jax import export
+  path, state = tiny_run_on_gcs
+  cls = np.asarray(state.params['encoder']['cls_token'], np.float32).reshape(-1)
+  for fmt, out in (('timm', 'gs://bucket/exports/model.safetensors'),
+                   ('eva', 'gs://bucket/exports/model.pth')):
+    summary = export.export(path, fmt, out)
+    data = epath.Path(out).read_bytes()
+    if fmt == 'timm':
+      sd = load(data)
+      assert json.loads(epath.Path(out + '.json').read_text())['embed_dim'] == 64
+    else:
+      sd = torch.load(io.BytesIO(data), weights_only=True)['model']
+    assert len(sd) == summary['tensors'] > 0
+    np.testing.assert_array_equal(np.asarray(sd['cls_token'], np.float32).reshape(-1), cls)
