@@ -18,12 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-
-def as_path(path: epath.PathLike) -> epath.Path:
-  """`path` as an epath.Path: URLs (gs://, s3://) as given, local paths made absolute (orbax wants that)."""
-  if '://' in os.fspath(path):
-    return epath.Path(path)
-  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+from eva_jax.paths import as_path, url_scheme
 
 
 def state_to_tree(state) -> dict:
@@ -80,11 +75,23 @@ def own_process_state(data: Any) -> Any:
   return states[0]
 
 
+def _require_gcs_client() -> None:
+  """Orbax lists the steps of a gs:// directory after asking google-cloud-storage for the bucket's
+  layout (hierarchical namespace or not); without that package it fails at the first resume."""
+  try:
+    from google.cloud import storage  # noqa: F401
+  except ImportError as e:
+    raise ImportError('A gs:// workdir needs the google-cloud-storage package (orbax uses it to '
+                      'list checkpoint steps): pip install google-cloud-storage') from e
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the three items above."""
 
   def __init__(self, workdir: epath.PathLike, keep: int = 3, async_save: bool = True):
     self.directory = as_path(workdir) / 'checkpoints'
+    if url_scheme(workdir) == 'gs':
+      _require_gcs_client()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

@@ -291,6 +291,8 @@ def gcs(monkeypatch):
   # orbax asks google-cloud-storage whether the bucket has a hierarchical namespace; it has not.
   from orbax.checkpoint._src.path import gcs_utils
   monkeypatch.setattr(gcs_utils, 'is_hierarchical_namespace_enabled', lambda path: False)
+  from eva_jax import checkpoint as ckpt_lib
+  monkeypatch.setattr(ckpt_lib, '_require_gcs_client', lambda: None)  # same reason
   server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _GCSJsonApi)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
@@ -487,3 +489,12 @@ def test_export_to_object_store(tiny_run_on_gcs):
       sd = torch.load(io.BytesIO(data), weights_only=True)['model']
     assert len(sd) == summary['tensors'] > 0
     np.testing.assert_array_equal(np.asarray(sd['cls_token'], np.float32).reshape(-1), cls)
+
+
+def test_gs_workdir_without_google_cloud_storage(monkeypatch):
+  """A clear error up front instead of orbax's ImportError at the first resume."""
+  import sys
+  from eva_jax import checkpoint as ckpt_lib
+  monkeypatch.setitem(sys.modules, 'google.cloud.storage', None)
+  with pytest.raises(ImportError, match='pip install google-cloud-storage'):
+    ckpt_lib.Checkpointer('gs://bucket/run')

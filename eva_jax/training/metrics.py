@@ -13,6 +13,8 @@ import time
 
 from etils import epath
 
+from eva_jax.paths import url_scheme
+
 
 def _summary_writer_class():
   """tensorboardX.SummaryWriter, imported without torch.
@@ -31,12 +33,6 @@ def _summary_writer_class():
   finally:
     del sys.modules['torch']
   return SummaryWriter
-
-
-def url_scheme(path: epath.PathLike) -> str | None:
-  """'gs' for gs://bucket/run, None for a local path."""
-  path = os.fspath(path)
-  return path.split('://', 1)[0] if '://' in path else None
 
 
 class _ObjectFile:
