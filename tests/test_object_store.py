@@ -284,8 +284,8 @@ class _GCSJsonApi(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def gcs(monkeypatch):
   """gs:// served by the fake store (epath and TensorStore); yields the store."""
-  fsspec.register_implementation('gcs', FakeGCSFileSystem, clobber=True)
-  fsspec.register_implementation('gs', FakeGCSFileSystem, clobber=True)
+  for protocol in ('gcs', 'gs'):  # what fsspec.filesystem('gcs') builds (gcsfs otherwise)
+    monkeypatch.setitem(fsspec.registry._registry, protocol, FakeGCSFileSystem)
   epath_backend._FileSystemSpecBackend._get_filesystem.cache_clear()
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)  # epath: fsspec, not tf.io.gfile
   # orbax asks google-cloud-storage whether the bucket has a hierarchical namespace; it has not.
@@ -471,8 +471,9 @@ def test_encoder_from_checkpoint(tiny_run_on_gcs):
 @pytest.mark.xfail(strict=True, reason='eva_jax/export.py still writes with save_file/torch.save/open '
                    'on a local path: lead to route it through epath (see the h-epath report), then '
                    'drop this marker')
-def test_export_to_object_store(tiny_run_on_gcs):
+def test_export_to_object_store(tiny_run_on_gcs, tmp_path, monkeypatch):
   """eva_jax.export of a gs:// checkpoint to gs:// files (both formats), read back."""
+  monkeypatch.chdir(tmp_path)
   import torch
   from safetensors.numpy import load
   from eva_jax import export
@@ -489,6 +490,7 @@ def test_export_to_object_store(tiny_run_on_gcs):
       sd = torch.load(io.BytesIO(data), weights_only=True)['model']
     assert len(sd) == summary['tensors'] > 0
     np.testing.assert_array_equal(np.asarray(sd['cls_token'], np.float32).reshape(-1), cls)
+  assert not list(tmp_path.iterdir())  # nothing written locally
 
 
 def test_gs_workdir_without_google_cloud_storage(monkeypatch):
@@ -498,3 +500,39 @@ def test_gs_workdir_without_google_cloud_storage(monkeypatch):
   monkeypatch.setitem(sys.modules, 'google.cloud.storage', None)
   with pytest.raises(ImportError, match='pip install google-cloud-storage'):
     ckpt_lib.Checkpointer('gs://bucket/run')
+
+
+@pytest.mark.xfail(strict=True, reason='eva_jax/pretrain.py still makes the workdir with os.makedirs '
+                   'and writes config.json with open(): lead to route them through epath (see the '
+                   'h-epath report), then drop this marker')
+def test_pretrain_on_gs(gcs, tmp_path, monkeypatch):
+  """A few steps of the demo pretraining run with --workdir=gs://bucket/run: all files land there.
+
+  (~30 s on 2 CPU cores: compilation; resuming on gs:// is covered by the Checkpointer test.)
+  """
+  import importlib.util
+  import os
+  from eva_jax import checkpoint as ckpt_lib
+  from eva_jax import pretrain
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(root, 'configs/pretrain_demo.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+
+  def cfg(total):
+    c = mod.get_config()
+    c.progress, c.total_steps, c.log_every, c.checkpoint_every, c.eval_batches = False, total, 2, 2, 0
+    c.image_size, c.batch_size, c.optim.warmup_steps = 56, 4, 1
+    c.data.mask.num_masking_patches = 6
+    return c
+
+  monkeypatch.chdir(tmp_path)  # where a path layer that ignores the URL would make a gs:/ folder
+  pretrain.train(cfg(4), 'gs://bucket/run')
+  run = epath.Path('gs://bucket/run')
+  assert json.loads((run / 'config.json').read_text())['total_steps'] == 4
+  steps = [json.loads(l)['step'] for l in (run / 'metrics.jsonl').read_text().splitlines()]
+  assert steps[0] == 1 and {2, 4} <= set(steps)
+  assert ckpt_lib.resolve('gs://bucket/run') == ('gs://bucket/run/checkpoints/4', 4)
+  assert [p.name for p in (run / 'checkpoints').iterdir()] == ['2', '4']
+  assert list((run / 'tensorboard').iterdir())
+  assert not list(tmp_path.iterdir())
