@@ -15,13 +15,13 @@ writes replace whole objects). Both paths into real GCS are served from that one
 from __future__ import annotations
 
 import http.server
+import importlib
 import io
 import json
 import threading
 import time
 import urllib.parse
 
-import fsspec
 import numpy as np
 import pytest
 from etils import epath
@@ -285,7 +285,8 @@ class _GCSJsonApi(http.server.BaseHTTPRequestHandler):
 def gcs(monkeypatch):
   """gs:// served by the fake store (epath and TensorStore); yields the store."""
   for protocol in ('gcs', 'gs'):  # what fsspec.filesystem('gcs') builds (gcsfs otherwise)
-    monkeypatch.setitem(fsspec.registry._registry, protocol, FakeGCSFileSystem)
+    monkeypatch.setitem(importlib.import_module('fsspec.registry')._registry, protocol,
+                        FakeGCSFileSystem)
   epath_backend._FileSystemSpecBackend._get_filesystem.cache_clear()
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)  # epath: fsspec, not tf.io.gfile
   # orbax asks google-cloud-storage whether the bucket has a hierarchical namespace; it has not.
