@@ -90,8 +90,15 @@ class Checkpointer:
 
   def __init__(self, workdir: epath.PathLike, keep: int = 3, async_save: bool = True):
     self.directory = as_path(workdir) / 'checkpoints'
-    if url_scheme(workdir) == 'gs':
+    scheme = url_scheme(workdir)
+    if scheme == 'gs':
       _require_gcs_client()
+    elif scheme is not None:
+      # orbax builds TensorStore's gcs driver spec for gs:// only; any other URL fails at the first
+      # save with 'Checkpoint path should be absolute'.
+      raise ValueError(f'Checkpoints go to a local folder or gs://; orbax-checkpoint '
+                       f'{ocp.__version__} cannot write array data to {scheme}:// '
+                       f'(workdir {os.fspath(workdir)!r}).')
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

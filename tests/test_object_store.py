@@ -537,3 +537,10 @@ def test_pretrain_on_gs(gcs, tmp_path, monkeypatch):
   assert [p.name for p in (run / 'checkpoints').iterdir()] == ['2', '4']
   assert list((run / 'tensorboard').iterdir())
   assert not list(tmp_path.iterdir())
+
+
+def test_checkpointer_rejects_other_url_schemes():
+  """orbax-checkpoint 0.12.8 writes arrays to gs:// (TensorStore gcs driver) or local files only."""
+  from eva_jax import checkpoint as ckpt_lib
+  with pytest.raises(ValueError, match='cannot write array data to s3://'):
+    ckpt_lib.Checkpointer('s3://bucket/run')
