@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 
 from etils import epath
@@ -38,23 +39,27 @@ def _summary_writer_class():
 class _ObjectFile:
   """A tensorboardX record file on an object store: the bytes are kept and the object rewritten.
 
-  Object stores have no append, so each flush (tensorboardX's, every `flush_secs`, and at close)
-  uploads the whole events file so far, through epath. Every (re)start writes a new events file,
-  so the size is bounded by one run's scalars (a few MB for a long run).
+  Object stores have no append, so each flush (tensorboardX's logger thread every `flush_secs`,
+  MetricsWriter.flush, close) uploads the whole events file so far, through epath; the lock keeps
+  an older, shorter upload from landing after a newer one. Every (re)start writes a new events
+  file, so the size is bounded by one run's scalars (a few MB for a long run).
   """
 
   def __init__(self, path: str):
     self._path = epath.Path(path)
     self._buf = io.BytesIO()
     self._uploaded = -1
+    self._lock = threading.Lock()
 
   def write(self, data: bytes) -> None:
-    self._buf.write(data)
+    with self._lock:
+      self._buf.write(data)
 
   def flush(self) -> None:
-    if self._buf.tell() != self._uploaded:
-      self._path.write_bytes(self._buf.getvalue())
-      self._uploaded = self._buf.tell()
+    with self._lock:
+      if self._buf.tell() != self._uploaded:
+        self._path.write_bytes(self._buf.getvalue())
+        self._uploaded = self._buf.tell()
 
   def close(self) -> None:
     self.flush()
@@ -106,6 +111,10 @@ class MetricsWriter:
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
+    step = int(record['step'])
+    for k, v in record.items():
+      if k != 'step' and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
     line = json.dumps(record) + '\n'
     if self._remote:
       self._text.append(line)
@@ -115,10 +124,6 @@ class MetricsWriter:
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
-    step = int(record['step'])
-    for k, v in record.items():
-      if k != 'step' and isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
 
   def flush(self) -> None:
     """Makes every record written so far visible in metrics.jsonl and the events file."""
