@@ -5,17 +5,16 @@ config.json holds the config as run plus a `resolved` section (derived facts, ig
 `config.model` holds the architecture name and the fields that were set.
 """
 import json
-import os
 
 import ml_collections
+from etils import epath
 
 from eva_jax.models.config import model_section
 
 
 def get_config(arg: str):
-  path = os.path.join(arg, 'config.json') if os.path.isdir(arg) else arg
-  with open(path) as f:
-    saved = json.load(f)
+  path = epath.Path(arg)
+  saved = json.loads((path / 'config.json' if path.is_dir() else path).read_text())
   saved.pop('resolved', None)
   model = saved.pop('model')
   c = ml_collections.ConfigDict(saved)

@@ -16,6 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from eva_jax.paths import as_path, url_scheme
 
 
 def state_to_tree(state) -> dict:
@@ -74,11 +77,30 @@ def own_process_state(data: Any) -> Any:
   return states[0]
 
 
+def _require_gcs_client() -> None:
+  """Orbax lists the steps of a gs:// directory after asking google-cloud-storage for the bucket's
+  layout (hierarchical namespace or not); without that package it fails at the first resume."""
+  try:
+    from google.cloud import storage  # noqa: F401
+  except ImportError as e:
+    raise ImportError('A gs:// workdir needs the google-cloud-storage package (orbax uses it to '
+                      'list checkpoint steps): pip install google-cloud-storage') from e
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the three items above."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  def __init__(self, workdir: epath.PathLike, keep: int = 3, async_save: bool = True):
+    self.directory = as_path(workdir) / 'checkpoints'
+    scheme = url_scheme(workdir)
+    if scheme == 'gs':
+      _require_gcs_client()
+    elif scheme is not None:
+      # orbax builds TensorStore's gcs driver spec for gs:// only; any other URL fails at the first
+      # save with 'Checkpoint path should be absolute'.
+      raise ValueError(f'Checkpoints go to a local folder or gs://; orbax-checkpoint '
+                       f'{ocp.__version__} cannot write array data to {scheme}:// '
+                       f'(workdir {os.fspath(workdir)!r}).')
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -123,36 +145,42 @@ class _quiet_missing_metadata(logging.Filter):
     logging.getLogger('absl').removeFilter(self)
 
 
-def resolve(path: str) -> tuple[str, int]:
-  """(step directory, step) for a workdir, its checkpoints/ folder, or one step's folder."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'{path!r} is not a directory. Pass a pretraining workdir, its '
-                            'checkpoints/ folder or one checkpoints/<step> folder.')
-  if os.path.isdir(os.path.join(path, 'state')) and os.path.isdir(os.path.join(path, 'meta')):
-    return path, int(os.path.basename(path))
-  ckpts = os.path.join(path, 'checkpoints') if os.path.isdir(os.path.join(path, 'checkpoints')) else path
-  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()
-                 and os.path.isdir(os.path.join(ckpts, d, 'state')))
+def resolve(path: epath.PathLike) -> tuple[str, int]:
+  """(step directory, step) for a workdir, its checkpoints/ folder, or one step's folder.
+
+  `path` may be local or a URL (gs://bucket/run): every access goes through etils.epath.
+  """
+  path = as_path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'{os.fspath(path)!r} is not a directory. Pass a pretraining workdir, '
+                            'its checkpoints/ folder or one checkpoints/<step> folder.')
+  if (path / 'state').is_dir() and (path / 'meta').is_dir():
+    return os.fspath(path), int(path.name)
+  ckpts = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+  # On object stores orbax writes a step in place and marks it done with commit_success.txt (no
+  # rename), so a step folder alone does not mean a finished save; orbax's own test covers both.
+  steps = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()
+                 and (d / 'state').is_dir() and ocp.utils.is_checkpoint_finalized(d))
   if not steps:
-    raise FileNotFoundError(f'No finished checkpoint under {ckpts!r} (expected <step>/state and '
-                            '<step>/meta folders written by eva_jax.pretrain or eva_jax.finetune).')
-  return os.path.join(ckpts, str(steps[-1])), steps[-1]
+    raise FileNotFoundError(f'No finished checkpoint under {os.fspath(ckpts)!r} (expected '
+                            '<step>/state and <step>/meta folders written by eva-pretrain or '
+                            'eva-finetune).')
+  return os.fspath(ckpts / str(steps[-1])), steps[-1]
 
 
-def restore_params(path: str) -> tuple[dict, dict, int]:
+def restore_params(path: epath.PathLike) -> tuple[dict, dict, int]:
   """Host (numpy) parameters, metadata and step of a checkpoint; the optimizer state is not read."""
   step_dir, step = resolve(path)
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
+  step_dir = epath.Path(step_dir)
+  meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
   ckptr = ocp.PyTreeCheckpointer()
   with _quiet_missing_metadata():  # the manager keeps that file one level up; harmless here
-    metadata = ckptr.metadata(os.path.join(step_dir, 'state'))
+    metadata = ckptr.metadata(step_dir / 'state')
   tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
   # Restore only the params subtree, as numpy on the host (no device memory, no optimizer state).
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                               tree['params'])
-  out = ckptr.restore(os.path.join(step_dir, 'state'), args=ocp.args.PyTreeRestore(
+  out = ckptr.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
       item={'params': tree['params']}, restore_args={'params': restore_args}, partial_restore=True))
   return out['params'], meta, step
 
@@ -168,7 +196,7 @@ class EncoderWeights:
   step: int | None = None   # training step of an eva_jax checkpoint
 
 
-def read_encoder(path: str) -> EncoderWeights:
+def read_encoder(path: epath.PathLike) -> EncoderWeights:
   """The one function that decides what a path is and reads the encoder in it, on the host.
 
   path: an eva_jax workdir, its checkpoints/ folder or one checkpoints/<step> folder (pretraining or
@@ -178,7 +206,8 @@ def read_encoder(path: str) -> EncoderWeights:
   CheckpointError) for something that holds no EVA encoder.
   """
   src = os.fspath(path)
-  if os.path.isdir(src):
+  p = as_path(src)
+  if p.is_dir():
     params, meta, step = restore_params(src)
     if 'student' not in meta or 'encoder' not in params:
       raise ValueError(f'{src!r} (step {step}) is not an eva_jax pretraining or fine-tuning '
@@ -188,7 +217,7 @@ def read_encoder(path: str) -> EncoderWeights:
                           extra={k: v for k, v in params.items() if k != 'encoder'},
                           config=dict(meta['student']), meta=meta,
                           source=f'eva_jax checkpoint {src} (step {step})', step=step)
-  if os.path.isfile(src):
+  if p.is_file():
     from eva_jax.convert import common, eva_torch
     enc_cfg, model, extras = eva_torch.from_torch_state_dict(common.TensorSource(src))
     logging.info('Imported %s; keys not used by the encoder: %s', src, sorted(extras))
@@ -199,7 +228,7 @@ def read_encoder(path: str) -> EncoderWeights:
                           'or a timm / official EVA .pth / .safetensors file.')
 
 
-def encoder_from_checkpoint(path: str, dtype: str | None = None):
+def encoder_from_checkpoint(path: epath.PathLike, dtype: str | None = None):
   """(VisionTransformer, meta) of anything read_encoder reads; `dtype` is the compute dtype
   ('float32' by default, for evaluation)."""
   import ml_collections

@@ -17,8 +17,10 @@ import json
 import os
 
 import ml_collections
+from etils import epath
 
 from eva_jax import checkpoint as ckpt_lib
+from eva_jax import paths
 from eva_jax.convert import common, eva_torch
 
 
@@ -36,7 +38,8 @@ def export(path: str, fmt: str, out: str) -> dict:
   meta, step = weights.meta, weights.step
   cfg = ml_collections.ConfigDict(meta['student'])
   flat = common.flatten({'encoder': weights.params, **weights.extra})
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  out_path = paths.as_path(out)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
   finetuned = meta.get('kind') == 'eva_finetune'
   if fmt == 'timm':
     flat = {k: v for k, v in flat.items() if not k.startswith('lm_head/')}
@@ -45,13 +48,14 @@ def export(path: str, fmt: str, out: str) -> dict:
                                    global_pool='avg' if finetuned and meta.get('pool') == 'mean'
                                    else 'token',
                                    use_fc_norm=finetuned)
-    from safetensors.numpy import save_file
-    save_file(sd, out, metadata={'format': 'pt', 'source': 'eva_jax', 'step': str(step)})
-    with open(out + '.json', 'w') as f:
-      json.dump(kwargs, f, indent=2)
+    from safetensors.numpy import save
+    # Whole-object writes through epath: local folders and object stores (gs://) alike.
+    out_path.write_bytes(save(sd, metadata={'format': 'pt', 'source': 'eva_jax', 'step': str(step)}))
+    epath.Path(os.fspath(out_path) + '.json').write_text(json.dumps(kwargs, indent=2))
   else:
     sd = eva_torch.to_torch_state_dict(flat, cfg, 'eva')
     import torch  # lazy: only the .pth writer needs it
-    torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}}, out)
+    with out_path.open('wb') as f:
+      torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}}, f)
   return {'checkpoint': path, 'step': step, 'format': fmt, 'out': out, 'tensors': len(sd),
           'kind': meta.get('kind')}

@@ -7,9 +7,12 @@ logged), images/s; fine-tuning runs add train/eval top-1. Uses matplotlib's Agg 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+
+from eva_jax import paths
 
 # (panel title, metric keys drawn as lines, metric keys drawn as points, log-scale y)
 PANELS = (
@@ -24,14 +27,14 @@ PANELS = (
 
 def read_metrics(workdir_or_file: str) -> list[dict]:
   """Records of WORKDIR/metrics.jsonl (or a .jsonl path); errors when missing or empty."""
-  path = os.fspath(workdir_or_file)
-  if os.path.isdir(path) or not path.endswith('.jsonl'):
-    path = os.path.join(path, 'metrics.jsonl')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No metrics file {path!r}: pass the --workdir of a pretraining or '
-                            'fine-tuning run (it writes metrics.jsonl at the first log step).')
-  with open(path) as f:
-    lines = [(i, l.strip()) for i, l in enumerate(f, 1) if l.strip()]
+  path = paths.as_path(workdir_or_file)   # local or an object store (gs://)
+  if path.is_dir() or not path.name.endswith('.jsonl'):
+    path = path / 'metrics.jsonl'
+  if not path.is_file():
+    raise FileNotFoundError(f'No metrics file {os.fspath(path)!r}: pass the --workdir of a '
+                            'pretraining or fine-tuning run (it writes metrics.jsonl at the first '
+                            'log step).')
+  lines = [(i, l.strip()) for i, l in enumerate(path.read_text().splitlines(), 1) if l.strip()]
   records = []
   for j, (i, line) in enumerate(lines):
     try:
@@ -101,15 +104,18 @@ def save_figure(fig, out: str, panels: list[str], dpi: int = 100) -> None:
   """Writes `fig` as PNG to `out` (creating its folder), lists the panels in the PNG metadata and
   closes the figure. Shared with eva_jax.visualize."""
   import matplotlib.pyplot as plt
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=dpi, metadata={'Description': 'panels: ' + ','.join(panels)})
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=dpi, metadata={'Description': 'panels: ' + ','.join(panels)})
   plt.close(fig)
+  out = paths.as_path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(buf.getvalue())
 
 
 def plot(workdir: str, out: str, dpi: int = 100) -> list[str]:
   """CLI body: writes `out`; returns the panel names drawn."""
   records = read_metrics(workdir)
   names = [p[0] for p in panels_for(records)]
-  fig = plot_metrics(records, title=f'{os.path.abspath(workdir)} ({records[-1]["step"]} steps)')
+  fig = plot_metrics(records, title=f'{paths.as_path(workdir)} ({records[-1]["step"]} steps)')
   save_figure(fig, out, names, dpi)
   return names

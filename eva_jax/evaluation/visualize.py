@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from eva_jax import checkpoint as ckpt_lib
+from eva_jax import paths
 from eva_jax.data.config import CLIP_MEAN, CLIP_STD
 from eva_jax.data.decode import BadImageError, decode_image
 from eva_jax.data.masking import BlockMaskGenerator
@@ -83,12 +84,12 @@ def _quiet_absl():
 
 def _find_config_json(path: str) -> str | None:
   """config.json of the run owning `path` (a workdir, its checkpoints/ or checkpoints/<step>)."""
-  p = os.path.abspath(path)
+  p = paths.as_path(path)
   for _ in range(3):
-    cand = os.path.join(p, 'config.json')
-    if os.path.isfile(cand):
-      return cand
-    p = os.path.dirname(p)
+    cand = p / 'config.json'
+    if cand.is_file():
+      return os.fspath(cand)
+    p = p.parent
   return None
 
 
@@ -132,7 +133,7 @@ def load_models(workdir: str, teacher: str | None = None, dtype: str = 'float32'
   dtype: compute dtype of both models (the parameters are float32 either way).
   """
   workdir = os.fspath(workdir)
-  if not os.path.isdir(workdir):
+  if not paths.as_path(workdir).is_dir():
     raise FileNotFoundError(f'--workdir {workdir!r} does not exist or is not a directory; pass a '
                             'pretraining workdir (eva-pretrain ... --workdir=DIR).')
   with _quiet_absl():   # orbax warns about its own optional metadata file
@@ -146,8 +147,7 @@ def load_models(workdir: str, teacher: str | None = None, dtype: str = 'float32'
   config_path = _find_config_json(workdir)
   run_cfg = {}
   if config_path:
-    with open(config_path) as f:
-      run_cfg = json.load(f)
+    run_cfg = json.loads(paths.as_path(config_path).read_text())
   seed = int(run_cfg.get('seed', 0)) + 1
 
   scfg = ml_collections.ConfigDict(meta['student'])
@@ -371,7 +371,7 @@ def render(models: Models, rgb: np.ndarray, analysis: Analysis, title: str = '')
 def visualize(workdir: str, image: str, out: str, teacher: str | None = None, mask_seed: int = 0,
               num_masking_patches: int = 0, dpi: int = 100) -> Analysis:
   """CLI body: loads, analyzes, writes `out` (PNG); returns the Analysis."""
-  if not os.path.isdir(os.fspath(workdir)):
+  if not paths.as_path(workdir).is_dir():
     raise FileNotFoundError(f'--workdir {workdir!r} does not exist or is not a directory.')
   photo = read_image(image)     # bad input fails before any model is loaded
   models = load_models(workdir, teacher=teacher)
@@ -382,7 +382,7 @@ def visualize(workdir: str, image: str, out: str, teacher: str | None = None, ma
   mask = draw_mask(models.grid, settings, seed=mask_seed)
   analysis = analyze(models, x, mask)
   fig = render(models, rgb, analysis, title=(
-      f'{os.path.basename(os.path.abspath(workdir))} step {models.step} - '
+      f'{paths.as_path(workdir).name} step {models.step} - '
       f'teacher {models.teacher_source} - {os.path.basename(image)}'))
   save_figure(fig, out, list(PANELS), dpi)
   return analysis

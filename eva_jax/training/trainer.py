@@ -16,7 +16,7 @@ import jax
 from etils import epath
 
 from eva_jax import checkpoint as ckpt_lib
-from eva_jax import parallel
+from eva_jax import parallel, paths
 from eva_jax.models import config as model_config
 from eva_jax.training import loop
 from eva_jax.training import metrics as metrics_lib
@@ -103,7 +103,7 @@ def run(program: Program, workdir: str) -> dict:
   mesh = parallel.make_mesh(cfg.mesh)
   parallel.check_batch(cfg.batch_size, mesh)
   is_main = jax.process_index() == 0
-  workdir = epath.Path(workdir)
+  workdir = paths.as_path(workdir)   # local or an object store (gs://bucket/run)
   task = program.build(mesh)
   workdir.mkdir(parents=True, exist_ok=True)
   if is_main:
