@@ -321,13 +321,9 @@ def _timm_to_official(k: str, cfg) -> str:
 class _Source(Mapping):
   """Uniform view of a state dict: unwrapped, 'module.' stripped, values as numpy on access."""
 
-  def __init__(self, source: Mapping):
-    if not isinstance(source, common.TensorSource):
-      for w in common._WRAPPERS:
-        if (w in source and isinstance(source[w], Mapping)
-            and not any(hasattr(v, 'shape') for v in source.values())):
-          source = source[w]
-          break
+  def __init__(self, source: Mapping, weights: str = 'auto'):
+    if not isinstance(source, common.TensorSource):   # a TensorSource chose when it read the file
+      source = common.unwrap_state_dict(source, weights, 'state dict')
     self._src = source
     self._orig = {}
     for k in source.keys():
@@ -509,7 +505,8 @@ def _from_timm(src: _Source, canon: dict[str, str], cfg, fused: bool, packed: bo
   return loaders
 
 
-def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None):
+def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None,
+                          weights: str = 'auto'):
   """Imports a timm `Eva` or official EVA-01/EVA-02 state dict. Returns (cfg, model, extras).
 
   source: a Mapping name -> tensor/array (common.TensorSource, a torch state dict, a dict of numpy
@@ -518,10 +515,12 @@ def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None
           helps there). Names and shapes are checked strictly against it: missing or unexpected
           tensors raise CheckpointError listing them (e.g. a timm backbone has no mask_token: pass a
           cfg with mask_token=False, or cfg=None).
+  weights: raw or EMA weights of an in-memory training checkpoint ('auto', 'model', 'model_ema';
+          see common.unwrap_state_dict); a TensorSource was given its choice when it read the file.
   extras: the torch-named tensors that are not encoder parameters (lm_head.*, fc_norm.*, head.*),
           as numpy arrays; extras_to_params converts them to our naming.
   """
-  src = _Source(source)
+  src = _Source(source, weights)
   keys = list(src)
   if 'patch_embed.proj.weight' not in keys:
     raise _not_eva_error(keys)
