@@ -121,6 +121,10 @@ class TensorSource(Mapping):
     self._files = _resolve_files(path)
     self._index: dict[str, tuple[str, str]] = {}   # key -> (kind, file)
     self._tensors: dict[str, object] = {}          # torch tensors for non-safetensors files
+    # TorchScript archives record their modules: qualified name -> {'type': class name, and the
+    # plain attributes num_heads / eps / approximate when the archive kept them (scripted, not
+    # traced)}. Empty for state dicts and safetensors, which record only tensors.
+    self.script_modules: dict[str, dict] = {}
     for f in self._files:
       if f.endswith('.safetensors'):
         from safetensors import safe_open
@@ -128,7 +132,7 @@ class TensorSource(Mapping):
           for k in sf.keys():
             self._index[k] = ('st', f)
       else:
-        for k, t in _torch_load_flat(f, weights).items():
+        for k, t in _torch_load_flat(f, weights, self.script_modules).items():
           self._index[k] = ('pt', f)
           self._tensors[k] = t
     if not self._index:
@@ -204,12 +208,31 @@ def _unsafe_globals(f: str, err: Exception) -> list[str]:
   return [g for g in dict.fromkeys(found) if g not in safe]
 
 
-def _torch_load_flat(f: str, weights: str = 'auto') -> dict[str, object]:
+def _script_module_info(module) -> dict[str, dict]:
+  out = {}
+  for name, m in module.named_modules():
+    d = {'type': getattr(m, 'original_name', type(m).__name__)}
+    for attr in ('num_heads', 'eps', 'approximate'):
+      try:
+        v = getattr(m, attr)
+      except (AttributeError, RuntimeError):
+        continue
+      if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+        d[attr] = v
+    out[name] = d
+  return out
+
+
+def _torch_load_flat(f: str, weights: str = 'auto',
+                     script_modules: dict | None = None) -> dict[str, object]:
   import torch
   what = f'Checkpoint {f!r}'
   if _is_torchscript(f):   # OpenAI's CLIP .pt: weights from the archive's state dict, no pickle
     try:
-      obj = torch.jit.load(f, map_location='cpu').state_dict()
+      module = torch.jit.load(f, map_location='cpu')
+      obj = module.state_dict()
+      if script_modules is not None:
+        script_modules.update(_script_module_info(module))
     except Exception as e:
       raise CheckpointError(f'{f!r} looks like a TorchScript archive but torch.jit.load fails '
                             f'({type(e).__name__}: {e}).') from e
