@@ -128,9 +128,18 @@ class TensorSource(Mapping):
     for f in self._files:
       if f.endswith('.safetensors'):
         from safetensors import safe_open
-        with safe_open(f, framework='pt') as sf:
-          for k in sf.keys():
-            self._index[k] = ('st', f)
+        if not os.path.isfile(f):
+          raise CheckpointError(f'{path!r} names the shard {f!r}, which does not exist; fetch the '
+                                'missing shard (its index lists every file).')
+        try:
+          with safe_open(f, framework='pt') as sf:
+            for k in sf.keys():
+              self._index[k] = ('st', f)
+        except Exception as e:  # SafetensorError names no file; a truncated download is common
+          raise CheckpointError(
+              f'{f!r} ({os.path.getsize(f)} bytes) is not a readable safetensors file '
+              f'({type(e).__name__}: {e}). It is probably truncated (an interrupted download or '
+              'copy): fetch it again and compare its size with the source.') from e
       else:
         for k, t in _torch_load_flat(f, weights, self.script_modules).items():
           self._index[k] = ('pt', f)
