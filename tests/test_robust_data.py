@@ -147,3 +147,17 @@ def test_truncated_safetensors_is_named(tmp_path):
     print(f'\n[error] {e.value}')
     assert repr(path) in str(e.value) and f'({cut} bytes)' in str(e.value)
     assert 'truncated' in str(e.value)
+
+
+def test_sharded_safetensors_with_a_missing_shard_is_named(tmp_path):
+  pytest.importorskip('torch')
+  import json
+  from safetensors.numpy import save_file
+  from eva_jax.convert.common import CheckpointError, TensorSource
+  save_file({'a': np.ones(4, np.float32)}, str(tmp_path / 'model-00001-of-00002.safetensors'))
+  with open(tmp_path / 'model.safetensors.index.json', 'w') as f:
+    json.dump({'weight_map': {'a': 'model-00001-of-00002.safetensors',
+                              'b': 'model-00002-of-00002.safetensors'}}, f)
+  with pytest.raises(CheckpointError, match=r"names the shard .*model-00002-of-00002\.safetensors'"
+                     r', which does not exist'):
+    TensorSource(str(tmp_path))
