@@ -1,6 +1,5 @@
 """Data as users have it (issue 12, kind K): symlink loops and cross-class links in image folders,
 truncated / corrupt ArrayRecord shards and truncated safetensors files, all with real files."""
-import io
 import logging
 import os
 

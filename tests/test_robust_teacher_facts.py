@@ -6,7 +6,6 @@ explicit act=/heads= (config.teacher.act / config.teacher.heads), or the import 
 those fields. Targets are compared with open_clip's own forward (fp32)."""
 import json
 import logging
-import os
 import shutil
 
 import numpy as np

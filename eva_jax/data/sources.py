@@ -202,10 +202,9 @@ class ArrayRecordSource:
     return len(self._ds)
 
   def _shard_of(self, index: int) -> tuple[str, int]:
-    if self._offsets is None:
-      import numpy as np   # pylint: disable=g-import-not-at-top
-      self._offsets = np.cumsum([_num_records(f) for f in self.files])
     import numpy as np   # pylint: disable=g-import-not-at-top
+    if self._offsets is None:
+      self._offsets = np.cumsum([_num_records(f) for f in self.files])
     i = int(np.searchsorted(self._offsets, index, side='right'))
     return self.files[i], index - (int(self._offsets[i - 1]) if i else 0)
 
@@ -225,7 +224,8 @@ class ArrayRecordSource:
 
 
 def _num_records(f: str) -> int:
-  from array_record.python.array_record_module import ArrayRecordReader   # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordReader
   r = ArrayRecordReader(f)
   try:
     return int(r.num_records())
@@ -240,10 +240,12 @@ def _unreadable_shards_message(files: list[str], pattern: str, err: Exception) -
     try:
       _num_records(f)
     except Exception as e:  # noqa: BLE001
-      bad.append(f'{f} ({os.path.getsize(f)} bytes: {type(e).__name__}: {str(e)[:200] or "no message"})')
+      msg = str(e)[:200] or 'no message'
+      bad.append(f'{f} ({os.path.getsize(f)} bytes: {type(e).__name__}: {msg})')
   if not bad:
-    return (f'The ArrayRecord shards matching {pattern} cannot be opened together ({type(err).__name__}: '
-            f'{err}), though each opens alone. Check the files and the glob.')
+    return (f'The ArrayRecord shards matching {pattern} cannot be opened together '
+            f'({type(err).__name__}: {err}), though each opens alone. Check the files and the '
+            'glob.')
   return (f'{len(bad)} of {len(files)} ArrayRecord shards matching {pattern} are truncated or '
           f'corrupt: {"; ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}. Copy them again or '
           're-pack the image folder (python -m eva_jax.data.pack --src DIR --out OUT); to train '
