@@ -136,6 +136,12 @@ def test_official_rope_buffer_records_heads_and_rope(tmp_path, caplog):
   with pytest.raises(CheckpointError, match=r"given rope_ref_grid=0 contradicts the checkpoint's "
                      r'rope.freqs_cos \(verified\), which says 16'):
     eva_torch.from_torch_state_dict(common.TensorSource(path), facts={'rope_ref_grid': 0})
+  wrong = _eva02_cfg(heads=4)      # an explicit cfg is checked against the record too
+  with pytest.raises(CheckpointError, match=r"cfg.heads=4 contradicts the checkpoint's "
+                     r'rope.freqs_cos \(head dim 8\), which says 8'):
+    eva_torch.from_torch_state_dict(common.TensorSource(path), wrong)
+  _, m2, _ = eva_torch.from_torch_state_dict(common.TensorSource(path), cfg)
+  assert float(np.abs(_ours(m2, x) - _ours(m, x)).max()) == 0.0
   # A buffer that is no RoPE table we can reproduce is refused, not half-read.
   sd['rope.freqs_cos'] = np.zeros_like(cos)
   torch.save({'model': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}}, path)

@@ -703,6 +703,7 @@ def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None
       raise ValueError(f'heads={heads} contradicts facts["heads"]={given["heads"]}.')
     given['heads'] = heads
   given = {k: v for k, v in given.items() if v is not None and v != ''}
+  cfg_given = False
   if cfg is None:
     shape_cfg = _shape_config(shapes)    # key names/shapes first: a wrong file says so first
     common.check_keys(timm_shapes(shape_cfg, fused='blocks.0.attn.qkv.weight' in shapes,
@@ -720,6 +721,7 @@ def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None
         logging.log(logging.WARNING if from_.startswith('not recorded') else logging.INFO,
                     '%s: %s=%s from %s.', what, field, value, from_)
   else:
+    cfg_given = True
     cfg = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
     for field, v in given.items():
       if cfg[field] != v:
@@ -745,6 +747,14 @@ def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None
     except Exception:  # noqa: BLE001 - only a hint
       looks = ''
     raise CheckpointError(str(e) + looks) from None
+  if cfg_given:   # an explicit cfg must agree with what the file records, like any explicit fact
+    rec = _recorded_facts(source, src, rope_keys, _shape_config(shapes), record, what)
+    for field, (v, from_) in rec.items():
+      if field.startswith('rope_') and not cfg.rope:
+        continue
+      if cfg[field] != v:
+        raise CheckpointError(f'{what}: cfg.{field}={cfg[field]!r} contradicts {from_}, which says '
+                              f'{v!r}. Fix the config (or the file).')
   loaders = _from_timm(src, canon, cfg, fused, packed)
   ours = _model_shapes(cfg)
   unknown = sorted(set(ours) - set(loaders))
