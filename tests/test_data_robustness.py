@@ -144,6 +144,7 @@ def test_misconfiguration_errors_name_the_fix(tmp_path):
   cfg.source = f'folder:{tmp_path}'
   with pytest.raises(ValueError, match='has no labels'):
     build_classification_loader(cfg, image_size=224, batch_size=2, seed=0, train=True, **HOST)
+  cfg.mask.num_masking_patches = 105   # an absolute count (the default is a ratio of the grid)
   with pytest.raises(ValueError, match='num_masking_patches=105 exceeds the 4x4 patch grid'):
     build_pretrain_loader(cfg, image_size=64, patch_size=16, batch_size=2, seed=0, **HOST)
 

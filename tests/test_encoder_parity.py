@@ -41,6 +41,11 @@ def _cfg(case, image=IMAGE):
   return cfg
 
 
+def _facts(cfg):
+  """What the weights cannot say (issue 12 A): given explicitly, as the fine-tuning config would."""
+  return {k: cfg[k] for k in eva_torch.FACT_FIELDS}
+
+
 def _random_params(cfg, seed=0):
   """Random params with non-trivial LayerNorm affines and biases (init zeros/ones would hide bugs)."""
   rng = np.random.default_rng(seed)
@@ -165,7 +170,7 @@ def test_official_layout_through_timm_checkpoint_filter(case):
     ref = tm.fc_norm(tm.forward_features(_nchw(_images(IMAGE)))).numpy()
   _report(f'official->timm filter {case}', float(np.abs(_our_tokens(case) - ref).max()))
   # ... and our importer reads the same file back, returning the head separately.
-  cfg2, m2, extras = eva_torch.from_torch_state_dict(wrapped)
+  cfg2, m2, extras = eva_torch.from_torch_state_dict(wrapped, facts=_facts(cfg))
   assert cfg2.sub_ln_attn == cfg.sub_ln_attn or not cfg.sub_ln
   assert sorted(extras) == ['lm_head.bias', 'lm_head.weight']
   back = eva_torch.extras_to_params(extras)
@@ -209,7 +214,8 @@ def test_round_trip_is_bit_exact(case, layout):
     if given is not None and layout == 'timm':   # timm backbones carry no [MASK] token
       given = _cfg(case)
       given.mask_token = False
-    cfg2, m2, extras = eva_torch.from_torch_state_dict(sd, given)
+    cfg2, m2, extras = eva_torch.from_torch_state_dict(
+        sd, given, facts=_facts(cfg) if given is None else None)
     assert extras == {}
     p2 = common.model_params_numpy(m2)
     assert set(p2) == set(p) - ({'mask_token'} if layout == 'timm' else set())
@@ -217,23 +223,23 @@ def test_round_trip_is_bit_exact(case, layout):
       assert np.array_equal(p2[k], p[k]), k
     for f in ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'image_size', 'swiglu', 'sub_ln',
               'rope', 'rope_ref_grid'):
-      if f.startswith('rope') and given is None:   # not in the weights: inferred as EVA-02 (SwiGLU)
-        assert cfg2.rope == cfg2.swiglu and cfg2.rope_ref_grid == (16 if cfg2.swiglu else 0)
-      else:
-        assert cfg2[f] == cfg[f], f
+      assert cfg2[f] == cfg[f], f
     sd2 = eva_torch.to_torch_state_dict(p2, cfg2, layout)
     assert set(sd2) == set(sd) and all(np.array_equal(sd2[k], sd[k]) for k in sd)
 
 
 def test_files_wrappers_and_inferred_heads(tmp_path):
   """torch.save {'model': ...} with 'module.' prefixes and safetensors files, via TensorSource;
-  official EVA-02 RoPE buffers are skipped and give the head dim (width 64 with 8 heads)."""
+  official EVA-02 RoPE buffers are skipped and give the head dim (width 64 with 8 heads), theta
+  and reference grid; a timm safetensors file's FILE.json (eva_jax.export) gives heads and RoPE."""
+  import json
   from safetensors.numpy import save_file
+  from eva_jax.models.layers import rope_sincos
   cfg = _cfg('eva02_mim')
   cfg.heads = 8
   p = _random_params(cfg)
   sd = eva_torch.to_torch_state_dict(p, cfg, 'eva')
-  rope = np.zeros((16, 8), np.float32)
+  rope = rope_sincos((4, 4), 8, 1e4, 16)[1]   # the official buffer: cos table [N, head_dim]
   sd.update({'rope.freqs_cos': rope, 'rope.freqs_sin': rope,
              'blocks.0.attn.rope.freqs_cos': rope, 'blocks.0.attn.rope.freqs_sin': rope})
   path = tmp_path / 'eva02.pth'
@@ -246,6 +252,8 @@ def test_files_wrappers_and_inferred_heads(tmp_path):
   cfg = _cfg('eva01')
   st = tmp_path / 'model.safetensors'
   save_file(eva_torch.to_torch_state_dict(_params('eva01'), cfg, 'timm'), str(st))
+  with open(str(st) + '.json', 'w') as f:
+    json.dump(eva_torch.timm_kwargs(cfg), f)
   cfg3, m3, _ = eva_torch.from_torch_state_dict(common.TensorSource(tmp_path))
   assert cfg3.name == 'tiny' and not cfg3.mask_token and cfg3.heads == 4
   p3 = common.model_params_numpy(m3)
@@ -265,7 +273,7 @@ def test_classifier_heads_round_trip_and_timm_classifier_keys():
                                       **heads}, cfg, 'timm')
   tm = tev.Eva(**eva_torch.timm_kwargs(cfg, num_classes=10, global_pool='avg'))
   tm.load_state_dict(_tensors(sd), strict=True)
-  cfg2, m2, extras = eva_torch.from_torch_state_dict(sd)
+  cfg2, m2, extras = eva_torch.from_torch_state_dict(sd, facts=_facts(cfg))
   assert not cfg2.final_norm and not cfg2.mask_token
   assert sorted(extras) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
   back = eva_torch.extras_to_params(extras)

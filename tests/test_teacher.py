@@ -174,7 +174,9 @@ def _save_oc(kind, model, path):
 def test_openai_layout_from_open_clip(tmp_path, oc_model, kind):
   path = str(tmp_path / 'ViT-test.pt')
   _save_oc(kind, oc_model, path)
-  teacher = eva_jax.load_teacher(path)
+  # A TorchScript archive records its activation and heads; a state dict does not (issue 12 A).
+  facts = {} if kind == 'torchscript' else dict(act='quick_gelu', heads=4)
+  teacher = eva_jax.load_teacher(path, **facts)
   c = teacher.config
   assert (c.width, c.depth, c.heads, c.mlp_dim, c.patch_size, c.image_size, c.out_dim) == \
       (256, 2, 4, 1024, 14, 56, 48)
@@ -198,7 +200,7 @@ def test_bare_open_clip_tower_with_heads_override(tmp_path):
                                    mlp_ratio=4.0, output_dim=32, act_layer=QuickGELU), seed=7)
   path = str(tmp_path / 'visual.pt')
   torch.save(vis.state_dict(), path)
-  teacher = eva_jax.load_teacher(path, heads=4)
+  teacher = eva_jax.load_teacher(path, heads=4, act='quick_gelu')
   assert teacher.config.heads == 4 and teacher.config.out_dim == 32
   x = _images(2, 64, seed=3)
   d = _report('open_clip VisionTransformer (bare, heads=4 override)', teacher(x),
@@ -211,7 +213,7 @@ def test_bf16_compute_is_close_and_returns_float32(tmp_path, oc_model):
   _save_oc('state_dict', oc_model, path)
   x = _images(2, 56, seed=4)
   ref = _oc_reference(oc_model.visual, x)
-  t16 = eva_jax.load_teacher(path, dtype=jnp.bfloat16)
+  t16 = eva_jax.load_teacher(path, dtype=jnp.bfloat16, act='quick_gelu', heads=4)
   assert t16.config.dtype == 'bfloat16'
   y = t16(x)
   assert y.dtype == jnp.float32

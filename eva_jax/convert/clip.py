@@ -10,12 +10,30 @@ Reads, one tensor at a time (see common.TensorSource):
   {'state_dict': {'module.visual....'}} (TensorSource unwraps), or a bare `VisionTransformer`
   state dict (`conv1.weight`, `transformer.resblocks.*`, ...).
 
-The architecture is inferred from the tensor shapes: width and patch from the patch conv, depth from
+The architecture is read from the tensor shapes: width and patch from the patch conv, depth from
 the block indices, MLP width from fc1/c_fc, grid (so image size) from the pos-embed length, output
-dim from the projection. Two things the weights cannot tell: the number of heads (transformers'
-config.json gives it; otherwise width // 64 as in every OpenAI/open_clip tower) and the MLP
-activation (config.json's hidden_act; otherwise QuickGELU as in OpenAI CLIP and open_clip's
-`quick_gelu` models). Both can be overridden (`heads=`, `act=`) for non-standard towers.
+dim from the projection. Three facts are not in the shapes: the MLP activation (quick_gelu or
+gelu), the number of heads and the LayerNorm eps. They are never guessed (issue 12, kind A). Each
+comes from, in this order:
+  1. what the file records:
+     - transformers: config.json (hidden_act, num_attention_heads, layer_norm_eps; a key the file
+       leaves out means CLIPVisionConfig's default, as transformers itself reads it);
+     - TorchScript archives (OpenAI's ViT-*.pt): the class of each block's `mlp.gelu` module
+       (QuickGELU / GELU), MultiheadAttention.num_heads and LayerNorm.eps when the archive kept
+       them (scripted archives do). Traced archives, as OpenAI released them, keep the classes but
+       not num_heads/eps: there heads = width // 64 and eps = 1e-5, because that is how OpenAI's
+       own loader (clip.model.build_model: vision_heads = vision_width // 64) and nn.LayerNorm
+       rebuild those very files: the rule defines the format, it is not our guess;
+     - open_clip: an `open_clip_config.json` next to the weights (as on the HF hub; `model_cfg`
+       or a bare model config): quick_gelu (open_clip's default False -> gelu), vision_cfg.width //
+       vision_cfg.head_width (default 64), vision_cfg.norm_kwargs.eps (default 1e-5);
+  2. an explicit value: `act=` / `heads=` / `ln_eps=` (config.teacher.act, config.teacher.heads);
+     it must agree with what the file records, else CheckpointError naming both;
+  3. otherwise act and heads are refused: a CheckpointError names config.teacher.act /
+     config.teacher.heads and the choices. A bare OpenAI/open_clip state dict (`visual.*`,
+     `conv1.weight`) records neither. LayerNorm eps alone falls back to 1e-5, which every OpenAI,
+     open_clip and transformers CLIP tower uses (nn.LayerNorm's default), with a log line.
+Every choice is logged with its source ("act=gelu from config.json").
 
 Every checkpoint key of the vision tower must be used and every model parameter filled: otherwise a
 CheckpointError lists the missing, unexpected and mis-shaped keys (nothing is partially loaded).
@@ -115,20 +133,23 @@ def detect_layout(keys) -> tuple[str, str]:
 
 
 # -------------------------------------------------------------------------------------------------
-def _hf_vision_config(path: str) -> dict:
-  """The vision part of a transformers config.json next to the weights, or {} if there is none."""
+def _hf_vision_config(path: str) -> dict | None:
+  """The vision part of a transformers config.json next to the weights, or None if there is none.
+
+  An unreadable one raises CheckpointError: ignoring it would turn its record into a guess.
+  """
   d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   f = os.path.join(d, 'config.json')
   if not os.path.isfile(f):
-    return {}
+    return None
   try:
     with open(f) as fh:
       c = json.load(fh)
   except (OSError, ValueError) as e:
-    logging.warning('Ignoring unreadable %s: %s', f, e)
-    return {}
+    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
   if not isinstance(c, dict):
-    return {}
+    raise CheckpointError(f'{f} holds a {type(c).__name__}, not a transformers config; fix or '
+                          'remove it.')
   if isinstance(c.get('vision_config'), dict):   # CLIPModel
     return c['vision_config']
   return c
@@ -156,9 +177,183 @@ def clip_config(*, width: int, depth: int, heads: int, mlp_dim: int, patch_size:
   return cfg
 
 
-def _infer(src: common.TensorSource, names: _Names, ns_keys: list[str], hf_cfg: dict,
-           heads: int | None, act: str | None, dtype: str, what: str):
-  """The tower's ConfigDict from the tensor shapes (+ config.json for heads/act/eps)."""
+# -------------------------------------------------------------------------------------------------
+# Architecture facts the shapes do not hold: act, heads, ln_eps (see the module docstring).
+ACTS = ('quick_gelu', 'gelu')
+# transformers' CLIPVisionConfig defaults: what a config.json that leaves a key out means.
+_HF_DEFAULTS = {'hidden_act': 'quick_gelu', 'num_attention_heads': 12, 'layer_norm_eps': 1e-5}
+_HF_ACTS = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu'}   # others (gelu_new, ...) are refused
+_SCRIPT_ACTS = {'QuickGELU': 'quick_gelu', 'GELU': 'gelu'}
+_OPENAI_HEAD_DIM = 64
+_LN_EPS = 1e-5   # nn.LayerNorm's default; OpenAI, open_clip and transformers CLIP towers use it
+_ACT_HELP = ("quick_gelu for OpenAI's CLIP and open_clip models named *-quickgelu, gelu for "
+             "open_clip towers built with quick_gelu=False (open_clip's default; e.g. the LAION / "
+             "DataComp ViT-*-14 without -quickgelu) and transformers configs with hidden_act='gelu'")
+
+
+def _open_clip_config(path: str) -> tuple[dict, str] | None:
+  """(model config, file) of an open_clip_config.json next to the weights, or None."""
+  d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  f = os.path.join(d, 'open_clip_config.json')
+  if not os.path.isfile(f):
+    return None
+  try:
+    with open(f) as fh:
+      c = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
+  c = c.get('model_cfg', c) if isinstance(c, dict) else None
+  if not isinstance(c, dict) or not isinstance(c.get('vision_cfg'), dict):
+    raise CheckpointError(f'{f} has no model_cfg.vision_cfg; fix or remove it.')
+  return c, f
+
+
+def _recorded_facts(path: str, src: common.TensorSource, names: _Names, hf_cfg: dict | None,
+                    what: str) -> dict[str, tuple]:
+  """field -> (value, source) for what the file records. heads may be ('width//64', source)."""
+  rec: dict[str, tuple] = {}
+  if names.kind == HF:
+    if hf_cfg is None:
+      return rec
+    f = 'config.json'
+    for field, key in (('act', 'hidden_act'), ('heads', 'num_attention_heads'),
+                       ('ln_eps', 'layer_norm_eps')):
+      if key in hf_cfg:
+        rec[field] = (hf_cfg[key], f'{f} {key}')
+      else:
+        rec[field] = (_HF_DEFAULTS[key], f"{f} (no {key}: CLIPVisionConfig's default)")
+    act = _HF_ACTS.get(rec['act'][0])
+    if act is None:
+      raise CheckpointError(f'{what}: config.json has hidden_act={rec["act"][0]!r}; supported: '
+                            'quick_gelu, gelu (exact erf).')
+    rec['act'] = (act, rec['act'][1])
+    return rec
+  if src.script_modules:
+    mods = src.script_modules
+    blk = re.compile(re.escape(names.pre) + r'transformer\.resblocks\.\d+\.')
+    acts = {m['type'] for n, m in mods.items() if blk.match(n) and n.endswith('.mlp.gelu')}
+    if not acts:   # another module name for the activation: take the non-Linear mlp children
+      acts = {m['type'] for n, m in mods.items() if blk.match(n) and re.search(r'\.mlp\.[^.]+$', n)
+              and m['type'] not in ('Linear', 'Dropout', 'Identity')}
+    if len(acts) != 1 or next(iter(acts)) not in _SCRIPT_ACTS:
+      raise CheckpointError(f'{what}: TorchScript archive with MLP activation modules '
+                            f'{sorted(acts)}; supported: {sorted(_SCRIPT_ACTS)}.')
+    approx = {m.get('approximate', 'none') for n, m in mods.items()
+              if blk.match(n) and n.endswith('.mlp.gelu')}
+    if approx - {'none'}:
+      raise CheckpointError(f"{what}: GELU(approximate={sorted(approx)}) is not supported "
+                            "(exact erf GELU or QuickGELU).")
+    rec['act'] = (_SCRIPT_ACTS[next(iter(acts))], 'the TorchScript archive (module class '
+                  f'{next(iter(acts))})')
+    nh = {m['num_heads'] for n, m in mods.items() if blk.match(n) and 'num_heads' in m}
+    if len(nh) == 1:
+      rec['heads'] = (int(next(iter(nh))), 'the TorchScript archive (MultiheadAttention.num_heads)')
+    else:
+      rec['heads'] = ('width//64', 'the TorchScript archive: traced archives keep no num_heads; '
+                      "OpenAI's loader rebuilds them with heads = width // 64")
+    eps = {m['eps'] for n, m in mods.items() if n.startswith(names.pre) and 'eps' in m
+           and m['type'] == 'LayerNorm'}
+    if len(eps) == 1:
+      rec['ln_eps'] = (float(next(iter(eps))), 'the TorchScript archive (LayerNorm.eps)')
+    elif len(eps) > 1:
+      raise CheckpointError(f'{what}: LayerNorms with different eps {sorted(eps)}; unsupported.')
+    return rec
+  oc = _open_clip_config(path)
+  if oc is not None:
+    c, f = oc
+    v = c['vision_cfg']
+    name = os.path.basename(f)
+    rec['act'] = ('quick_gelu' if c.get('quick_gelu', False) else 'gelu',
+                  f'{name} quick_gelu={c.get("quick_gelu", False)}'
+                  + ('' if 'quick_gelu' in c else " (open_clip's default)"))
+    if v.get('act_kwargs'):
+      raise CheckpointError(f'{what}: {f} sets vision_cfg.act_kwargs={v["act_kwargs"]}; '
+                            'unsupported (plain GELU / QuickGELU only).')
+    hw = int(v.get('head_width', 64))
+    if 'width' in v:
+      if int(v['width']) % hw:
+        raise CheckpointError(f'{what}: {f} has width {v["width"]} not divisible by head_width {hw}.')
+      rec['heads'] = (int(v['width']) // hw, f'{name} vision_cfg.width // head_width '
+                      f'({v["width"]} // {hw})')
+    eps = (v.get('norm_kwargs') or {}).get('eps')
+    if eps is not None:
+      rec['ln_eps'] = (float(eps), f'{name} vision_cfg.norm_kwargs.eps')
+  return rec
+
+
+def resolve_facts(recorded: dict, *, act: str | None, heads: int | None, ln_eps: float | None,
+                  what: str, layout: str) -> dict[str, tuple]:
+  """act/heads/ln_eps as (value, source): the file's record, an explicit value, or an error.
+
+  act '' and heads 0 mean "not given" (the config fields' defaults). An explicit value that
+  contradicts the file raises CheckpointError naming both; act or heads known from neither raise
+  CheckpointError naming config.teacher.act / config.teacher.heads and the choices.
+  """
+  out: dict[str, tuple] = {}
+  given = {'act': act or None, 'heads': heads or None, 'ln_eps': ln_eps}
+  field_names = {'act': 'config.teacher.act', 'heads': 'config.teacher.heads',
+                 'ln_eps': 'ln_eps='}
+  missing = []
+  for field in ('act', 'heads', 'ln_eps'):
+    g, r = given[field], recorded.get(field)
+    if r is not None and g is not None:
+      if r[0] != 'width//64' and r[0] != g:
+        raise CheckpointError(
+            f'{what}: {field_names[field]}={g!r} contradicts {r[1]}, which says {r[0]!r}. Unset '
+            f'{field_names[field]} (the file records it) or fix the file.')
+      out[field] = (g, f'{field_names[field]}' + ('' if r[0] == 'width//64' else
+                                                  f' (agrees with {r[1]})'))
+    elif g is not None:
+      out[field] = (g, field_names[field])
+    elif r is not None:
+      out[field] = r
+    elif field == 'ln_eps':
+      out[field] = (_LN_EPS, 'not recorded in the file: 1e-5, the eps of every OpenAI, open_clip '
+                    'and transformers CLIP tower (nn.LayerNorm default)')
+    else:
+      missing.append(field)
+  if missing:
+    lines = [f'{what} ({layout} layout) does not record the tower\'s '
+             + ' or '.join({'act': 'MLP activation', 'heads': 'number of attention heads'}[m]
+                           for m in missing)
+             + f'; eva_jax will not guess {"them" if len(missing) > 1 else "it"}.']
+    if 'act' in missing:
+      lines.append(f'Set config.teacher.act (--config.teacher.act=..., load_teacher(act=...)) to '
+                   f'one of {", ".join(ACTS)}: {_ACT_HELP}. The wrong one changes every target '
+                   'without any error.')
+    if 'heads' in missing:
+      lines.append('Set config.teacher.heads (--config.teacher.heads=N, load_teacher(heads=N)): '
+                   'width // 64 for OpenAI and open_clip ViTs (head_width 64), else what the '
+                   'model was built with.')
+    lines.append('Alternatively keep the record next to the weights: a transformers config.json '
+                 'or an open_clip_config.json (model_cfg with quick_gelu and vision_cfg).')
+    raise CheckpointError('\n'.join(lines))
+  return out
+
+
+def _resolve_heads(facts: dict, width: int, what: str) -> int:
+  heads, source = facts['heads']
+  if heads == 'width//64':
+    if width % _OPENAI_HEAD_DIM:
+      raise CheckpointError(
+          f'{what}: width {width} is not a multiple of 64, so the OpenAI rule heads = width // 64 '
+          'does not apply and the archive does not record the number of heads. Set '
+          'config.teacher.heads (load_teacher(heads=N)).')
+    heads = width // _OPENAI_HEAD_DIM
+  return int(heads)
+
+
+def _log_facts(facts: dict, heads: int, what: str) -> None:
+  for field in ('act', 'heads', 'ln_eps'):
+    value, source = facts[field]
+    value = heads if field == 'heads' else value
+    level = logging.WARNING if source.startswith('not recorded') else logging.INFO
+    logging.log(level, '%s: %s=%s from %s.', what, field, value, source)
+
+
+def _infer_sizes(src: common.TensorSource, names: _Names, ns_keys: list[str], hf_cfg: dict,
+                 what: str) -> dict:
+  """The tower's sizes (width, depth, mlp_dim, patch_size, image_size, out_dim) from the shapes."""
   needed = [names.patch, names.pos, names.proj]
   missing = [k for k in needed if k not in src]
   depth_ids = sorted({int(m.group(1)) for k in ns_keys for m in [names.block_re.match(k)] if m})
@@ -197,32 +392,13 @@ def _infer(src: common.TensorSource, names: _Names, ns_keys: list[str], hf_cfg: 
   pr = src.shape(names.proj)
   out_dim = pr[0] if names.kind == HF else pr[-1]
 
-  if heads is None:
-    heads = hf_cfg.get('num_attention_heads')
-    if heads is None:
-      if width % 64:
-        raise CheckpointError(
-            f'{what}: width {width} is not a multiple of 64, so the OpenAI rule heads = width // 64 '
-            'does not apply and the checkpoint does not record the number of heads. Pass heads=.')
-      heads = width // 64
-  if act is None:
-    hf_act = hf_cfg.get('hidden_act', 'quick_gelu')
-    act = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu'}.get(hf_act)
-    if act is None:
-      raise CheckpointError(f'{what}: config.json has hidden_act={hf_act!r}; supported: quick_gelu, '
-                            'gelu (exact erf).')
-  ln_eps = hf_cfg.get('layer_norm_eps', 1e-5)
   if hf_cfg:
     for f, v in (('image_size', grid * patch), ('patch_size', patch), ('hidden_size', width)):
       if f in hf_cfg and hf_cfg[f] != v:
         logging.warning('%s: config.json says %s=%s but the weights say %s; using the weights.',
                         what, f, hf_cfg[f], v)
-  try:
-    cfg = clip_config(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, patch_size=patch,
-                      image_size=grid * patch, out_dim=out_dim, act=act, ln_eps=ln_eps, dtype=dtype)
-  except ValueError as e:
-    raise CheckpointError(f'{what}: inferred an invalid architecture: {e}') from e
-  return cfg
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, patch_size=patch, image_size=grid * patch,
+              out_dim=out_dim)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -339,23 +515,31 @@ def _converted_shapes(cfg) -> dict[str, tuple]:
 
 # -------------------------------------------------------------------------------------------------
 def load_clip_vision(path: str | os.PathLike, *, dtype: str = 'float32', heads: int | None = None,
-                     act: str | None = None):
+                     act: str | None = None, ln_eps: float | None = None):
   """The CLIP vision tower at `path` as an eva_jax VisionTransformer (teacher config, out_dim > 0).
 
   path:  a transformers save_pretrained directory (or its model file), an OpenAI .pt (TorchScript or
          state dict) or an open_clip checkpoint (see the module docstring).
   dtype: compute dtype name of the returned model ('float32', 'bfloat16', 'float16'); parameters
          stay float32.
-  heads, act: override what the checkpoint cannot say (defaults: config.json, else width // 64 and
-         'quick_gelu').
-  Raises FileNotFoundError (no such path) or CheckpointError (not a CLIP tower, missing /
-  unexpected / mis-shaped keys, unreadable file).
+  act, heads, ln_eps: the architecture facts the weights do not hold (config.teacher.act,
+         config.teacher.heads; None, '' and 0 mean "not given"). Where the file records them they
+         may be omitted, and must agree; where it does not (bare state dicts), act and heads are
+         required. See the module docstring for what each format records. Logged with sources.
+  Raises FileNotFoundError (no such path), ValueError (bad act/heads values) or CheckpointError
+  (not a CLIP tower, missing / unexpected / mis-shaped keys, unreadable file, act/heads neither
+  recorded nor given, or given values that contradict the file).
   """
   path = os.fspath(path)
-  if act is not None and act not in ('quick_gelu', 'gelu'):
-    raise ValueError(f"act must be 'quick_gelu' or 'gelu' (exact erf), got {act!r}.")
-  if heads is not None and (not isinstance(heads, (int, np.integer)) or heads <= 0):
-    raise ValueError(f'heads must be a positive integer, got {heads!r}.')
+  if act and act not in ACTS:
+    raise ValueError(f"config.teacher.act must be 'quick_gelu' or 'gelu' (exact erf), or '' to "
+                     f'read it from the checkpoint; got {act!r}.')
+  if heads is not None and (not isinstance(heads, (int, np.integer)) or isinstance(heads, bool)
+                            or heads < 0):
+    raise ValueError(f'config.teacher.heads must be a positive integer, or 0 to read it from the '
+                     f'checkpoint; got {heads!r}.')
+  if ln_eps is not None and not (isinstance(ln_eps, (int, float)) and 0 < ln_eps < 1):
+    raise ValueError(f'ln_eps must be a small positive float, got {ln_eps!r}.')
   what = f'Checkpoint {path!r}'
   src = common.TensorSource(path)
   kind, pre = detect_layout(src.keys())
@@ -363,15 +547,27 @@ def load_clip_vision(path: str | os.PathLike, *, dtype: str = 'float32', heads: 
   ignored_known = [k for k in src if kind == HF and k in _HF_IGNORED]
   ns_keys = [k for k in src if names.in_namespace(k) and k not in ignored_known]
   others = len(src) - len(ns_keys) - len(ignored_known)
-  hf_cfg = _hf_vision_config(path) if kind == HF else {}
-  cfg = _infer(src, names, ns_keys, hf_cfg, heads, act, dtype, what)
+  hf_cfg = _hf_vision_config(path) if kind == HF else None
+  layout = {HF: 'transformers', OPENAI: 'TorchScript' if src.script_modules else
+            'OpenAI/open_clip state dict'}[kind]
+  sizes = _infer_sizes(src, names, ns_keys, hf_cfg or {}, what)
   if others:
     logging.info('%s: ignoring %d keys outside the vision tower (text tower, logit_scale, ...).',
                  what, others)
-  common.check_keys(_expected(names, cfg), {k: src.shape(k) for k in ns_keys},
-                    f'{what} ({kind} layout, inferred {cfg.name}: width {cfg.width}, depth '
-                    f'{cfg.depth}, heads {cfg.heads}, mlp {cfg.mlp_dim}, patch {cfg.patch_size}, '
-                    f'image {cfg.image_size}, out {cfg.out_dim})')
+  # Keys first: a file of the wrong architecture is reported as such before act/heads are asked.
+  common.check_keys(_expected(names, ml_collections.ConfigDict(sizes)),
+                    {k: src.shape(k) for k in ns_keys},
+                    f'{what} ({kind} layout, inferred width {sizes["width"]}, depth '
+                    f'{sizes["depth"]}, mlp {sizes["mlp_dim"]}, patch {sizes["patch_size"]}, '
+                    f'image {sizes["image_size"]}, out {sizes["out_dim"]})')
+  facts = resolve_facts(_recorded_facts(path, src, names, hf_cfg, what), act=act, heads=heads,
+                        ln_eps=ln_eps, what=what, layout=layout)
+  try:
+    cfg = clip_config(**sizes, heads=_resolve_heads(facts, sizes['width'], what),
+                      act=facts['act'][0], ln_eps=facts['ln_eps'][0], dtype=dtype)
+  except ValueError as e:
+    raise CheckpointError(f'{what}: invalid architecture: {e}') from e
+  _log_facts(facts, cfg.heads, what)
   conv = _converters(src, names, cfg)
   model = common.model_from_params(cfg, _converted_shapes(cfg), lambda key: conv[key](), what)
   logging.info('Loaded CLIP teacher %s from %s (%s layout; %d tower tensors, %d other keys ignored).',

@@ -19,16 +19,27 @@ our params -> torch -> our params is bit-exact.
 Import (`from_torch_state_dict`) takes either layout (detected from the names), unwraps
 {'model': ...}, drops derived RoPE buffers (`*rope.freqs_*`, as timm does), infers the config from
 shapes when none is given, checks names and shapes strictly and returns the head/classifier
-tensors (`lm_head.*`, `fc_norm.*`, `head.*`) separately. torch is never imported here at module
+tensors (`lm_head.*`, `fc_norm.*`, `head.*`) separately.
+
+What the shapes do not hold is never guessed (issue 12, kind A): the head count, RoPE (on/off,
+theta, reference grid) and the LayerNorm eps (FACT_FIELDS). Each comes from what the file records,
+else an explicit value (`facts=` / `heads=`, or a whole `cfg=`), else the import is refused naming
+the field. Records: the timm kwargs json that `eva_jax.export` writes next to a safetensors file
+(FILE.json: num_heads, use_rot_pos_emb, rope_temperature, ref_feat_shape; no norm_layer means
+timm's LayerNorm eps 1e-6) and the official EVA-02 RoPE buffers (`rope.freqs_cos` [N, head_dim]:
+the head dim, RoPE on, and theta / reference grid, checked against the table they imply). The eps
+alone falls back to 1e-6, the eps of every timm Eva and official EVA model, with a log line.
+Explicit values that contradict the record are refused. Every choice is logged with its source. torch is never imported here at module
 level; numpy arrays go in and out.
 """
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
+import os
 import re
-import warnings
 from typing import Iterator, Mapping
 
 import ml_collections
@@ -42,8 +53,11 @@ LAYOUTS = ('timm', 'eva')
 EXTRA_PREFIXES = ('lm_head.', 'fc_norm.', 'head.')
 # Our head params (MIM lm_head, classifier fc_norm/head) <-> torch names.
 _HEADS = ('lm_head', 'fc_norm', 'head')
-# Heads of the released EVA widths (head count is not visible in the weights).
-_HEADS_BY_WIDTH = {64: 4, 192: 3, 384: 6, 768: 12, 1024: 16, 1408: 16, 1792: 16}
+# Architecture facts the weights do not hold (see the module docstring).
+FACT_FIELDS = ('heads', 'rope', 'rope_theta', 'rope_ref_grid', 'ln_eps')
+# Heads of the released EVA models, quoted in the refusal message only (never applied).
+_RELEASED_HEADS = 'EVA-01 g (1408): 16; EVA-02 Ti (192): 3, S (384): 6, B (768): 12, L (1024): 16'
+_LN_EPS = 1e-6   # timm Eva's LayerNorm default and the official code's partial(nn.LayerNorm, 1e-6)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -321,13 +335,9 @@ def _timm_to_official(k: str, cfg) -> str:
 class _Source(Mapping):
   """Uniform view of a state dict: unwrapped, 'module.' stripped, values as numpy on access."""
 
-  def __init__(self, source: Mapping):
-    if not isinstance(source, common.TensorSource):
-      for w in common._WRAPPERS:
-        if (w in source and isinstance(source[w], Mapping)
-            and not any(hasattr(v, 'shape') for v in source.values())):
-          source = source[w]
-          break
+  def __init__(self, source: Mapping, weights: str = 'auto'):
+    if not isinstance(source, common.TensorSource):   # a TensorSource chose when it read the file
+      source = common.unwrap_state_dict(source, weights, 'state dict')
     self._src = source
     self._orig = {}
     for k in source.keys():
@@ -398,11 +408,10 @@ def _not_eva_error(keys) -> CheckpointError:
       + hint + f'First keys: {", ".join(keys[:8])}')
 
 
-def infer_config(shapes: Mapping[str, tuple], *, heads: int | None = None,
-                 head_dim: int | None = None) -> ml_collections.ConfigDict:
-  """Encoder config from timm-named shapes. Not in the weights: the head count (from `heads`,
-  `head_dim` (official RoPE buffers) or the released EVA widths), RoPE (assumed with SwiGLU, as in
-  every EVA-02, reference grid 16 = 224/14) and LayerNorm eps (1e-6)."""
+def infer_config(shapes: Mapping[str, tuple], facts: Mapping) -> ml_collections.ConfigDict:
+  """Encoder config from timm-named shapes plus the resolved `facts` (FACT_FIELDS: heads, rope,
+  rope_theta, rope_ref_grid, ln_eps; see resolve_facts). Raises CheckpointError for shapes that
+  are no EVA encoder."""
   pw = shapes['patch_embed.proj.weight']
   if len(pw) != 4 or pw[2] != pw[3]:
     raise CheckpointError(f'patch_embed.proj.weight has shape {pw}; expected [D, C, P, P].')
@@ -417,6 +426,8 @@ def infer_config(shapes: Mapping[str, tuple], *, heads: int | None = None,
   if g * g != n or n == 0:
     raise CheckpointError(f'pos_embed {shapes.get("pos_embed")} is not a square grid (+cls).')
   b = 'blocks.0.'
+  if b + 'mlp.fc2.weight' not in shapes:
+    raise CheckpointError('Checkpoint has no blocks.0.mlp.fc2.weight (nor official mlp.w3).')
   f = shapes[b + 'mlp.fc2.weight'][1]
   swiglu = b + 'mlp.fc1_g.weight' in shapes or (
       b + 'mlp.fc1.weight' in shapes and shapes[b + 'mlp.fc1.weight'][0] == 2 * f)
@@ -425,15 +436,9 @@ def infer_config(shapes: Mapping[str, tuple], *, heads: int | None = None,
   if sub_ln_attn and not sub_ln:
     raise CheckpointError('Checkpoint has attn.norm (inner_attn_ln) without mlp.norm (ffn_ln); '
                           'our encoder has no such variant.')
-  if heads is None and head_dim:
-    heads = d // head_dim
-  if heads is None:
-    heads = _HEADS_BY_WIDTH.get(d) or (d // 64 if d % 64 == 0 else None)
-    if heads is None:
-      raise CheckpointError(f'Cannot infer the head count of width {d}; pass heads= or cfg=.')
-    if d not in _HEADS_BY_WIDTH:
-      warnings.warn(f'Head count of width {d} not in the weights; assuming head dim 64 '
-                    f'({heads} heads). Pass heads= or cfg= if that is wrong.')
+  heads = int(facts['heads'])
+  if heads <= 0 or d % heads:
+    raise CheckpointError(f'heads={heads} does not divide the width {d}.')
   cfg = config_lib._base(d, depth, heads, f, p)
   cfg.name = 'custom'
   cfg.image_size = g * p
@@ -444,9 +449,12 @@ def infer_config(shapes: Mapping[str, tuple], *, heads: int | None = None,
   has_q = b + 'attn.q_bias' in shapes or b + 'attn.q_proj.bias' in shapes
   cfg.attn_bias = 'qv' if has_q else 'none'
   cfg.swiglu, cfg.sub_ln, cfg.sub_ln_attn = swiglu, sub_ln, sub_ln_attn or not sub_ln
-  if swiglu or head_dim:
-    cfg.rope = True
-    cfg.rope_ref_grid = 16
+  cfg.ln_eps = float(facts['ln_eps'])
+  cfg.rope = bool(facts['rope'])
+  if cfg.rope:
+    cfg.rope_theta = float(facts['rope_theta'])
+    cfg.rope_ref_grid = int(facts['rope_ref_grid'])
+  if swiglu or cfg.rope:
     cfg.init = 'eva02'
   fields = ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'swiglu', 'sub_ln', 'rope')
   for name in config_lib.ENCODER_NAMES:
@@ -458,6 +466,118 @@ def infer_config(shapes: Mapping[str, tuple], *, heads: int | None = None,
       break
   config_lib.validate(cfg)
   return cfg
+
+
+def _shape_config(shapes: Mapping[str, tuple]) -> ml_collections.ConfigDict:
+  """A config with the checkpoint's shapes, for checking key names/shapes only: heads=1, no RoPE
+  are placeholders (key names and shapes do not depend on them), never used to build a model."""
+  return infer_config(shapes, dict(heads=1, rope=False, rope_theta=1e4, rope_ref_grid=0,
+                                   ln_eps=_LN_EPS))
+
+
+def timm_kwargs_record(path: str) -> tuple[dict, str] | None:
+  """(timm Eva kwargs, json path) written next to a weights file by eva_jax.export (FILE.json), or
+  None. Raises CheckpointError for an unreadable one (ignoring it would turn a record into a guess)."""
+  f = path + '.json'
+  if not os.path.isfile(f):
+    return None
+  try:
+    with open(f) as fh:
+      kw = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
+  if not isinstance(kw, dict) or 'embed_dim' not in kw:
+    raise CheckpointError(f'{f} is not a timm Eva kwargs json (no embed_dim); fix or remove it.')
+  return kw, f
+
+
+def _rope_record(src: '_Source', rope_keys: list[str], width: int, grid: int) -> dict[str, tuple]:
+  """Facts the official EVA-02 RoPE buffer records: head dim, RoPE on, theta and reference grid.
+
+  The buffer is rope_sincos's cos table; theta and the reference grid are read from it (the
+  first band has frequency 1: row (y=1, x=0) holds cos(ref/grid)) and the whole table is then
+  compared with the one they imply, so a buffer we cannot explain is refused, not half-read."""
+  from eva_jax.models.layers import rope_sincos
+  cos_keys = sorted(k for k in rope_keys if k.endswith('freqs_cos'))
+  if not cos_keys:
+    return {}
+  key = 'rope.freqs_cos' if 'rope.freqs_cos' in cos_keys else cos_keys[0]
+  table = np.asarray(src[key], np.float64)
+  n, head_dim = table.shape[-2], table.shape[-1]
+  what = f'RoPE buffer {key} {tuple(table.shape)}'
+  if n != grid * grid or head_dim % 4 or width % head_dim:
+    raise CheckpointError(f'{what} does not fit the patch grid {grid}x{grid} and width {width}.')
+  src_name = f'the checkpoint\'s {key}'
+  rec = {'heads': (width // head_dim, f'{src_name} (head dim {head_dim})'),
+         'rope': (True, src_name)}
+  if grid > 1:
+    nb = head_dim // 4
+    row = table[grid, 0:2 * nb:2]              # y=1, x=0: cos(ref / grid * band_i), i < nb
+    thetas = [1e4]
+    # Another base: two neighbouring bands whose angles are well inside (0, pi) (arccos exact
+    # there, float32 cos too coarse near 0) give theta = (angle_i / angle_i+1) ** nb.
+    ang = np.arccos(np.clip(row, -1, 1))
+    for i in range(nb - 1):
+      if 0.2 < ang[i + 1] < ang[i] < 3.0:
+        thetas.append(float(f'{(ang[i] / ang[i + 1]) ** nb:.4g}'))   # float32 table: ~4 digits
+    thetas = list(dict.fromkeys(thetas))
+    refs = np.arange(1, 1025, dtype=np.float64)
+    for theta in thetas:
+      bands = 1.0 / theta ** (np.arange(nb) / nb)
+      err = np.abs(np.cos(refs[:, None] / grid * bands[None]) - row[None]).max(1)
+      ref_grid = int(refs[int(np.argmin(err))])
+      # ref == grid gives the same table as "own grid" (0) here; the official code always scales
+      # to its pt_seq_len (the reference), so the reference it was built with is what we keep.
+      _, cos = rope_sincos((grid, grid), head_dim, theta, ref_grid)
+      if np.abs(cos - table).max() < 1e-4:
+        rec['rope_theta'] = (theta, f'{src_name} (verified)')
+        rec['rope_ref_grid'] = (ref_grid, f'{src_name} (verified)')
+        return rec
+    raise CheckpointError(f'{what} is no 2D axial RoPE table eva_jax can reproduce (tried theta '
+                          f'{thetas}, reference grids 1..1024); pass cfg= with the encoder config.')
+  return rec
+
+
+def resolve_facts(recorded: Mapping[str, tuple], given: Mapping, what: str) -> dict[str, tuple]:
+  """FACT_FIELDS -> (value, source): the file's record, else the explicit value, else an error.
+
+  An explicit value that contradicts the record raises CheckpointError naming both. rope_theta /
+  rope_ref_grid are needed only with RoPE; ln_eps alone falls back to 1e-6 (logged)."""
+  out: dict[str, tuple] = {}
+  missing = []
+  for field in FACT_FIELDS:
+    g, r = given.get(field), recorded.get(field)
+    if field in ('rope_theta', 'rope_ref_grid') and not (out.get('rope') or (False,))[0]:
+      out[field] = (0 if field == 'rope_ref_grid' else 1e4, 'unused without RoPE')
+      continue
+    if r is not None and g is not None:
+      if r[0] != g and not (isinstance(g, float) and abs(r[0] - g) <= 1e-9 * abs(g)):
+        raise CheckpointError(f'{what}: the given {field}={g!r} contradicts {r[1]}, which says '
+                              f'{r[0]!r}. Drop {field} from the explicit values (the file records '
+                              'it) or fix the file.')
+      out[field] = (g, f'the explicit {field} (agrees with {r[1]})')
+    elif g is not None:
+      out[field] = (g, f'the explicit {field}')
+    elif r is not None:
+      out[field] = r
+    elif field == 'ln_eps':
+      out[field] = (_LN_EPS, 'not recorded in the file: 1e-6, the eps of every timm Eva and '
+                    'official EVA model')
+    else:
+      missing.append(field)
+  if missing:
+    help_ = {'heads': f'the number of attention heads (released: {_RELEASED_HEADS})',
+             'rope': 'whether the encoder uses 2D RoPE (EVA-02: True, EVA-01: False)',
+             'rope_theta': 'the RoPE base (EVA-02: 10000.0)',
+             'rope_ref_grid': 'the grid RoPE coordinates are defined on (EVA-02: 16 = 224 / 14)'}
+    raise CheckpointError(
+        f'{what} does not record ' + ', '.join(missing) + '; eva_jax will not guess. Give them: '
+        'facts={' + ', '.join(f"'{m}': ..." for m in missing) + '} (or heads=, or a whole cfg=; '
+        'fine-tuning takes them from the fine-tuning config\'s model). '
+        + ' '.join(f'{m}: {help_[m]}.' for m in missing)
+        + ' Or keep the record next to the weights: the FILE.json that eva_jax.export writes '
+        '(timm Eva kwargs).')
+  return out
 
 
 def _from_timm(src: _Source, canon: dict[str, str], cfg, fused: bool, packed: bool):
@@ -509,19 +629,63 @@ def _from_timm(src: _Source, canon: dict[str, str], cfg, fused: bool, packed: bo
   return loaders
 
 
-def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None):
+def _recorded_facts(source, src: _Source, rope_keys: list[str], shape_cfg, record, what: str):
+  """FACT_FIELDS -> (value, source) for what the checkpoint records (see the module docstring)."""
+  rec: dict[str, tuple] = {}
+  name = 'the given timm kwargs'
+  if record is None and isinstance(source, common.TensorSource) and len(source._files) == 1:
+    found = timm_kwargs_record(source._files[0])
+    if found is not None:
+      record, name = found[0], os.path.basename(found[1])
+  if record is not None:
+    for k, v in (('embed_dim', shape_cfg.width), ('depth', shape_cfg.depth)):
+      if k in record and record[k] != v:
+        raise CheckpointError(f'{what}: {name} says {k}={record[k]} but the weights have {v}; '
+                              'the json belongs to another model. Fix or remove it.')
+    if 'num_heads' in record:
+      rec['heads'] = (int(record['num_heads']), f'{name} num_heads')
+    rope = bool(record.get('use_rot_pos_emb', False))   # timm Eva's defaults where absent
+    rec['rope'] = (rope, f'{name} use_rot_pos_emb')
+    if rope:
+      rec['rope_theta'] = (float(record.get('rope_temperature', 10000.0)),
+                           f'{name} rope_temperature')
+      ref = record.get('ref_feat_shape')
+      if ref is not None and (len(ref) != 2 or ref[0] != ref[1]):
+        raise CheckpointError(f'{what}: {name} ref_feat_shape={ref}; only square grids are supported.')
+      rec['rope_ref_grid'] = (int(ref[0]) if ref else 0, f'{name} ref_feat_shape')
+    if 'norm_layer' not in record:
+      rec['ln_eps'] = (_LN_EPS, f"{name} (no norm_layer: timm's LayerNorm eps)")
+  grid = shape_cfg.image_size // shape_cfg.patch_size
+  for field, v in _rope_record(src, rope_keys, shape_cfg.width, grid).items():
+    if field in rec and rec[field][0] != v[0]:
+      raise CheckpointError(f'{what}: {rec[field][1]} says {field}={rec[field][0]!r} but '
+                            f'{v[1]} says {v[0]!r}.')
+    rec.setdefault(field, v)
+  return rec
+
+
+def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None,
+                          facts: Mapping | None = None, record: Mapping | None = None,
+                          weights: str = 'auto'):
   """Imports a timm `Eva` or official EVA-01/EVA-02 state dict. Returns (cfg, model, extras).
 
   source: a Mapping name -> tensor/array (common.TensorSource, a torch state dict, a dict of numpy
           arrays), possibly wrapped as {'model': ...}. Layout is detected from the names.
-  cfg:    the encoder config to build; None infers it from the shapes (see infer_config; `heads`
-          helps there). Names and shapes are checked strictly against it: missing or unexpected
+  cfg:    the encoder config to build (explicit: every fact given); None infers it from the
+          shapes plus the facts the shapes do not hold (FACT_FIELDS), from the file's record or
+          `facts` / `heads` (explicit), else CheckpointError naming the missing ones.
+  facts:  explicit {'heads', 'rope', 'rope_theta', 'rope_ref_grid', 'ln_eps'} (any subset);
+          `heads=` is a shorthand for facts={'heads': ...}. Contradicting the record is an error.
+  record: timm Eva kwargs recorded with the weights; default: FILE.json next to a TensorSource's
+          single file (eva_jax.export writes it). Names and shapes are checked strictly against it: missing or unexpected
           tensors raise CheckpointError listing them (e.g. a timm backbone has no mask_token: pass a
           cfg with mask_token=False, or cfg=None).
+  weights: raw or EMA weights of an in-memory training checkpoint ('auto', 'model', 'model_ema';
+          see common.unwrap_state_dict); a TensorSource was given its choice when it read the file.
   extras: the torch-named tensors that are not encoder parameters (lm_head.*, fc_norm.*, head.*),
           as numpy arrays; extras_to_params converts them to our naming.
   """
-  src = _Source(source)
+  src = _Source(source, weights)
   keys = list(src)
   if 'patch_embed.proj.weight' not in keys:
     raise _not_eva_error(keys)
@@ -530,14 +694,38 @@ def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None
   rope_keys = [k for k in keys if _is_rope_buffer(k)]
   canon = _canonical_names(k for k in keys if k not in extras_keys and k not in rope_keys)
   shapes = {n: src.shape(o) for n, o in canon.items()}
+  given = dict(facts or {})
+  unknown = sorted(set(given) - set(FACT_FIELDS))
+  if unknown:
+    raise ValueError(f'facts has unknown fields {unknown}; known: {FACT_FIELDS}.')
+  if heads:
+    if given.get('heads') not in (None, heads):
+      raise ValueError(f'heads={heads} contradicts facts["heads"]={given["heads"]}.')
+    given['heads'] = heads
+  given = {k: v for k, v in given.items() if v is not None and v != ''}
+  cfg_given = False
   if cfg is None:
-    cos = [k for k in rope_keys if k.endswith('freqs_cos')]  # official EVA-02: [N, head_dim]
-    head_dim = src.shape(cos[0])[-1] if cos else None
-    cfg = infer_config(shapes, heads=heads, head_dim=head_dim)
+    shape_cfg = _shape_config(shapes)    # key names/shapes first: a wrong file says so first
+    common.check_keys(timm_shapes(shape_cfg, fused='blocks.0.attn.qkv.weight' in shapes,
+                                  packed=bool(shape_cfg.swiglu) and 'blocks.0.mlp.fc1.weight' in shapes,
+                                  mask_token=True), shapes,
+                      f'{"Official EVA" if layout == "eva" else "timm Eva"} checkpoint')
+    what = f'{"Official EVA" if layout == "eva" else "timm Eva"} checkpoint' + (
+        f' {source.path!r}' if isinstance(source, common.TensorSource) else '')
+    recorded = _recorded_facts(source, src, rope_keys, shape_cfg, record, what)
+    resolved = resolve_facts(recorded, given, what)
+    cfg = infer_config(shapes, {k: v for k, (v, _) in resolved.items()})
+    for field in FACT_FIELDS:
+      value, from_ = resolved[field]
+      if from_ != 'unused without RoPE':
+        logging.log(logging.WARNING if from_.startswith('not recorded') else logging.INFO,
+                    '%s: %s=%s from %s.', what, field, value, from_)
   else:
+    cfg_given = True
     cfg = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
-    if heads is not None and heads != cfg.heads:
-      raise ValueError(f'heads={heads} contradicts cfg.heads={cfg.heads}.')
+    for field, v in given.items():
+      if cfg[field] != v:
+        raise ValueError(f'{field}={v!r} contradicts cfg.{field}={cfg[field]!r}.')
     config_lib.validate(cfg)
   _check_supported(cfg)
   fused = 'blocks.0.attn.qkv.weight' in shapes
@@ -552,13 +740,21 @@ def from_torch_state_dict(source: Mapping, cfg=None, *, heads: int | None = None
     common.check_keys(expected, shapes, what)
   except CheckpointError as e:
     try:  # say what the checkpoint is, when it is a well-formed EVA checkpoint of another size
-      c = infer_config(shapes, heads=heads)
+      c = _shape_config(shapes)
       looks = (f'\nThe checkpoint looks like: width {c.width}, depth {c.depth}, mlp {c.mlp_dim}, '
                f'patch {c.patch_size}, image {c.image_size}, swiglu={c.swiglu}, sub_ln={c.sub_ln}, '
                f'mask_token={c.mask_token}, final_norm={c.final_norm} (pass cfg=None to infer it).')
     except Exception:  # noqa: BLE001 - only a hint
       looks = ''
     raise CheckpointError(str(e) + looks) from None
+  if cfg_given:   # an explicit cfg must agree with what the file records, like any explicit fact
+    rec = _recorded_facts(source, src, rope_keys, _shape_config(shapes), record, what)
+    for field, (v, from_) in rec.items():
+      if field.startswith('rope_') and not cfg.rope:
+        continue
+      if cfg[field] != v:
+        raise CheckpointError(f'{what}: cfg.{field}={cfg[field]!r} contradicts {from_}, which says '
+                              f'{v!r}. Fix the config (or the file).')
   loaders = _from_timm(src, canon, cfg, fused, packed)
   ours = _model_shapes(cfg)
   unknown = sorted(set(ours) - set(loaders))

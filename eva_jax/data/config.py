@@ -43,9 +43,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       hflip=0.5,
       scale=(0.2, 1.0),
       ratio=(3 / 4, 4 / 3),
-      # BEiT block-wise masking on the patch grid.
+      # BEiT block-wise masking on the patch grid. The masked count follows the grid: ratio *
+      # cells (105/256 is the recipe: exactly 105 of 16x16 at 224 px, patch 14). A
+      # num_masking_patches > 0 is an absolute count instead (exact recipes); one far from
+      # ratio * cells is warned about (eva_jax.data.masking.BlockMaskGenerator.from_config).
       mask=ml_collections.ConfigDict(dict(
-          num_masking_patches=105,
+          ratio=105 / 256,
+          num_masking_patches=0,
           min_num_patches=16,
           max_aspect=1 / 0.3,
           min_aspect=0.3,

@@ -5,9 +5,19 @@ in, so a mask is a pure function of (seed, example index) in the pipeline.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# EVA's recipe masks 105 of the 16x16 patches (224 px, patch 14): EVA-SPEC "Masking".
+RECIPE_RATIO = 105 / 256
+# A masked fraction further than this from data.mask.ratio is warned about (once per setting).
+RATIO_TOLERANCE = 0.05
+_MEAN_SAMPLES = 200   # masks drawn (from a fixed seed, not the run's) to measure the mean ratio
+_warned: set = set()
 
 
 class BlockMaskGenerator:
@@ -23,6 +33,7 @@ class BlockMaskGenerator:
                min_aspect: float = 0.3):
     self.height, self.width = int(grid[0]), int(grid[1])
     self.num_masking_patches = int(num_masking_patches)
+    self.mean_ratio: float | None = None   # set by from_config (measure_mean_ratio)
     self.min_num_patches = min_num_patches
     # BEiT exposes max_num_patches but EVA never sets it: it defaults to the target.
     self.max_num_patches = self.num_masking_patches
@@ -31,9 +42,61 @@ class BlockMaskGenerator:
 
   @classmethod
   def from_config(cls, grid: tuple[int, int], m) -> 'BlockMaskGenerator':
-    """From a `config.data.mask` block (a ConfigDict or a plain dict with the same keys)."""
-    return cls(grid, m['num_masking_patches'], m['min_num_patches'], m['max_aspect'],
-               m.get('min_aspect', 0.3))
+    """From a `config.data.mask` block (a ConfigDict or a plain dict with the same keys).
+
+    The masked count follows the grid: num_masking_patches > 0 is an absolute count (exact
+    recipes), else round(ratio * cells) (`ratio` missing, as in settings dicts of older runs,
+    means the recipe's 105/256). A count whose fraction of the grid is more than RATIO_TOLERANCE
+    away from `ratio` is warned about once, naming the numbers; so is a measured mean that
+    misses the target (e.g. blocks too large for a small grid). The mean masked ratio of
+    200 masks drawn from a fixed seed (the run's randomness is untouched) is logged and kept as
+    `mean_ratio`. Raises ValueError naming the field for a ratio outside [0, 1), a negative
+    count, a count larger than the grid, or neither given.
+    """
+    h, w = int(grid[0]), int(grid[1])
+    n = h * w
+    num = int(m.get('num_masking_patches', 0) or 0)
+    ratio = m.get('ratio', RECIPE_RATIO)
+    ratio = float(RECIPE_RATIO if ratio is None else ratio)
+    if not 0.0 <= ratio < 1.0:
+      raise ValueError(f'config.data.mask.ratio must be in [0, 1) (the recipe: {RECIPE_RATIO:.4f} '
+                       f'= 105/256), got {ratio}.')
+    if num < 0 or num > n:
+      raise ValueError(f'config.data.mask.num_masking_patches={num} does not fit the {h}x{w} patch '
+                       f'grid ({n} cells). Set it to 0 and use config.data.mask.ratio (e.g. '
+                       f'{RECIPE_RATIO:.4f}) to mask a fraction of any grid.')
+    if num:
+      count, source = num, 'config.data.mask.num_masking_patches'
+      if ratio and abs(num / n - ratio) > RATIO_TOLERANCE:
+        _warn_once((h, w, num, ratio), (
+            'config.data.mask.num_masking_patches=%d masks %.0f%% of the %dx%d patch grid, but '
+            'config.data.mask.ratio is %.3f (%.0f%%). The count is absolute: set '
+            'num_masking_patches=0 to mask ratio * cells (%d here) on any grid, or set ratio to '
+            'match.'), num, 100 * num / n, h, w, ratio, 100 * ratio, round(ratio * n))
+    else:
+      if not ratio:
+        raise ValueError('config.data.mask: num_masking_patches and ratio are both 0; set ratio '
+                         f'(the recipe: {RECIPE_RATIO:.4f}) or an absolute num_masking_patches.')
+      count, source = int(round(ratio * n)), f'config.data.mask.ratio={ratio:.4f}'
+      if count == 0:
+        raise ValueError(f'config.data.mask.ratio={ratio} masks no patch of the {h}x{w} grid; '
+                         'raise it.')
+    gen = cls((h, w), count, m['min_num_patches'], m['max_aspect'], m.get('min_aspect', 0.3))
+    gen.mean_ratio = gen.measure_mean_ratio()
+    log.info('Block masking: %d of %dx%d patches (%.3f, from %s); mean masked ratio %.3f over %d '
+             'sampled masks.', count, h, w, count / n, source, gen.mean_ratio, _MEAN_SAMPLES)
+    if abs(gen.mean_ratio - count / n) > RATIO_TOLERANCE:
+      _warn_once(('mean', h, w, count, m['min_num_patches']), (
+          'Block masking on the %dx%d grid masks %.3f of the patches on average, not the %.3f '
+          'asked for (min_num_patches=%s may be large for this grid; lower '
+          'config.data.mask.min_num_patches).'), h, w, gen.mean_ratio, count / n,
+          m['min_num_patches'])
+    return gen
+
+  def measure_mean_ratio(self, num: int = _MEAN_SAMPLES, seed: int = 0) -> float:
+    """Mean masked fraction of `num` masks drawn from np.random.default_rng(seed)."""
+    rng = np.random.default_rng(seed)
+    return float(np.mean([self(rng).mean() for _ in range(num)]))
 
   def _add_block(self, mask: np.ndarray, max_mask_patches: int,
                  rng: np.random.Generator) -> int:
@@ -68,6 +131,12 @@ class BlockMaskGenerator:
         break
       mask_count += delta
     return mask
+
+
+def _warn_once(key, msg: str, *args) -> None:
+  if key not in _warned:
+    _warned.add(key)
+    log.warning(msg, *args)
 
 
 def eval_mask(grid: tuple[int, int]) -> np.ndarray:

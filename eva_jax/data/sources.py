@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 
@@ -25,7 +26,21 @@ _SHARD_NAME = re.compile(r'-\d+-of-\d+\.array_record$')   # NAME-00000-of-00004.
 
 class FolderSource:
   """Image files under `root`. Labels follow torchvision's ImageFolder: when every image sits
-  inside a top-level sub-folder, the sorted sub-folder names are the classes."""
+  inside a top-level sub-folder, the sorted sub-folder names are the classes.
+
+  Links are followed, but by real path (issue 12, kind K):
+  - every directory and image is listed once: a directory whose real path was already walked (a
+    loop such as sub/back -> .., or a second link to the same folder) is skipped, as is an image
+    reached a second time;
+  - a class is a first-level directory of `root`. A first-level link to a directory outside the
+    root is a class too (datasets are often linked in); one to a directory inside the root is
+    not (it would duplicate or rename another class);
+  - below the first level, a link never moves images between classes: a directory or image whose
+    real path lies in another class's real folder, or elsewhere in the root (e.g. top-level
+    images), is skipped; it is listed under the class it really belongs to.
+  Every skip is counted in `skipped_links` ({'loop_or_duplicate': n, 'other_class': n}) and
+  logged once as a warning with examples.
+  """
 
   def __init__(self, root: str):
     self.root = os.path.abspath(os.path.expanduser(root))
@@ -34,17 +49,19 @@ class FolderSource:
       raise FileNotFoundError(
           f'Image folder {self.root} does not exist. Set config.data.source to folder:<an '
           'existing directory of images>, or use source=demo for the bundled photos.')
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-      dirnames.sort()        # os.walk order is filesystem-dependent; sort for determinism
-      paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+    paths, tops, self.skipped_links, examples = _walk_images(self.root)
     if not paths:
       raise ValueError(
           f'No images ({", ".join(IMAGE_EXTENSIONS)}) found under {self.root}. Put images (or '
           'class sub-folders of images) there, or point config.data.source elsewhere.')
-    tops = [os.path.relpath(p, self.root).split(os.sep)[0] for p in paths]
-    if all(os.sep in os.path.relpath(p, self.root) for p in paths):
+    if sum(self.skipped_links.values()):
+      logging.getLogger(__name__).warning(
+          'folder:%s: skipped %d linked directories/images reached a second time (symlink loops, '
+          'duplicate links) and %d links into another class or the root (a link never lends a '
+          'class); e.g. %s. Each image is listed once, under its real class.', self.root,
+          self.skipped_links['loop_or_duplicate'], self.skipped_links['other_class'],
+          '; '.join(examples[:3]))
+    if all(t is not None for t in tops):
       self.classes = sorted(set(tops))
       index = {c: i for i, c in enumerate(self.classes)}
       self.labels = [index[t] for t in tops]
@@ -59,6 +76,86 @@ class FolderSource:
   def __getitem__(self, index: int) -> tuple[bytes, int]:
     with open(self.paths[index], 'rb') as f:
       return f.read(), self.labels[index]
+
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+
+
+def _inside(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk_images(root: str):
+  """(paths, first-level class name or None per path, skip counts, examples); see FolderSource."""
+  real_root = os.path.realpath(root)
+  skipped = {'loop_or_duplicate': 0, 'other_class': 0}
+  examples: list[str] = []
+
+  def skip(kind, path, why):
+    skipped[kind] += 1
+    if len(examples) < 5:
+      examples.append(f'{os.path.relpath(path, root)} ({why})')
+
+  entries = sorted(os.scandir(root), key=lambda e: e.name)
+  # Classes: first-level directories; a first-level link into the root lends no class.
+  classes: dict[str, str] = {}   # name -> real path
+  for e in entries:
+    if e.is_dir(follow_symlinks=True):
+      real = os.path.realpath(e.path)
+      if e.is_symlink() and _inside(real, real_root):
+        skip('other_class', e.path, f'first-level link to {os.path.relpath(real, real_root)} '
+             'inside the root')
+        continue
+      classes[e.name] = real
+  visited_dirs = {real_root}
+  seen_files: set[str] = set()
+  paths: list[str] = []
+  tops: list[str | None] = []
+
+  def add_file(path, top):
+    real = os.path.realpath(path)
+    if real in seen_files:
+      skip('loop_or_duplicate', path, 'image listed already')
+      return
+    if top is not None and os.path.islink(path):
+      home = classes[top]
+      if not _inside(real, home) and _inside(real, real_root):
+        skip('other_class', path, 'link to an image of another class or the root')
+        return
+    seen_files.add(real)
+    paths.append(path)
+    tops.append(top)
+
+  for e in entries:            # images at the top level: unlabeled
+    if e.is_file(follow_symlinks=True) and _is_image(e.name):
+      add_file(e.path, None)
+  for name in sorted(classes):
+    home = classes[name]
+    stack = [os.path.join(root, name)]
+    while stack:
+      d = stack.pop()
+      real = os.path.realpath(d)
+      if real in visited_dirs:
+        skip('loop_or_duplicate', d, f'real folder {real} walked already')
+        continue
+      if not _inside(real, home) and _inside(real, real_root):
+        skip('other_class', d, f'link into {os.path.relpath(real, real_root)}')
+        continue
+      visited_dirs.add(real)
+      try:
+        sub = sorted(os.scandir(d), key=lambda e: e.name)
+      except OSError as err:
+        raise ValueError(f'Cannot list {d} ({err}); fix its permissions or remove it from '
+                         f'{root}.') from err
+      dirs = []
+      for e in sub:
+        if e.is_dir(follow_symlinks=True):
+          dirs.append(e.path)
+        elif e.is_file(follow_symlinks=True) and _is_image(e.name):
+          add_file(e.path, name)
+      stack.extend(reversed(dirs))   # depth-first in sorted order, as os.walk listed them
+  return paths, tops, skipped, examples
 
 
 def encode_record(image: bytes, label: int = -1) -> bytes:
@@ -95,13 +192,64 @@ class ArrayRecordSource:
         with open(meta) as f:
           self.classes = self.classes or json.load(f).get('classes', [])
     self.num_classes = len(self.classes) or None
-    self._ds = grain.sources.ArrayRecordDataSource(self.files)
+    try:
+      self._ds = grain.sources.ArrayRecordDataSource(self.files)
+    except Exception as e:  # noqa: BLE001 - the reader's errors name no file; find and name it
+      raise ValueError(_unreadable_shards_message(self.files, pattern, e)) from e
+    self._offsets = None   # cumulative record counts per shard, computed on the first read error
 
   def __len__(self) -> int:
     return len(self._ds)
 
+  def _shard_of(self, index: int) -> tuple[str, int]:
+    import numpy as np   # pylint: disable=g-import-not-at-top
+    if self._offsets is None:
+      self._offsets = np.cumsum([_num_records(f) for f in self.files])
+    i = int(np.searchsorted(self._offsets, index, side='right'))
+    return self.files[i], index - (int(self._offsets[i - 1]) if i else 0)
+
   def __getitem__(self, index: int) -> tuple[bytes, int]:
-    return decode_record(self._ds[index])
+    try:
+      record = self._ds[index]
+    except Exception as e:  # noqa: BLE001 - a corrupt chunk: name the shard, let the loader skip it
+      try:
+        shard, local = self._shard_of(index)
+        where = f'shard {shard} record {local}'
+      except Exception:  # noqa: BLE001 - naming the shard is best effort, the error is not
+        where = f'record {index} of {self.name}'
+      # OSError: DecodedSource skips the record, counts it (data/skipped) and logs this text.
+      raise OSError(f'unreadable ArrayRecord {where} ({type(e).__name__}: {e}); the shard is '
+                    'corrupt: re-pack it with eva_jax.data.pack or copy it again.') from e
+    return decode_record(record)
+
+
+def _num_records(f: str) -> int:
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordReader
+  r = ArrayRecordReader(f)
+  try:
+    return int(r.num_records())
+  finally:
+    r.close()
+
+
+def _unreadable_shards_message(files: list[str], pattern: str, err: Exception) -> str:
+  """Opens each shard alone to name the ones the reader refuses (its own error names none)."""
+  bad = []
+  for f in files:
+    try:
+      _num_records(f)
+    except Exception as e:  # noqa: BLE001
+      msg = str(e)[:200] or 'no message'
+      bad.append(f'{f} ({os.path.getsize(f)} bytes: {type(e).__name__}: {msg})')
+  if not bad:
+    return (f'The ArrayRecord shards matching {pattern} cannot be opened together '
+            f'({type(err).__name__}: {err}), though each opens alone. Check the files and the '
+            'glob.')
+  return (f'{len(bad)} of {len(files)} ArrayRecord shards matching {pattern} are truncated or '
+          f'corrupt: {"; ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}. Copy them again or '
+          're-pack the image folder (python -m eva_jax.data.pack --src DIR --out OUT); to train '
+          'without them, narrow config.data.source to the intact shards.')
 
 
 _TFDS_SPEC = re.compile(r'^(?P<name>[^:\[]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.+))?$')
