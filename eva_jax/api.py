@@ -94,8 +94,10 @@ def load_teacher(path, dtype=jnp.float32, *, heads: int | None = None, act: str 
       directory of that name exists.
   dtype: compute dtype (jnp.float32 / jnp.bfloat16 / jnp.float16 or their names); LayerNorm and the
     attention softmax run in float32 regardless, and the targets are float32. Parameters stay float32.
-  heads, act: for towers that deviate from OpenAI's conventions, which the weights cannot record
-    (defaults: config.json when present, else heads = width // 64 and act 'quick_gelu').
+  heads, act: architecture facts a bare state dict does not record (config.teacher.heads /
+    config.teacher.act). Read from config.json, the TorchScript archive or an open_clip_config.json
+    next to the weights where present (a given value must agree); otherwise required, and the load
+    is refused naming them. Every choice is logged with its source (convert/clip.py).
   seed: init seed of a random-init teacher (ignored for checkpoints).
 
   The architecture (width, depth, heads, MLP width, patch, image size, output dim) is inferred from
@@ -153,14 +155,18 @@ class Encoder:
             f'patch {self.config.patch_size}, from {self.source!r})')
 
 
-def load_encoder(path, dtype=jnp.float32) -> Encoder:
+def load_encoder(path, dtype=jnp.float32, *, weights: str = 'auto',
+                 facts: dict | None = None) -> Encoder:
   """Loads an EVA encoder from anything eva_jax.checkpoint.read_encoder reads.
 
   path: WORKDIR (its latest checkpoint), WORKDIR/checkpoints, WORKDIR/checkpoints/<step>, or a
   timm / official EVA PyTorch file (.pth, .pt, .bin, .safetensors).
   dtype: compute dtype of the returned encoder (LayerNorm and softmax stay float32).
+  weights, facts: for PyTorch files, which weights of an official training checkpoint and the
+  architecture facts the file may not record (heads, rope, ...); see checkpoint.read_encoder.
   Only the parameters are read (on the host), never the optimizer state.
   """
   from eva_jax import checkpoint as ckpt_lib
-  model, meta = ckpt_lib.encoder_from_checkpoint(os.fspath(path), dtype=_dtype_name(dtype))
+  model, meta = ckpt_lib.encoder_from_checkpoint(os.fspath(path), dtype=_dtype_name(dtype),
+                                                 weights=weights, facts=facts)
   return Encoder(model, meta, os.fspath(path))

@@ -196,14 +196,21 @@ class EncoderWeights:
   step: int | None = None   # training step of an eva_jax checkpoint
 
 
-def read_encoder(path: epath.PathLike) -> EncoderWeights:
+def read_encoder(path: epath.PathLike, *, weights: str = 'auto',
+                 facts: dict | None = None) -> EncoderWeights:
   """The one function that decides what a path is and reads the encoder in it, on the host.
 
   path: an eva_jax workdir, its checkpoints/ folder or one checkpoints/<step> folder (pretraining or
   fine-tuning); or a PyTorch file (.pth/.pt/.bin/.safetensors) in timm's or the official EVA
   layout (eva_jax.convert.eva_torch; torch imported only then). Only parameters are read, never
-  optimizer state. Raises FileNotFoundError for a missing path and ValueError (or the converter's
-  CheckpointError) for something that holds no EVA encoder.
+  optimizer state.
+  weights: for an official training checkpoint holding both, the raw ('model') or EMA
+    ('model_ema') weights; 'auto' takes the EMA and logs it (convert.common.unwrap_state_dict).
+  facts: architecture facts a PyTorch file may not record (heads, rope, rope_theta,
+    rope_ref_grid, ln_eps; eva_torch.FACT_FIELDS); the file's own record wins, a contradiction is
+    an error, and a fact neither recorded nor given is refused naming it.
+  Raises FileNotFoundError for a missing path and ValueError (or the converter's CheckpointError)
+  for something that holds no EVA encoder.
   """
   src = os.fspath(path)
   p = as_path(src)
@@ -219,7 +226,8 @@ def read_encoder(path: epath.PathLike) -> EncoderWeights:
                           source=f'eva_jax checkpoint {src} (step {step})', step=step)
   if p.is_file():
     from eva_jax.convert import common, eva_torch
-    enc_cfg, model, extras = eva_torch.from_torch_state_dict(common.TensorSource(src))
+    enc_cfg, model, extras = eva_torch.from_torch_state_dict(
+        common.TensorSource(src, weights=weights), facts=facts)
     logging.info('Imported %s; keys not used by the encoder: %s', src, sorted(extras))
     return EncoderWeights(params=common.unflatten(common.model_params_numpy(model)), extra={},
                           config=enc_cfg.to_dict(), meta={'kind': 'pytorch'},
@@ -228,12 +236,12 @@ def read_encoder(path: epath.PathLike) -> EncoderWeights:
                           'or a timm / official EVA .pth / .safetensors file.')
 
 
-def encoder_from_checkpoint(path: epath.PathLike, dtype: str | None = None):
-  """(VisionTransformer, meta) of anything read_encoder reads; `dtype` is the compute dtype
-  ('float32' by default, for evaluation)."""
+def encoder_from_checkpoint(path: epath.PathLike, dtype: str | None = None, **read_kwargs):
+  """(VisionTransformer, meta) of anything read_encoder reads (read_kwargs: its weights, facts);
+  `dtype` is the compute dtype ('float32' by default, for evaluation)."""
   import ml_collections
   from eva_jax.convert import common
-  weights = read_encoder(path)
+  weights = read_encoder(path, **read_kwargs)
   cfg = ml_collections.ConfigDict(weights.config)
   cfg.dtype = dtype or 'float32'
   flat = common.flatten(weights.params)

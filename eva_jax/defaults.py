@@ -60,6 +60,7 @@ def finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.loss_scale = ml_collections.ConfigDict(dict(
       initial=2.0 ** 16, growth_interval=500, hysteresis=2, min_scale=1.0))
   c.init_from = ''              # pretraining workdir/checkpoint, or timm/official EVA file; '' = random
+  c.init_from_weights = 'auto'  # official training files: 'model', 'model_ema' or 'auto' (EMA if any)
   c.num_classes = 0             # 0 = from the labeled source
   c.pool = 'mean'               # mean-pool patch tokens -> fc_norm -> head (EVA); 'token' = cls
   c.head_init_scale = 0.001

@@ -41,13 +41,13 @@ def export(path: str, fmt: str, out: str) -> dict:
   out_path = paths.as_path(out)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   finetuned = meta.get('kind') == 'eva_finetune'
+  kwargs = eva_torch.timm_kwargs(cfg, num_classes=meta['num_classes'] if finetuned else 0,
+                                 global_pool='avg' if finetuned and meta.get('pool') == 'mean'
+                                 else 'token',
+                                 use_fc_norm=finetuned)
   if fmt == 'timm':
     flat = {k: v for k, v in flat.items() if not k.startswith('lm_head/')}
     sd = eva_torch.to_torch_state_dict(flat, cfg, 'timm')
-    kwargs = eva_torch.timm_kwargs(cfg, num_classes=meta['num_classes'] if finetuned else 0,
-                                   global_pool='avg' if finetuned and meta.get('pool') == 'mean'
-                                   else 'token',
-                                   use_fc_norm=finetuned)
     from safetensors.numpy import save
     # Whole-object writes through epath: local folders and object stores (gs://) alike.
     out_path.write_bytes(save(sd, metadata={'format': 'pt', 'source': 'eva_jax', 'step': str(step)}))
@@ -57,5 +57,8 @@ def export(path: str, fmt: str, out: str) -> dict:
     import torch  # lazy: only the .pth writer needs it
     with out_path.open('wb') as f:
       torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}}, f)
+    # The official layout records neither the head count nor RoPE: the timm kwargs beside it make
+    # the file self-describing for read_encoder / load_encoder (and for timm).
+    epath.Path(os.fspath(out_path) + '.json').write_text(json.dumps(kwargs, indent=2))
   return {'checkpoint': path, 'step': step, 'format': fmt, 'out': out, 'tensors': len(sd),
           'kind': meta.get('kind')}

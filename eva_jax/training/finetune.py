@@ -144,7 +144,12 @@ class FinetuneProgram(trainer.Program):
     state = task.init(cfg.seed)
     if not cfg.init_from:
       return state
-    weights = ckpt_lib.read_encoder(cfg.init_from)
+    from eva_jax.convert.eva_torch import FACT_FIELDS
+    # A PyTorch file may not record every architecture fact: the fine-tuning config states them
+    # (and a file that records other values is refused, naming the field).
+    weights = ckpt_lib.read_encoder(
+        cfg.init_from, weights=cfg.get('init_from_weights', 'auto'),
+        facts={k: self.encoder_cfg[k] for k in FACT_FIELDS})
     for field in ARCH_FIELDS:
       if field in weights.config and weights.config[field] != self.encoder_cfg[field]:
         raise ValueError(f'config.init_from has model.{field}={weights.config[field]} but the '
