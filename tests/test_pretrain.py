@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from eva_jax import defaults, parallel
-from eva_jax.training import pretrain, trainer
+from eva_jax.training import checks, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV8 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
@@ -241,7 +241,7 @@ def test_batch_and_mesh_divisibility_errors():
     ('configs/eva02_l14_pretrain.py', None)])
 def test_every_config_builds_abstractly(path, arg):
   cfg = load_config(path, arg)
-  trainer.check_common(cfg)
+  checks.check_run(cfg)
   pretrain.PretrainProgram(cfg).validate()
   mesh = parallel.make_mesh(cfg.mesh)
   task, scfg, tcfg = pretrain.build(cfg, mesh)

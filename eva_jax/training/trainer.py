@@ -18,9 +18,8 @@ from etils import epath
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel, paths
 from eva_jax.models import config as model_config
-from eva_jax.training import loop
+from eva_jax.training import checks, loop
 from eva_jax.training import metrics as metrics_lib
-from eva_jax.training import precision
 
 
 class Program:
@@ -63,14 +62,6 @@ class Program:
     return {}
 
 
-def check_common(cfg) -> None:
-  """Fields every trainer reads: raise ValueError naming the field before anything is compiled."""
-  precision.compute_dtype(cfg.precision)
-  for f in ('total_steps', 'batch_size', 'log_every', 'checkpoint_every', 'image_size'):
-    if int(cfg[f]) <= 0:
-      raise ValueError(f'config.{f} must be positive, got {cfg[f]}.')
-
-
 def per_host_batch(cfg) -> int:
   return cfg.batch_size // jax.process_count()
 
@@ -97,7 +88,7 @@ def run(program: Program, workdir: str) -> dict:
   uninterrupted run. SIGTERM finishes the current step, saves and returns.
   """
   cfg = program.cfg
-  check_common(cfg)
+  checks.check_run(cfg)
   program.validate()
   parallel.maybe_initialize_distributed(cfg)
   mesh = parallel.make_mesh(cfg.mesh)
