@@ -105,3 +105,16 @@ def run(main: Callable[[list[str]], int | None], doc: str, flag_names: list[str]
     print(f'error: a --config.* override names no field of the config: {message}',
           file=sys.stderr)
     sys.exit(2)
+
+
+def run_training(program_class, doc: str, what: str) -> None:
+  """The whole command of a training program: --config, --workdir, then the trainer skeleton."""
+  define_config(f'{what} config.')
+  define_workdir()
+
+  def main(argv):
+    del argv
+    from eva_jax.training import trainer   # jax and the models: only once flags are parsed
+    trainer.run(program_class(FLAGS.config), FLAGS.workdir)
+
+  run(main, doc, ['config', 'workdir'])

@@ -3,7 +3,7 @@
 timm's own implementation cannot be imported without torch (`import timm` loads its models), and it
 draws from the global `random` / `np.random` state; this one takes a `np.random.Generator`. The
 draws happen in timm's order (op choice, then per op: apply?, magnitude, sign), so feeding both
-the same random stream gives pixel-identical results (tests/test_data_augment.py checks it).
+the same random stream gives pixel-identical results (tests/data/test_data_augment.py checks it).
 """
 from __future__ import annotations
 

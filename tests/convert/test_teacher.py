@@ -23,6 +23,8 @@ torch = pytest.importorskip('torch')
 import eva_jax  # noqa: E402
 from eva_jax.convert.common import CheckpointError  # noqa: E402
 
+import support
+
 TOL = 1e-4
 
 
@@ -297,4 +299,4 @@ def test_import_eva_jax_does_not_import_torch():
           "bad = [m for m in ('torch', 'transformers', 'open_clip', 'timm') if m in sys.modules]; "
           'assert not bad, bad')
   subprocess.run([sys.executable, '-c', code], check=True,
-                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                 cwd=support.ROOT)

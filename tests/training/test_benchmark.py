@@ -9,7 +9,9 @@ import pytest
 from eva_jax import benchmark
 from eva_jax.models import config as model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import support
+
+ROOT = support.ROOT
 
 KEYS = ('step_s', 'images_per_s', 'tflops_per_step', 'tflops_per_s_per_device', 'mfu', 'compile_s',
         'peak_bytes_per_device', 'device_kind', 'num_devices', 'precision', 'step_s_async',

@@ -7,7 +7,9 @@ import time
 import nbformat
 from nbclient import NotebookClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import support
+
+ROOT = support.ROOT
 NOTEBOOK = os.path.join(ROOT, 'experiments', 'eva_jax_colab.ipynb')
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel
 from eva_jax.data.demo import ensure_demo_set
+from eva_jax.data.masking import BlockMaskGenerator
 from eva_jax.evaluation import plot, visualize
 from eva_jax.training import pretrain
 
@@ -59,7 +60,8 @@ def test_visualize_cli_png_and_mean_cosine_matches_the_train_steps_loss(run, tmp
   _, x = visualize.load_image(photo, cfg.image_size)
   grid = (cfg.image_size // 14,) * 2
   mask = visualize.draw_mask(grid, cfg.data.mask.to_dict(), seed=3)
-  assert 0 < mask.sum() <= cfg.data.mask.num_masking_patches
+  asked = BlockMaskGenerator.from_config(grid, cfg.data.mask).num_masking_patches
+  assert asked == 26 and 0 < mask.sum() <= asked    # the recipe ratio of the 8x8 grid
   batch = parallel.host_to_global({'image': x[None], 'mask': mask.reshape(1, -1)}, mesh)
   m = jax.device_get(task.eval_step(state.params, teacher_params, batch))
   assert int(m['masked_tokens']) == mask.sum()

@@ -11,7 +11,9 @@ import pytest
 
 from eva_jax import parallel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import support
+
+ROOT = support.ROOT
 
 
 def _mesh(data, fsdp, tensor):

@@ -20,6 +20,8 @@ from eva_jax.data.randaugment import OPS, RAND_INCREASING_TRANSFORMS, RandAugmen
 from eva_jax.data.transforms import (NormalizeBatch, resize_center_crop, resized_crop,
                                      rrc_params)
 
+import support
+
 torch = pytest.importorskip('torch')
 timm_aa = pytest.importorskip('timm.data.auto_augment')
 timm_mixup = pytest.importorskip('timm.data.mixup')
@@ -208,7 +210,7 @@ def test_normalize_batch_matches_formula(photo224):
 def test_importing_eva_jax_data_loads_neither_torch_nor_tensorflow():
   code = ('import sys, eva_jax.data; '
           'print(sorted(m for m in ("torch", "tensorflow", "timm") if m in sys.modules))')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = support.ROOT
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        cwd=repo)
   assert out.stdout.strip() == '[]', out.stdout

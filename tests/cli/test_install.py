@@ -12,7 +12,9 @@ import subprocess
 import sys
 import zipfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import support
+
+ROOT = support.ROOT
 # What the build reads; copied so that setuptools' build/ and egg-info never land in the checkout.
 BUILD_INPUTS = ('pyproject.toml', 'README.md', 'LICENSE', 'NOTICE', 'eva_jax', 'configs')
 
