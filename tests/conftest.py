@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo photo set, split per class into train and held-out val folders."""
+"""Shared fixtures: the demo photo set (and its train / held-out val split), and the multi-device
+subprocess runner (tests/multidevice_worker.py on 8 fake CPU devices)."""
 import os
 import sys
 
@@ -25,3 +26,10 @@ def demo_split(tmp_path_factory, demo_dir):
       for f in names:
         os.symlink(os.path.join(demo_dir, c, f), root / split / c / f)
   return root
+
+
+@pytest.fixture(scope='session')
+def multidevice():
+  """run(*args) -> the last stdout line of tests/multidevice_worker.py ARGS on 8 CPU devices."""
+  import support
+  return support.run_worker

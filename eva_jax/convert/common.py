@@ -13,7 +13,6 @@ import zipfile
 from typing import Callable, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.parallel import constrain_batch  # the sharding rules live in one place
-from eva_jax.training.precision import DTYPES  # the one dtype table
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 

@@ -15,8 +15,9 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.models import config as config_lib
-from eva_jax.models.layers import (DTYPES, Blocks, LayerNorm, param, resize_grid, rope_sincos,
+from eva_jax.models.layers import (Blocks, LayerNorm, param, resize_grid, rope_sincos,
                                    trunc_normal, xavier_normal)
+from eva_jax.training.precision import DTYPES  # the one dtype table
 
 
 def _initializers(cfg):

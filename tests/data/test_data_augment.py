@@ -4,7 +4,6 @@ Our versions draw from a np.random.Generator; timm draws from the global `random
 The adapters below route our draws to those global streams, so identical seeds must give
 identical pixels and targets.
 """
-import os
 import random
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """From pretraining to results: fine-tuning, linear probe / k-NN, export to PyTorch and back."""
 import json
-import os
 
 import jax
 import numpy as np

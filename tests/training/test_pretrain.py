@@ -1,6 +1,5 @@
 """Pretraining: the demo run, exact resume after SIGTERM, meshes, precisions, loss scaling, configs."""
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -22,22 +21,10 @@ from eva_jax.training import checks, pretrain
 import support
 
 ROOT = support.ROOT
-ENV8 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
-
-
-def load_config(path, arg=None):
-  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, path))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
 
 
 def demo_config(**overrides):
-  cfg = load_config('configs/pretrain_demo.py')
-  cfg.progress = False
-  for k, v in overrides.items():
-    cfg[k] = v
-  return cfg
+  return support.recipe('pretrain_demo', **overrides)
 
 
 def read_metrics(workdir):
@@ -100,10 +87,8 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
   assert diff <= 1e-6
 
 
-def test_mesh_2x2x2_on_8_devices_matches_one_device():
-  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'multidevice_worker.py'),
-                        'mesh_parity'], env=ENV8, capture_output=True, text=True, check=True)
-  r = json.loads(out.stdout.strip().splitlines()[-1])
+def test_mesh_2x2x2_on_8_devices_matches_one_device(multidevice):
+  r = json.loads(multidevice('mesh_parity'))
   diff = max(abs(a - b) for a, b in zip(r['losses_1'], r['losses_8']))
   print(f'(data=2, fsdp=2, tensor=2) vs 1 device: max |loss diff| {diff:.2e}, '
         f'params {r["param_diff"]:.2e}; qkv {r["qkv_spec"]}')
@@ -111,11 +96,8 @@ def test_mesh_2x2x2_on_8_devices_matches_one_device():
   assert 'fsdp' in r['qkv_spec'] and 'tensor' in r['qkv_spec']   # really sharded both ways
 
 
-def test_restore_onto_other_meshes(tmp_path):
-  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'multidevice_worker.py'),
-                        'restore_other_mesh', str(tmp_path / 'w')],
-                       env=ENV8, capture_output=True, text=True, check=True)
-  r = json.loads(out.stdout.strip().splitlines()[-1])
+def test_restore_onto_other_meshes(tmp_path, multidevice):
+  r = json.loads(multidevice('restore_other_mesh', tmp_path / 'w'))
   for n in (1, 4):
     got = r[f'devices_{n}']
     assert got['params_equal'] and got['step'] == 3 and got['data_state'] == {'position': 3}
@@ -238,12 +220,11 @@ def test_batch_and_mesh_divisibility_errors():
 
 
 @pytest.mark.parametrize('path,arg', [
-    ('configs/pretrain_demo.py', None), ('configs/eva01_g14_pretrain.py', None),
-    ('configs/eva01_g14_pretrain.py', 'bf16'), ('configs/eva01_l14_pretrain.py', None),
-    ('configs/eva01_b16_pretrain.py', None), ('configs/eva02_b14_pretrain.py', None),
-    ('configs/eva02_l14_pretrain.py', None)])
+    ('pretrain_demo', None), ('eva01_g14_pretrain', None), ('eva01_g14_pretrain', 'bf16'),
+    ('eva01_l14_pretrain', None), ('eva01_b16_pretrain', None), ('eva02_b14_pretrain', None),
+    ('eva02_l14_pretrain', None)])
 def test_every_config_builds_abstractly(path, arg):
-  cfg = load_config(path, arg)
+  cfg = support.recipe(path, arg)
   checks.check_run(cfg)
   pretrain.PretrainProgram(cfg).validate()
   mesh = parallel.make_mesh(cfg.mesh)
