@@ -60,7 +60,9 @@ def finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.loss_scale = ml_collections.ConfigDict(dict(
       initial=2.0 ** 16, growth_interval=500, hysteresis=2, min_scale=1.0))
   c.init_from = ''              # pretraining workdir/checkpoint, or timm/official EVA file; '' = random
-  c.init_from_weights = 'auto'  # official training files: 'model', 'model_ema' or 'auto' (EMA if any)
+  # Which weights of init_from (eva_jax runs with ema_decay > 0 and official training files hold
+  # two): 'auto' = the EMA if any (the evaluated ones), 'raw' / 'model', 'ema' / 'model_ema'.
+  c.init_from_weights = 'auto'
   c.num_classes = 0             # 0 = from the labeled source
   c.pool = 'mean'               # mean-pool patch tokens -> fc_norm -> head (EVA); 'token' = cls
   c.head_init_scale = 0.001
@@ -82,6 +84,7 @@ def linear_probe_defaults() -> ml_collections.ConfigDict:
   """Fields of eva_jax.linear_probe configs."""
   return ml_collections.ConfigDict(dict(
       init_from='',          # pretraining / fine-tuning workdir or checkpoint folder
+      weights='auto',        # auto = the EMA when init_from has one (the evaluated weights), raw, ema
       pool='mean',           # 'mean' of patch tokens or 'token' (cls)
       image_size=0,          # 0 = the encoder's own
       batch_size=64, seed=0,
