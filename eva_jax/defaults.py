@@ -24,6 +24,15 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
   c.eval_every = 0             # 0 = only at the end; eval uses the spec's deterministic mask
   c.eval_batches = 2
   c.progress = True            # progress bar on a TTY, plain lines otherwise
+  # Divergence (training/loop.py Divergence): stop after this many consecutive non-finite losses
+  # (fp16: or skipped updates at the minimum loss scale; fp32/bf16 stop at the first), or after
+  # spike_patience steps in a row whose loss exceeds the median of the last spike_window by
+  # spike_factor x their median absolute deviation (0 = no spike test), or when a save finds the
+  # parameter norm grown over max_norm_growth x that of the start or the previous save (0 = off).
+  # No checkpoint is written while such a streak is under way.
+  c.divergence = ml_collections.ConfigDict(dict(
+      max_nonfinite_steps=5, spike_factor=10.0, spike_window=50, spike_patience=5,
+      max_norm_growth=10.0))
 
   # The architecture name plus overrides only (models/config.py model_section): any encoder field
   # may be set, --config.model.drop_path=0.2; --config.model.name picks another architecture.
