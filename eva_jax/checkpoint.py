@@ -114,7 +114,13 @@ def state_metadata(step_dir: epath.PathLike) -> dict:
   ckptr = ocp.PyTreeCheckpointer()
   with _quiet_missing_metadata():  # the manager keeps that file one level up; harmless here
     metadata = ckptr.metadata(as_path(step_dir) / 'state')
-  return metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  tree = metadata.item_metadata if hasattr(metadata, 'item_metadata') else metadata
+  tree = getattr(tree, 'tree', tree)
+  if not isinstance(tree, dict):
+    # orbax logs a warning and returns None when the files it needs are missing or unreadable.
+    raise ValueError(f'The array metadata of {os.fspath(step_dir)}/state cannot be read: the '
+                     'checkpoint is incomplete or corrupt.')
+  return tree
 
 
 def params_fingerprint(tree) -> str:
@@ -178,6 +184,7 @@ class Checkpointer:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'set_aside_{step}')
     self.manager.reload()
+    self.last_saved = self.latest_step()
     return dst
 
   def save(self, step: int, state, data_state: Any, meta: dict, force: bool = False) -> bool:

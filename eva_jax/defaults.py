@@ -24,6 +24,10 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
   c.eval_every = 0             # 0 = only at the end; eval uses the spec's deterministic mask
   c.eval_batches = 2
   c.progress = True            # progress bar on a TTY, plain lines otherwise
+  # A resume must match its checkpoint's metadata (resolved student/teacher, teacher weights
+  # fingerprint, class count, ...; training/resume.py). Fields listed here may differ on purpose:
+  # a field ('teacher_fingerprint'), a section ('student' = student.*) or '*'. Shapes must match.
+  c.resume_accept = ()
   # Divergence (training/loop.py Divergence): stop after this many consecutive non-finite losses
   # (fp16: or skipped updates at the minimum loss scale; fp32/bf16 stop at the first), or after
   # spike_patience steps in a row whose loss exceeds the median of the last spike_window by
