@@ -123,3 +123,16 @@ def test_linear_probe_reports_the_weights_it_probed(ema_run):
   assert out['weights'] == 'ema'
   cfg.weights = 'raw'
   assert linear_probe.evaluate(cfg)['weights'] == 'raw'
+
+
+def test_finetune_resume_with_another_class_count_is_refused(ema_run):
+  """Issue 12 H for fine-tuning (this module has the fine-tuning run): the class count is part of
+  the checked metadata; the refusal names it and leaves config.json as it was."""
+  workdir, cfg, _ = ema_run
+  before = (workdir / 'config.json').read_bytes()
+  other = cfg.copy_and_resolve_references()
+  other.total_steps, other.num_classes = 8, 5
+  with pytest.raises(ValueError, match=r'Resume refused: num_classes was 8 in checkpoint step 4 .* '
+                     r'is 5 in this run'):
+    finetune.train(other, str(workdir))
+  assert (workdir / 'config.json').read_bytes() == before
