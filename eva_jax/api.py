@@ -129,11 +129,13 @@ class Encoder:
   images: normalized NHWC [B, H, W, 3] float images (CLIP mean/std, as in training).
   returns float32 [B, 1 + N, D]: cls + patch tokens after the final norm (pretraining checkpoints;
   fine-tuned encoders have no final norm: fc_norm belongs to their classifier head).
-  Attributes: `model` (nnx VisionTransformer), `config`, `meta` (checkpoint metadata), `source`.
+  Attributes: `model` (nnx VisionTransformer), `config`, `meta` (checkpoint metadata), `source`,
+  `weights` ('raw' or 'ema': which weights of an eva_jax checkpoint were loaded).
   """
 
   def __init__(self, model, meta: dict, source: str):
     self.model, self.meta, self.source = model, meta, source
+    self.weights = meta.get('weights_used', 'raw')
     self.config = model.cfg
     graphdef, state = nnx.split(model)
     self._state = state
@@ -152,7 +154,7 @@ class Encoder:
 
   def __repr__(self):
     return (f'Encoder({self.config.name}: width {self.config.width}, depth {self.config.depth}, '
-            f'patch {self.config.patch_size}, from {self.source!r})')
+            f'patch {self.config.patch_size}, {self.weights} weights, from {self.source!r})')
 
 
 def load_encoder(path, dtype=jnp.float32, *, weights: str = 'auto',
@@ -162,11 +164,15 @@ def load_encoder(path, dtype=jnp.float32, *, weights: str = 'auto',
   path: WORKDIR (its latest checkpoint), WORKDIR/checkpoints, WORKDIR/checkpoints/<step>, or a
   timm / official EVA PyTorch file (.pth, .pt, .bin, .safetensors).
   dtype: compute dtype of the returned encoder (LayerNorm and softmax stay float32).
-  weights, facts: for PyTorch files, which weights of an official training checkpoint and the
-  architecture facts the file may not record (heads, rope, ...); see checkpoint.read_encoder.
-  Only the parameters are read (on the host), never the optimizer state.
+  weights: 'auto' (default: the EMA when the checkpoint has one -- an eva_jax run with
+  config.ema_decay > 0 or an official training file -- i.e. the weights its evaluation used),
+  'raw' (alias 'model') or 'ema' (alias 'model_ema'). The choice is logged and kept in
+  `encoder.weights`.
+  facts: for PyTorch files, the architecture facts the file may not record (heads, rope, ...);
+  see checkpoint.read_encoder. Only the parameters are read (on the host), never the optimizer state.
   """
   from eva_jax import checkpoint as ckpt_lib
   model, meta = ckpt_lib.encoder_from_checkpoint(os.fspath(path), dtype=_dtype_name(dtype),
                                                  weights=weights, facts=facts)
+  logging.info('load_encoder: %s', meta['source'])
   return Encoder(model, meta, os.fspath(path))

@@ -4,10 +4,15 @@ Layout under WORKDIR/checkpoints/<step>/: `state` (orbax PyTree: params, opt_sta
 loss_scale), `data` (JSON: every process's grain iterator state), `meta` (JSON: config name, model config).
 Saves are asynchronous; keep-last-N; restoring takes the target shardings, so a checkpoint written
 on one mesh restores onto any other (8 devices -> 1 or 4, multi-host collective I/O).
+
+A step that cannot be restored although an older one of the same run can is set aside as
+`<step>.corrupt` (kept for inspection, ignored by orbax) and the run resumes from the older one
+(training/resume.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -87,6 +92,51 @@ def _require_gcs_client() -> None:
                       'list checkpoint steps): pip install google-cloud-storage') from e
 
 
+def finished_steps(directory: epath.PathLike) -> list[int]:
+  """Sorted steps of `directory` (a checkpoints/ folder) whose save was committed.
+
+  On object stores orbax writes a step in place and marks it done with commit_success.txt (no
+  rename), so a step folder alone does not mean a finished save; orbax's own test covers both."""
+  directory = as_path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit()
+                and (d / 'state').is_dir() and ocp.utils.is_checkpoint_finalized(d))
+
+
+def read_meta(step_dir: epath.PathLike) -> dict:
+  """The `meta` item of one step folder (plain JSON; no arrays are read)."""
+  return json.loads((as_path(step_dir) / 'meta' / 'metadata').read_text())
+
+
+def state_metadata(step_dir: epath.PathLike) -> dict:
+  """The orbax metadata tree of a step's `state` item (shapes and dtypes; no arrays are read)."""
+  ckptr = ocp.PyTreeCheckpointer()
+  with _quiet_missing_metadata():  # the manager keeps that file one level up; harmless here
+    metadata = ckptr.metadata(as_path(step_dir) / 'state')
+  tree = metadata.item_metadata if hasattr(metadata, 'item_metadata') else metadata
+  tree = getattr(tree, 'tree', tree)
+  if not isinstance(tree, dict):
+    # orbax logs a warning and returns None when the files it needs are missing or unreadable.
+    raise ValueError(f'The array metadata of {os.fspath(step_dir)}/state cannot be read: the '
+                     'checkpoint is incomplete or corrupt.')
+  return tree
+
+
+def params_fingerprint(tree) -> str:
+  """A content hash of a tree of host arrays (names, shapes, dtypes and bytes), in sorted order.
+
+  Recorded in the checkpoint meta (e.g. the teacher's) so a resume can tell other weights of the
+  same shape apart. blake2b runs at about 1 GB/s, a second or so for a ViT-L teacher."""
+  from eva_jax.convert import common
+  h = hashlib.blake2b(digest_size=16)
+  for k, v in sorted(common.flatten(tree).items()):
+    a = np.ascontiguousarray(np.asarray(v))
+    h.update(f'{k}|{a.dtype}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return 'blake2b:' + h.hexdigest()
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the three items above."""
 
@@ -106,15 +156,46 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data', 'meta'))
 
+    self.last_saved = self.latest_step()   # the newest committed step (after close())
+    self.pending: int | None = None          # saved asynchronously, not yet committed
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def steps(self) -> list[int]:
+    """Committed steps, oldest first."""
+    return finished_steps(self.directory)
+
+  def step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Renames a step that cannot be restored to `<step>.corrupt` (kept, never deleted): orbax no
+    longer lists it, so it neither shadows the older good steps nor counts in keep-last-N."""
+    src = self.step_dir(step)
+    dst = self.directory / f'{step}.corrupt'
+    n = 1
+    while dst.exists():
+      n += 1
+      dst = self.directory / f'{step}.corrupt{n}'
+    if jax.process_index() == 0:   # one writer; the others only re-list
+      src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'set_aside_{step}')
+    self.manager.reload()
+    self.last_saved = self.latest_step()
+    return dst
 
   def save(self, step: int, state, data_state: Any, meta: dict, force: bool = False) -> bool:
     """Collective: every process calls it with its own input-iterator state."""
     data = {'processes': gather_process_states(data_state if data_state is not None else {})}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state_to_tree(state)),
                               data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, force=force)
+    saved = self.manager.save(step, args=args, force=force)
+    if saved:
+      self.pending = step   # committed once wait()/close() returns
+    return saved
 
   def restore(self, step: int, abstract_state, shardings):
     """Returns (state tree, data iterator state, meta) for `step`, resharded to `shardings`."""
@@ -126,10 +207,18 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self._committed()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+      self._committed()
+    finally:
+      self.manager.close()
+
+  def _committed(self) -> None:
+    if self.pending is not None:
+      self.last_saved, self.pending = self.pending, None
 
 
 class _quiet_missing_metadata(logging.Filter):
@@ -157,10 +246,7 @@ def resolve(path: epath.PathLike) -> tuple[str, int]:
   if (path / 'state').is_dir() and (path / 'meta').is_dir():
     return os.fspath(path), int(path.name)
   ckpts = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
-  # On object stores orbax writes a step in place and marks it done with commit_success.txt (no
-  # rename), so a step folder alone does not mean a finished save; orbax's own test covers both.
-  steps = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()
-                 and (d / 'state').is_dir() and ocp.utils.is_checkpoint_finalized(d))
+  steps = finished_steps(ckpts)
   if not steps:
     raise FileNotFoundError(f'No finished checkpoint under {os.fspath(ckpts)!r} (expected '
                             '<step>/state and <step>/meta folders written by eva-pretrain or '
@@ -168,21 +254,52 @@ def resolve(path: epath.PathLike) -> tuple[str, int]:
   return os.fspath(ckpts / str(steps[-1])), steps[-1]
 
 
-def restore_params(path: epath.PathLike) -> tuple[dict, dict, int]:
-  """Host (numpy) parameters, metadata and step of a checkpoint; the optimizer state is not read."""
+# The weights a reader may ask for. eva_jax checkpoints keep 'params' (raw) and, when the run kept an
+# EMA (config.ema_decay > 0), 'ema' -- the weights its evaluation used. Official EVA training files
+# call the same two 'model' and 'model_ema'; both spellings are accepted everywhere.
+WEIGHTS = {'auto': 'auto', 'raw': 'raw', 'model': 'raw', 'ema': 'ema', 'model_ema': 'ema'}
+
+
+def weights_choice(weights: str) -> str:
+  """'auto' | 'raw' | 'ema' for any accepted spelling; ValueError naming the choices."""
+  if weights not in WEIGHTS:
+    raise ValueError(f'weights={weights!r} unknown; choose auto (the EMA when the checkpoint has '
+                     "one: the weights evaluation used), raw (alias model) or ema (alias "
+                     'model_ema).')
+  return WEIGHTS[weights]
+
+
+def restore_params(path: epath.PathLike, weights: str = 'auto') -> tuple[dict, dict, int]:
+  """Host (numpy) parameters, metadata and step of a checkpoint; the optimizer state is not read.
+
+  weights: 'auto' (the EMA when the run kept one -- the weights its evaluation used -- else the
+  raw ones; logged), 'raw' (alias 'model') or 'ema' (alias 'model_ema'; ValueError when the
+  checkpoint has none)."""
+  choice = weights_choice(weights)
   step_dir, step = resolve(path)
   step_dir = epath.Path(step_dir)
-  meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
-  ckptr = ocp.PyTreeCheckpointer()
-  with _quiet_missing_metadata():  # the manager keeps that file one level up; harmless here
-    metadata = ckptr.metadata(step_dir / 'state')
-  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-  # Restore only the params subtree, as numpy on the host (no device memory, no optimizer state).
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                              tree['params'])
-  out = ckptr.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-      item={'params': tree['params']}, restore_args={'params': restore_args}, partial_restore=True))
-  return out['params'], meta, step
+  meta = read_meta(step_dir)
+  tree = state_metadata(step_dir)
+  key = _weights_key(tree, choice, f'{os.fspath(step_dir)} (step {step})')
+  # Restore only that subtree, as numpy on the host (no device memory, no optimizer state).
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[key])
+  out = ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+      item={key: tree[key]}, restore_args={key: restore_args}, partial_restore=True))
+  return out[key], meta, step
+
+
+def _weights_key(tree: dict, choice: str, what: str) -> str:
+  if choice == 'raw':
+    return 'params'
+  if 'ema' in tree:
+    if choice == 'auto':
+      logging.warning("%s: using the EMA weights, the ones its evaluation used; weights='raw' "
+                      'reads the raw ones.', what)
+    return 'ema'
+  if choice == 'ema':
+    raise ValueError(f'{what} holds no EMA weights (the run had config.ema_decay = 0); use '
+                     "weights='raw' (or 'auto').")
+  return 'params'
 
 
 @dataclasses.dataclass
@@ -192,8 +309,9 @@ class EncoderWeights:
   extra: dict       # the other parameter groups of an eva_jax checkpoint (lm_head; fc_norm, head)
   config: dict      # encoder config (models/config.py fields)
   meta: dict        # checkpoint metadata ({'kind': 'timm' | 'eva_official'} for PyTorch files)
-  source: str       # what was read, for messages
+  source: str       # what was read, for messages (names the weights used: raw or EMA)
   step: int | None = None   # training step of an eva_jax checkpoint
+  weights: str = 'raw'      # 'raw' or 'ema': which weights of the checkpoint these are
 
 
 def read_encoder(path: epath.PathLike, *, weights: str = 'auto',
@@ -204,8 +322,10 @@ def read_encoder(path: epath.PathLike, *, weights: str = 'auto',
   fine-tuning); or a PyTorch file (.pth/.pt/.bin/.safetensors) in timm's or the official EVA
   layout (eva_jax.convert.eva_torch; torch imported only then). Only parameters are read, never
   optimizer state.
-  weights: for an official training checkpoint holding both, the raw ('model') or EMA
-    ('model_ema') weights; 'auto' takes the EMA and logs it (convert.common.unwrap_state_dict).
+  weights: 'auto' (default), 'raw' (alias 'model') or 'ema' (alias 'model_ema'). For a checkpoint
+    holding both -- an eva_jax run with config.ema_decay > 0, or an official training file --
+    'auto' takes the EMA, the weights the run evaluated, and logs the choice (WARNING). The choice
+    is in the result's `weights` and `source`.
   facts: architecture facts a PyTorch file may not record (heads, rope, rope_theta,
     rope_ref_grid, ln_eps; eva_torch.FACT_FIELDS); the file's own record wins, a contradiction is
     an error, and a fact neither recorded nor given is refused naming it.
@@ -214,31 +334,39 @@ def read_encoder(path: epath.PathLike, *, weights: str = 'auto',
   """
   src = os.fspath(path)
   p = as_path(src)
+  choice = weights_choice(weights)
   if p.is_dir():
-    params, meta, step = restore_params(src)
+    step_dir, step = resolve(src)
+    has_ema = 'ema' in state_metadata(step_dir)
+    used = 'ema' if (choice == 'ema' or (choice == 'auto' and has_ema)) else 'raw'
+    params, meta, step = restore_params(step_dir, weights=choice)   # logs an 'auto' -> EMA
     if 'student' not in meta or 'encoder' not in params:
       raise ValueError(f'{src!r} (step {step}) is not an eva_jax pretraining or fine-tuning '
                        f'checkpoint (metadata keys {sorted(meta)}, parameter groups '
                        f'{sorted(params)}).')
+    label = 'EMA' if used == 'ema' else ('raw' if has_ema else 'raw, no EMA kept')
     return EncoderWeights(params=params['encoder'],
                           extra={k: v for k, v in params.items() if k != 'encoder'},
                           config=dict(meta['student']), meta=meta,
-                          source=f'eva_jax checkpoint {src} (step {step})', step=step)
+                          source=f'eva_jax checkpoint {src} (step {step}, {label} weights)',
+                          step=step, weights=used)
   if p.is_file():
     from eva_jax.convert import common, eva_torch
+    torch_name = {'auto': 'auto', 'raw': 'model', 'ema': 'model_ema'}[choice]
     enc_cfg, model, extras = eva_torch.from_torch_state_dict(
-        common.TensorSource(src, weights=weights), facts=facts)
+        common.TensorSource(src, weights=torch_name), facts=facts)
     logging.info('Imported %s; keys not used by the encoder: %s', src, sorted(extras))
     return EncoderWeights(params=common.unflatten(common.model_params_numpy(model)), extra={},
                           config=enc_cfg.to_dict(), meta={'kind': 'pytorch'},
-                          source=f'PyTorch file {src}')
+                          source=f'PyTorch file {src}', weights=choice)
   raise FileNotFoundError(f'{src!r} does not exist. Pass an eva_jax workdir or checkpoint folder, '
                           'or a timm / official EVA .pth / .safetensors file.')
 
 
 def encoder_from_checkpoint(path: epath.PathLike, dtype: str | None = None, **read_kwargs):
   """(VisionTransformer, meta) of anything read_encoder reads (read_kwargs: its weights, facts);
-  `dtype` is the compute dtype ('float32' by default, for evaluation)."""
+  `dtype` is the compute dtype ('float32' by default, for evaluation). meta is the checkpoint's
+  plus 'weights_used' ('raw' | 'ema' | the PyTorch selection) and 'source' (names them)."""
   import ml_collections
   from eva_jax.convert import common
   weights = read_encoder(path, **read_kwargs)
@@ -247,4 +375,4 @@ def encoder_from_checkpoint(path: epath.PathLike, dtype: str | None = None, **re
   flat = common.flatten(weights.params)
   model = common.model_from_params(cfg, {k: np.shape(v) for k, v in flat.items()},
                                    flat.__getitem__, what=weights.source)
-  return model, weights.meta
+  return model, {**weights.meta, 'weights_used': weights.weights, 'source': weights.source}

@@ -24,6 +24,19 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
   c.eval_every = 0             # 0 = only at the end; eval uses the spec's deterministic mask
   c.eval_batches = 2
   c.progress = True            # progress bar on a TTY, plain lines otherwise
+  # A resume must match its checkpoint's metadata (resolved student/teacher, teacher weights
+  # fingerprint, class count, ...; training/resume.py). Fields listed here may differ on purpose:
+  # a field ('teacher_fingerprint'), a section ('student' = student.*) or '*'. Shapes must match.
+  c.resume_accept = ()
+  # Divergence (training/loop.py Divergence): stop after this many consecutive non-finite losses
+  # (fp16: or skipped updates at the minimum loss scale; fp32/bf16 stop at the first), or after
+  # spike_patience steps in a row whose loss exceeds the median of the last spike_window by
+  # spike_factor x their median absolute deviation (0 = no spike test), or when a save finds the
+  # parameter norm grown over max_norm_growth x that of the start or the previous save (0 = off).
+  # No checkpoint is written while such a streak is under way.
+  c.divergence = ml_collections.ConfigDict(dict(
+      max_nonfinite_steps=5, spike_factor=10.0, spike_window=50, spike_patience=5,
+      max_norm_growth=10.0))
 
   # The architecture name plus overrides only (models/config.py model_section): any encoder field
   # may be set, --config.model.drop_path=0.2; --config.model.name picks another architecture.
@@ -60,7 +73,9 @@ def finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.loss_scale = ml_collections.ConfigDict(dict(
       initial=2.0 ** 16, growth_interval=500, hysteresis=2, min_scale=1.0))
   c.init_from = ''              # pretraining workdir/checkpoint, or timm/official EVA file; '' = random
-  c.init_from_weights = 'auto'  # official training files: 'model', 'model_ema' or 'auto' (EMA if any)
+  # Which weights of init_from (eva_jax runs with ema_decay > 0 and official training files hold
+  # two): 'auto' = the EMA if any (the evaluated ones), 'raw' / 'model', 'ema' / 'model_ema'.
+  c.init_from_weights = 'auto'
   c.num_classes = 0             # 0 = from the labeled source
   c.pool = 'mean'               # mean-pool patch tokens -> fc_norm -> head (EVA); 'token' = cls
   c.head_init_scale = 0.001
@@ -82,6 +97,7 @@ def linear_probe_defaults() -> ml_collections.ConfigDict:
   """Fields of eva_jax.linear_probe configs."""
   return ml_collections.ConfigDict(dict(
       init_from='',          # pretraining / fine-tuning workdir or checkpoint folder
+      weights='auto',        # auto = the EMA when init_from has one (the evaluated weights), raw, ema
       pool='mean',           # 'mean' of patch tokens or 'token' (cls)
       image_size=0,          # 0 = the encoder's own
       batch_size=64, seed=0,

@@ -5,12 +5,14 @@
   --config.a.b=VALUE   overrides any field of it;
   --workdir=DIR        where a run writes (local path or a URL such as gs://bucket/run).
 
-Known errors (a bad config value, a missing or foreign checkpoint, unreadable data) print one
-`error: ...` line and exit with status 2; `--traceback` (or EVA_JAX_TRACEBACK=1) shows the trace.
+Known errors (a bad config value, a missing or foreign checkpoint, unreadable data, a refused
+resume, a workdir in use, a diverged run, a full disk) print one `error: ...` line and exit with
+status 2; `--traceback` (or EVA_JAX_TRACEBACK=1) shows the trace.
 """
 from __future__ import annotations
 
 import ast
+import errno
 import os
 import sys
 from typing import Callable
@@ -23,6 +25,21 @@ from eva_jax import configs
 FLAGS = flags.FLAGS
 # Error types that mean "the input is wrong", not "the program is wrong".
 KNOWN_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, FloatingPointError)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def known_error_message(e: BaseException) -> str | None:
+  """The one-line message of an error that means "the input (or the machine) is wrong", or None
+  for a bug (its trace is kept). A full disk names the path being written."""
+  if isinstance(e, OSError) and e.errno in DISK_FULL:
+    where = f' writing {e.filename}' if e.filename else ''
+    return (f'no space left on device{where} ({e.strerror or os.strerror(e.errno)}). Free space '
+            'or point --workdir elsewhere; the checkpoints already saved are kept.')
+  if isinstance(e, KNOWN_ERRORS):
+    return str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+  return None
 
 
 class _SpecParser(flags.ArgumentParser):
@@ -82,10 +99,10 @@ def run(main: Callable[[list[str]], int | None], doc: str, flag_names: list[str]
       logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
-    except KNOWN_ERRORS as e:
-      if FLAGS.traceback or os.environ.get('EVA_JAX_TRACEBACK'):
+    except (*KNOWN_ERRORS, OSError) as e:
+      message = known_error_message(e)
+      if message is None or FLAGS.traceback or os.environ.get('EVA_JAX_TRACEBACK'):
         raise
-      message = e.args[0] if isinstance(e, KeyError) and e.args else e
       print(f'error: {message}', file=sys.stderr, flush=True)
       print('(--traceback shows where.)', file=sys.stderr)
       return 2

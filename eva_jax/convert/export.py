@@ -7,6 +7,8 @@ r"""Export an eva_jax checkpoint to PyTorch.
                strict=True)`; the kwargs go to FILE.json. A pretraining checkpoint becomes a
                backbone (the final `norm` kept, mask token and lm_head dropped: timm's Eva has
                neither); a fine-tuned one keeps fc_norm + head (global_pool='avg').
+--weights      auto (default: the EMA when the run kept one, i.e. the weights its eval metrics
+               came from), raw or ema; the summary line and the safetensors metadata say which.
 --format=eva   the official layout `{"model": state_dict}` (.pth): mask_token and lm_head kept for
                pretraining checkpoints, fc_norm and head for fine-tuned ones; timm's
                `checkpoint_filter_fn` accepts it.
@@ -24,14 +26,16 @@ from eva_jax import paths
 from eva_jax.convert import common, eva_torch
 
 
-def export(path: str, fmt: str, out: str) -> dict:
-  """Writes `out` (and `out`.json for timm); returns a summary dict.
+def export(path: str, fmt: str, out: str, weights: str = 'auto') -> dict:
+  """Writes `out` (and `out`.json for timm); returns a summary dict (its 'weights' says which).
 
   path: an eva_jax workdir or checkpoint (checkpoint.read_encoder). fmt: 'timm' | 'eva'.
+  weights: 'auto' (the EMA when the run kept one: the weights behind its eval metrics, else the
+  raw ones), 'raw' or 'ema' (aliases 'model', 'model_ema').
   Raises ValueError for a source that is not an eva_jax checkpoint or an unknown format."""
   if fmt not in ('timm', 'eva'):
     raise ValueError(f"format must be 'timm' or 'eva', got {fmt!r}.")
-  weights = ckpt_lib.read_encoder(path)
+  weights = ckpt_lib.read_encoder(path, weights=weights)
   if weights.step is None:
     raise ValueError(f'{weights.source} is already a PyTorch file; export reads eva_jax '
                      'checkpoints.')
@@ -50,7 +54,8 @@ def export(path: str, fmt: str, out: str) -> dict:
     sd = eva_torch.to_torch_state_dict(flat, cfg, 'timm')
     from safetensors.numpy import save
     # Whole-object writes through epath: local folders and object stores (gs://) alike.
-    out_path.write_bytes(save(sd, metadata={'format': 'pt', 'source': 'eva_jax', 'step': str(step)}))
+    out_path.write_bytes(save(sd, metadata={'format': 'pt', 'source': 'eva_jax', 'step': str(step),
+                                         'weights': weights.weights}))
     epath.Path(os.fspath(out_path) + '.json').write_text(json.dumps(kwargs, indent=2))
   else:
     sd = eva_torch.to_torch_state_dict(flat, cfg, 'eva')
@@ -61,4 +66,4 @@ def export(path: str, fmt: str, out: str) -> dict:
     # the file self-describing for read_encoder / load_encoder (and for timm).
     epath.Path(os.fspath(out_path) + '.json').write_text(json.dumps(kwargs, indent=2))
   return {'checkpoint': path, 'step': step, 'format': fmt, 'out': out, 'tensors': len(sd),
-          'kind': meta.get('kind')}
+          'kind': meta.get('kind'), 'weights': weights.weights}

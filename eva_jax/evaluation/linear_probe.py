@@ -7,7 +7,8 @@ of the patch tokens), BatchNorm without affine parameters, then a linear head tr
 and cross-entropy. Because the encoder is frozen and inputs are not augmented, features are
 computed once; the BatchNorm is then exactly a standardization with the training set's statistics
 (its converged running averages). The k-NN classifier is DINO's: cosine similarity, k neighbours,
-votes weighted by exp(sim / T). Prints a final JSON line: probe_top1, knn_top1, counts.
+votes weighted by exp(sim / T). Prints a final JSON line: probe_top1, knn_top1, counts, and which
+weights were probed (config.weights: auto = the EMA when the checkpoint has one, raw, ema).
 """
 from __future__ import annotations
 
@@ -104,7 +105,9 @@ def evaluate(cfg) -> dict:
   if not cfg.init_from:
     raise ValueError('config.init_from is required: an eva_jax workdir or checkpoint, or a timm / '
                      'official EVA file.')
-  encoder, meta = ckpt_lib.encoder_from_checkpoint(cfg.init_from)
+  encoder, meta = ckpt_lib.encoder_from_checkpoint(cfg.init_from,
+                                                   weights=cfg.get('weights', 'auto'))
+  print(f"Linear probe / k-NN of {meta['source']}.", flush=True)
   kw = dict(image_size=cfg.image_size or encoder.cfg.image_size, batch_size=cfg.batch_size,
             pool=cfg.pool, seed=cfg.seed)
   train_x, train_y = extract(encoder, cfg.data, **kw)
@@ -116,7 +119,7 @@ def evaluate(cfg) -> dict:
     train_x, train_y, test_x, test_y = split_holdout(train_x, train_y, cfg.holdout, cfg.seed)
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   out = {
-      'init_from': cfg.init_from, 'pool': cfg.pool, 'train_images': int(len(train_y)),
+      'init_from': cfg.init_from, 'weights': meta['weights_used'], 'pool': cfg.pool, 'train_images': int(len(train_y)),
       'test_images': int(len(test_y)), 'num_classes': num_classes,
       'knn_top1': knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature,
                            num_classes),

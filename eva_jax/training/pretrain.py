@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel
 from eva_jax.data import pipeline as data_lib
 from eva_jax.models import config as model_config
@@ -140,6 +141,12 @@ class PretrainProgram(trainer.Program):
   def build(self, mesh):
     teacher_cfg, self.teacher_host = load_teacher(self.cfg)
     task, self.student_cfg, self.teacher_cfg = build(self.cfg, mesh, teacher_cfg)
+    # The teacher's identity, recorded in every checkpoint and compared on resume: other weights
+    # of the same shape would silently change the targets. A random-init teacher is a function of
+    # its architecture (in meta['teacher']) and its seed.
+    self.teacher_fingerprint = (
+        f'random-init seed {self.cfg.seed + 1}' if self.teacher_host is None
+        else ckpt_lib.params_fingerprint(self.teacher_host))
     return task
 
   def train_loader(self, task):
@@ -158,7 +165,8 @@ class PretrainProgram(trainer.Program):
 
   def meta(self, task):
     return {'kind': self.kind, 'student': self.student_cfg.to_dict(),
-            'teacher': self.teacher_cfg.to_dict()}
+            'teacher': self.teacher_cfg.to_dict(),
+            'teacher_fingerprint': self.teacher_fingerprint}
 
   def resolved(self, task):
     return {'student': self.student_cfg.to_dict(), 'teacher': self.teacher_cfg.to_dict()}

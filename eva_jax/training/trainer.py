@@ -9,7 +9,10 @@ that is.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from typing import Any
 
 import jax
@@ -18,7 +21,7 @@ from etils import epath
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel, paths
 from eva_jax.models import config as model_config
-from eva_jax.training import checks, loop
+from eva_jax.training import checks, loop, resume
 from eva_jax.training import metrics as metrics_lib
 
 
@@ -85,30 +88,85 @@ def run(program: Program, workdir: str) -> dict:
 
   Running the same command on the same workdir resumes from the latest checkpoint (state and
   input-iterator position; randomness is a function of (seed, step)), so the continuation equals an
-  uninterrupted run. SIGTERM finishes the current step, saves and returns.
+  uninterrupted run. Before anything in the workdir is written, a resume is checked against its
+  checkpoint (training/resume.py: metadata field by field, parameter shapes; a run already at
+  total_steps stops there) and the workdir is locked against a second live run. SIGTERM or SIGINT
+  finishes the current step, saves and returns; further signals wait for that save. Every exit
+  prints the last saved step.
   """
   cfg = program.cfg
   checks.check_run(cfg)
+  loop.Divergence(cfg)   # its config.divergence checks, before anything is built
   program.validate()
   parallel.maybe_initialize_distributed(cfg)
   mesh = parallel.make_mesh(cfg.mesh)
   parallel.check_batch(cfg.batch_size, mesh)
   is_main = jax.process_index() == 0
   workdir = paths.as_path(workdir)   # local or an object store (gs://bucket/run)
-  task = program.build(mesh)
   workdir.mkdir(parents=True, exist_ok=True)
+  ckpt = None
+  try:
+    # Signals are taken over from here until the last save is committed (loop.Preemption).
+    with resume.WorkdirLock(workdir, enabled=is_main), loop.Preemption() as stop:
+      try:
+        with disk_errors(workdir):
+          ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
+          return _run(program, cfg, workdir, mesh, is_main, ckpt, stop)
+      finally:
+        if ckpt is not None:
+          with disk_errors(workdir):
+            ckpt.close()   # commits the last asynchronous save
+  finally:
+    if is_main:   # every exit from here on says what is on disk
+      print(last_saved_line(workdir, ckpt), flush=True)
+
+
+def last_saved_line(workdir, ckpt=None) -> str:
+  """'last saved step: N (WORKDIR/checkpoints/N)': the newest committed checkpoint."""
+  directory = workdir / 'checkpoints'
+  if ckpt is not None:
+    step = ckpt.last_saved
+  else:
+    steps = ckpt_lib.finished_steps(directory)
+    step = steps[-1] if steps else None
+  if step is None:
+    return f'last saved step: none (no checkpoint in {directory})'
+  return f'last saved step: {step} ({directory / str(step)})'
+
+
+@contextlib.contextmanager
+def disk_errors(workdir):
+  """A full disk (or quota) names the path being written: the workdir when the OS does not say."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
+      raise OSError(e.errno, e.strerror or os.strerror(e.errno), os.fspath(workdir)) from e
+    raise
+
+
+def _run(program, cfg, workdir, mesh, is_main, ckpt, stop) -> dict:
+  latest = ckpt.steps()[-1] if ckpt.steps() else None
+  if latest is not None and latest >= cfg.total_steps:
+    if is_main:
+      print(f'{workdir}: already at step {latest} >= total_steps={cfg.total_steps}; nothing to do '
+            '(raise --config.total_steps to train further).', flush=True)
+    return {'step': latest}
+  task = program.build(mesh)
+  meta = program.meta(task)
+  restored = None
+  if latest is not None:
+    restored = resume.restore(ckpt, task, meta, accept=tuple(cfg.get('resume_accept', ())))
+  # The run is accepted: only now is config.json (re)written.
   if is_main:
     write_config(workdir, cfg, {**program.resolved(task), 'mesh': dict(mesh.shape),
                                 'num_devices': jax.device_count(),
                                 'num_processes': jax.process_count()})
-
   loader = program.train_loader(task)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
   writer = progress = None
   try:
-    start = ckpt.latest_step()
-    if start is not None:
-      state, data_state, _ = ckpt.restore(start, task.abstract_state, task.state_shardings)
+    if restored is not None:
+      start, state, data_state = restored
       loader.set_state(data_state)
       if is_main:
         print(f'Resumed from step {start} in {ckpt.directory}.', flush=True)
@@ -120,13 +178,12 @@ def run(program: Program, workdir: str) -> dict:
     progress = metrics_lib.Progress(total=cfg.total_steps, initial=start,
                                     enabled=is_main and cfg.progress)
     _, last, _ = loop.run(
-        cfg, state=state, start=start, loader=loader, ckpt=ckpt, meta=program.meta(task),
-        writer=writer, progress=progress,
+        cfg, state=state, start=start, loader=loader, ckpt=ckpt, meta=meta,
+        writer=writer, progress=progress, stop=stop,
         train_step=lambda s, b: task.train_step(s, consts, b),
         to_device=lambda arrays: parallel.host_to_global(arrays, mesh),
         evaluate=lambda s, step: program.evaluate(task, s, consts, step))
   finally:
-    ckpt.close()
     for closable in (writer, progress, loader):
       if closable is not None:
         closable.close()

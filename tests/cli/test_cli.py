@@ -20,7 +20,7 @@ import support
 PROGRAMS = {   # module -> flags its --help must list
     'pretrain': ['--config', '--workdir'], 'finetune': ['--config', '--workdir'],
     'linear_probe': ['--config', '--workdir'],
-    'export': ['--workdir', '--checkpoint', '--format', '--out'],
+    'export': ['--workdir', '--checkpoint', '--format', '--out', '--weights'],
     'benchmark': ['--config'], 'visualize': ['--workdir', '--image', '--out', '--teacher'],
     'plot': ['--workdir', '--out'], 'summary': ['--model'],
     'pack': ['--src', '--out', '--images_per_shard'],
