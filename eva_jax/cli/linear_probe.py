@@ -12,10 +12,14 @@ from etils import epath
 
 from eva_jax.cli import common
 from eva_jax.evaluation import linear_probe
+from eva_jax.training import checks
 
 
 def main(argv):
   del argv
+  # Range-checks every field before reading any weights (evaluation/linear_probe.evaluate's
+  # callers from Python should do the same: checks.check_config(cfg)).
+  checks.check_config(flags.FLAGS.config, 'linear_probe')
   out = linear_probe.evaluate(flags.FLAGS.config)
   if flags.FLAGS.workdir:
     workdir = epath.Path(flags.FLAGS.workdir)
