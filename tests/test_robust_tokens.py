@@ -19,6 +19,7 @@ import torch
 from flax import nnx
 
 import eva_jax
+from eva_jax import configs
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax.evaluation import linear_probe, visualize
 from eva_jax.models.layers import resize_grid
@@ -180,3 +181,31 @@ def test_random_teacher_is_announced_and_recorded(run):
   _, meta, _ = ckpt_lib.restore_params(str(workdir))
   assert meta['teacher_random_init'] is True
   assert os.path.isdir(workdir / 'checkpoints' / '3')
+
+
+def test_resuming_with_another_teacher_or_student_is_refused(run):
+  """Kind B on resume: the checkpoint's lm_head was sized for clip-tiny's 48-d targets."""
+  from eva_jax import parallel
+  workdir, _ = run
+  _, meta, _ = ckpt_lib.restore_params(str(workdir))
+  saved = json.loads((workdir / 'config.json').read_text())
+
+  def program(**teacher):
+    cfg = configs.get(str(workdir))      # the run's own config ...
+    cfg.progress = False
+    cfg.teacher.update(teacher)          # ... with another teacher
+    p = pretrain.PretrainProgram(cfg)
+    p.validate()
+    p.build(parallel.make_mesh(cfg.mesh))
+    return p, cfg
+
+  same, cfg = program()
+  same.check_resume(meta)                # the run itself resumes
+  assert cfg.model.class_token is False and saved['teacher']['name'] == 'clip-tiny'
+  other, _ = program(name='clip-S/14')   # patch 14 too, but 384-d targets
+  with pytest.raises(ValueError, match=r'trained with teacher out_dim=48 \(clip-tiny\); this '
+                     r'config gives out_dim=384 \(clip-S/14\)'):
+    other.check_resume(meta)
+  meta_cls = dict(meta, student=dict(meta['student'], class_token=True))
+  with pytest.raises(ValueError, match=r'student class_token=True .* class_token=False'):
+    same.check_resume(meta_cls)

@@ -217,6 +217,27 @@ class PretrainProgram(trainer.Program):
       announce_random_teacher(self.cfg, self.teacher_cfg)
     return task
 
+  def check_resume(self, saved_meta: dict) -> None:
+    """Before restoring a checkpoint of this workdir: its lm_head was sized for its teacher's
+    out_dim and its student's grid. Another teacher or student fails inside orbax with a shape
+    error, or (same out_dim, other patch or weights) trains on against other targets. Raises
+    ValueError naming the field, both values and the fix. (Wired by the trainer before restore.)"""
+    resume_fields = {'teacher': ('out_dim', 'patch_size', 'width', 'depth'),
+                     'student': ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'class_token',
+                                 'swiglu', 'rope')}
+    for role, now in (('teacher', self.teacher_cfg), ('student', self.student_cfg)):
+      was = saved_meta.get(role) or {}
+      for f in resume_fields[role]:
+        if f in was and f in now and was[f] != now[f]:
+          raise ValueError(
+              f'The checkpoint in this workdir was trained with {role} {f}={was[f]} '
+              f'({was.get("name", "?")}); this config gives {f}={now[f]} ({now.get("name", "?")}). '
+              f'Resume with the run\'s own config (--config=WORKDIR) or use a new --workdir.')
+    if saved_meta.get('teacher_random_init') is False and random_teacher_in_use(self.cfg):
+      raise ValueError('The checkpoint in this workdir was trained with a teacher checkpoint; this '
+                       'config has none (a random-init teacher): set config.teacher.checkpoint '
+                       'as the run did (--config=WORKDIR).')
+
   def train_loader(self, task):
     return loader(self.cfg, self.student_cfg.patch_size, train=True)
 
