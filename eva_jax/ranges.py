@@ -36,7 +36,8 @@ class Range:
   def describe(self) -> str:
     kind = 'an integer' if self.integer else 'a finite number'
     if self.lo > -INF and self.hi < INF:
-      span = f'in {"(" if self.lo_open else "["}{_fmt(self.lo)}, {_fmt(self.hi)}{")" if self.hi_open else "]"}'
+      left, right = '(' if self.lo_open else '[', ')' if self.hi_open else ']'
+      span = f'in {left}{_fmt(self.lo)}, {_fmt(self.hi)}{right}'
     elif self.lo > -INF:
       span = f'{">" if self.lo_open else ">="} {_fmt(self.lo)}'
     elif self.hi < INF:

@@ -23,7 +23,8 @@ def test_paper_recipes_refuse_a_random_teacher_unless_opted_in(name):
   cfg = configs.get(name)
   assert cfg.teacher.checkpoint == '' and cfg.teacher.allow_random_init is False
   with pytest.raises(ValueError, match=r'config.teacher.checkpoint is empty: .*RANDOM-INIT teacher'
-                     r'.*--config.teacher.checkpoint=PATH.*--config.teacher.allow_random_init=True'):
+                     r'.*--config.teacher.checkpoint=PATH'
+                     r'.*--config.teacher.allow_random_init=True'):
     pretrain.PretrainProgram(cfg).validate()
   # A teacher *name* in checkpoint is a random-init teacher too (api.load_teacher builds one).
   cfg.teacher.checkpoint = 'clip-L/14'

@@ -178,7 +178,8 @@ def _has(cfg, path: str) -> bool:
 def _check_mixture(cfg) -> None:
   for i, entry in enumerate(cfg.data.get('mixture') or ()):
     if len(entry) != 2:
-      raise ValueError(f'config.data.mixture[{i}]={tuple(entry)!r} must be a (source, weight) pair.')
+      raise ValueError(f'config.data.mixture[{i}]={tuple(entry)!r} must be a (source, weight) '
+                       'pair.')
     positive('sources are drawn in proportion to the weights').check(
         f'config.data.mixture[{i}] weight', entry[1])
 
@@ -231,9 +232,10 @@ def _warmup_ema(cfg):
   # Evaluating the EMA needs updates to have reached it; a decay whose horizon (1 / (1 - decay))
   # exceeds the whole run evaluates mostly the random init (the EMA starts from it).
   if cfg.ema_decay > 0 and 1.0 / (1.0 - cfg.ema_decay) > cfg.total_steps:
-    raise ValueError(f'config.ema_decay={cfg.ema_decay} averages over ~{1 / (1 - cfg.ema_decay):.0f}'
-                     f' steps, more than config.total_steps={cfg.total_steps}: the EMA evaluated '
-                     'would still be mostly the initial weights. Lower ema_decay (or set 0).')
+    horizon = 1.0 / (1.0 - cfg.ema_decay)
+    raise ValueError(f'config.ema_decay={cfg.ema_decay} averages over ~{horizon:.0f} steps, more '
+                     f'than config.total_steps={cfg.total_steps}: the EMA evaluated would still '
+                     'be mostly the initial weights. Lower ema_decay (or set 0).')
 
 
 def _eval_pretrain(cfg):
