@@ -211,3 +211,14 @@ def test_loaders_refuse_labels_outside_the_head(demo_dir):
   it = pipeline.LoaderIterator(grain.MapDataset.source(batches).to_iter_dataset(), seed=0,
                                process_index=0, num_classes=4)
   assert next(it).arrays['label'].tolist() == [1, 5]
+
+
+def test_another_trainers_config_gets_the_common_table():
+  """A config of a trainer to come (trainer.Program) has no marker field: the run table applies."""
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(total_steps=10, batch_size=4, image_size=56, log_every=1,
+                                       checkpoint_every=5, keep_checkpoints=0, seed=0))
+  with pytest.raises(ValueError, match='config.keep_checkpoints=0 is out of range'):
+    checks.check_config(cfg)
+  cfg.keep_checkpoints = 1
+  assert checks.check_config(cfg) == 'train'

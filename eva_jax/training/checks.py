@@ -85,6 +85,8 @@ _RUN = {
 }
 
 RULES = {
+    # Any other trainer's config (trainer.Program subclasses to come): the fields every run has.
+    'train': _RUN,
     'pretrain': {
         **_RUN,
         'eval_batches': count(0, why='validation batches per evaluation; 0 = no validation'),
@@ -143,6 +145,8 @@ def config_kind(cfg) -> str:
     return 'linear_probe'
   if 'num_batches' in cfg:
     return 'data_bench'
+  if 'total_steps' in cfg:
+    return 'train'
   raise ValueError('This config is not a pretraining, fine-tuning, linear-probe or data-benchmark '
                    'config (none of config.teacher, num_classes, knn_k, num_batches).')
 
@@ -246,11 +250,14 @@ def _eval_pretrain(cfg):
                      'eval_batches >= 1, or eval_every=0.')
 
 
-_TRAIN = ('pretrain', 'finetune')
+_TRAIN = ('train', 'pretrain', 'finetune')
+# (kinds, fields the rule reads, rule): a config of another trainer may lack a section.
 CROSS = [
-    (_TRAIN, _lr_order), (_TRAIN, _warmup), (_TRAIN, _loss_scale), (_TRAIN, _process_id),
-    (_TRAIN, _mesh_rest), (_TRAIN + ('linear_probe', 'data_bench'), _mask_aspect),
-    (('finetune',), _warmup_ema), (('pretrain',), _eval_pretrain),
+    (_TRAIN, ('optim', 'total_steps'), _lr_order), (_TRAIN, ('optim', 'total_steps'), _warmup),
+    (_TRAIN, ('loss_scale',), _loss_scale), (_TRAIN, ('distributed',), _process_id),
+    (_TRAIN, ('mesh',), _mesh_rest), (None, ('data.mask',), _mask_aspect),
+    (('finetune',), ('ema_decay',), _warmup_ema),
+    (('pretrain',), ('eval_every', 'eval_batches'), _eval_pretrain),
 ]
 
 
@@ -276,8 +283,8 @@ def check_config(cfg, kind: str | None = None) -> str:
                        f'{", ".join(repr(a) for a in allowed)}.')
   if 'data' in cfg:
     _check_mixture(cfg)
-  for kinds, check in CROSS:
-    if kind in kinds:
+  for kinds, needs, check in CROSS:
+    if (kinds is None or kind in kinds) and all(_has(cfg, f) for f in needs):
       check(cfg)
   if 'model' in cfg:
     # Overrides that are set are checked before resolving (the resolved encoder is checked again
