@@ -30,6 +30,7 @@ def get_config():
   c.optim.warmup_steps = 10
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
   c.data.source = 'demo'
+  c.teacher.allow_random_init = True   # a random-init teacher on purpose (no download)
   c.data.workers = 0
   c.data.mask.num_masking_patches = 0   # the recipe ratio 105/256: 26 of 64 here, any size
   c.data.mask.min_num_patches = 4

@@ -19,6 +19,7 @@ def get_config():
   c.optim.warmup_steps = 15
   c.model.drop_path = 0.0
   c.data.source = 'demo'
+  c.teacher.allow_random_init = True   # a random-init teacher on purpose (no download)
   c.data.workers = 0
   # ~40% of an 8x8 grid, with blocks scaled down from the 16x16 recipe (16 of 256 patches).
   c.data.mask.num_masking_patches = 0   # the recipe ratio 105/256: 26 of 64 here, any size

@@ -17,6 +17,12 @@ def get_config(arg: str):
   saved = json.loads((path / 'config.json' if path.is_dir() else path).read_text())
   saved.pop('resolved', None)
   model = saved.pop('model')
+  # Fields added since the run was saved get their defaults, so they can be overridden.
+  teacher = saved.get('teacher')
+  if isinstance(teacher, dict):
+    # Runs saved before the field existed ran a random-init teacher whenever checkpoint was
+    # empty: repeating them keeps doing so (the banner still says it).
+    teacher.setdefault('allow_random_init', not teacher.get('checkpoint'))
   c = ml_collections.ConfigDict(saved)
   c.model = model_section(**model)
   return c

@@ -193,6 +193,8 @@ def run(cfg) -> dict[str, Any]:
   from eva_jax.training import pretrain
 
   cfg = add_benchmark_defaults(cfg)
+  from eva_jax.training import checks
+  checks.check_config(cfg)   # every field range-checked before anything is built, as in training
   b = cfg.benchmark
   if b.input not in ('synthetic', 'pipeline'):
     raise ValueError(f"config.benchmark.input must be 'synthetic' or 'pipeline', got {b.input!r}.")

@@ -50,6 +50,9 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
   # Architecture facts a bare state dict does not record (issue: never guessed silently):
   c.teacher.act = ''                # '' = from the file; else 'gelu' | 'quick_gelu'
   c.teacher.heads = 0               # 0 = from the file; else the attention head count
+  # An empty checkpoint means a RANDOM-INIT teacher, whose targets teach nothing: refused unless a
+  # demo or test opts in here (issue 12 L). The run then prints a banner and records it.
+  c.teacher.allow_random_init = False
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, min_lr=1e-5, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,

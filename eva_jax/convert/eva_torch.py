@@ -117,6 +117,11 @@ def timm_kwargs(cfg, *, num_classes: int = 0, global_pool: str = 'token',
   config_lib.validate(cfg)
   if use_fc_norm is None:
     use_fc_norm = global_pool == 'avg'
+  if global_pool == 'token' and not cfg.class_token:
+    # timm's 'token' pool is x[:, 0]: without a class token that is the first patch token. Pool
+    # the mean of every patch token instead, as our probe and classifier do (the norm layout,
+    # use_fc_norm, stays as chosen above).
+    global_pool = 'avg'
   kw = dict(
       img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
       num_classes=num_classes, global_pool=global_pool,

@@ -74,6 +74,8 @@ def run(cfg, compare_tfdata: bool = False) -> dict:
   """Times cfg.num_batches batches after cfg.warmup_batches; returns the figures as a dict.
   compare_tfdata: also the equivalent tf.data pipeline (folder and demo sources only; ValueError
   otherwise)."""
+  from eva_jax.training import checks
+  checks.check_config(cfg, 'data_bench')   # every field range-checked before anything starts
   kw = dict(image_size=cfg.image_size, batch_size=cfg.batch_size, seed=cfg.seed,
             process_index=0, process_count=1)
   if cfg.mode == 'pretrain':

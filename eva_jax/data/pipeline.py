@@ -105,7 +105,7 @@ class LoaderIterator(Iterator[Batch]):
   """The grain iterator plus host-side batch work, with JSON-serializable get_state/set_state."""
 
   def __init__(self, ds: grain.IterDataset, *, seed: int, process_index: int,
-               mixup: Mixup | None = None):
+               mixup: Mixup | None = None, num_classes: int | None = None, source: str = ''):
     self._it = iter(ds)
     # Closes grain's threads/workers when this iterator is collected or, at the latest, at
     # interpreter exit while modules still exist (grain's own __del__ then fails noisily).
@@ -113,6 +113,7 @@ class LoaderIterator(Iterator[Batch]):
     self._seed, self._process_index, self._mixup = seed, process_index, mixup
     self._batches = 0
     self._skipped = 0
+    self._num_classes, self._source = num_classes, source
 
   def __iter__(self):
     return self
@@ -121,6 +122,8 @@ class LoaderIterator(Iterator[Batch]):
     arrays = dict(next(self._it))
     self._skipped += int(arrays.pop('skipped').sum())
     valid = np.asarray(arrays.pop('valid'), bool)
+    if self._num_classes is not None:
+      self._check_labels(np.asarray(arrays['label'])[valid])
     if self._mixup is not None:
       # Seeded by the batch number so a restored iterator mixes exactly as the original did.
       rng = np.random.default_rng([self._seed, self._process_index, self._batches, 1])
@@ -128,6 +131,16 @@ class LoaderIterator(Iterator[Batch]):
                                                      rng)
     self._batches += 1
     return Batch(arrays=arrays, valid=valid, skipped=self._skipped)
+
+  def _check_labels(self, labels: np.ndarray) -> None:
+    # A label the head has no logit for would be one-hot encoded as all zeros (train) or never
+    # matched (eval): the run would "work" and report nonsense, so it stops here instead.
+    bad = labels[(labels < 0) | (labels >= self._num_classes)]
+    if bad.size:
+      raise ValueError(f'{self._source or "The data"} yields label {int(bad[0])}, outside '
+                       f'[0, {self._num_classes}) of the classifier head (config.num_classes='
+                       f'{self._num_classes}). Set config.num_classes to at least '
+                       f'{int(labels.max()) + 1} (or 0 to take it from the source).')
 
   def get_state(self) -> dict[str, Any]:
     return {'grain': self._it.get_state(), 'batches': self._batches, 'skipped': self._skipped}
@@ -149,7 +162,8 @@ def _close_grain_iterator(it) -> None:
 
 
 def _finish(ds: grain.MapDataset, data_cfg, *, batch_size: int, train: bool, seed: int,
-            process_index: int, mixup: Mixup | None = None) -> LoaderIterator:
+            process_index: int, mixup: Mixup | None = None, num_classes: int | None = None,
+            source: str = '') -> LoaderIterator:
   threads = int(data_cfg.threads)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=threads,
@@ -167,7 +181,8 @@ def _finish(ds: grain.MapDataset, data_cfg, *, batch_size: int, train: bool, see
   elif data_cfg.prefetch > 0:
     it_ds = grain.experimental.ThreadPrefetchIterDataset(
         it_ds, prefetch_buffer_size=int(data_cfg.prefetch))
-  return LoaderIterator(it_ds, seed=seed, process_index=process_index, mixup=mixup)
+  return LoaderIterator(it_ds, seed=seed, process_index=process_index, mixup=mixup,
+                        num_classes=num_classes, source=source)
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -213,6 +228,10 @@ def build_classification_loader(data_cfg, *, image_size: int, batch_size: int, s
   if found is None:
     raise ValueError(f'{sources[0][0].name} has no labels (use class sub-folders, a packed '
                      'folder with classes, or a TFDS dataset with a label feature).')
+  if num_classes and num_classes < found:
+    raise ValueError(f'{sources[0][0].name} has {found} classes but config.num_classes='
+                     f'{num_classes}: labels {num_classes}..{found - 1} have no logit. Set '
+                     f'config.num_classes to 0 (= {found}, from the source) or at least {found}.')
   num_classes = num_classes or found
   mixup = None
   if train and (data_cfg.mixup > 0 or data_cfg.cutmix > 0):
@@ -224,4 +243,4 @@ def build_classification_loader(data_cfg, *, image_size: int, batch_size: int, s
                     batch_size=batch_size, process_index=pi, process_count=pc,
                     num_epochs=num_epochs if train else 1)
   return _finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed, process_index=pi,
-                 mixup=mixup)
+                 mixup=mixup, num_classes=num_classes, source=sources[0][0].name)

@@ -19,6 +19,7 @@ import optax
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax.data import pipeline as data_lib
+from eva_jax.training import checks
 
 
 def extract(encoder, data_cfg, *, image_size: int, batch_size: int, pool: str, seed: int = 0,
@@ -102,6 +103,7 @@ def split_holdout(x, y, fraction: float, seed: int):
 
 
 def evaluate(cfg) -> dict:
+  checks.check_config(cfg, 'linear_probe')   # every field range-checked before reading weights
   if not cfg.init_from:
     raise ValueError('config.init_from is required: an eva_jax workdir or checkpoint, or a timm / '
                      'official EVA file.')

@@ -30,6 +30,10 @@ class Classifier(nnx.Module):
       raise ValueError(f"pool must be 'mean' or 'token', got {pool!r}.")
     if num_classes <= 0:
       raise ValueError(f'num_classes must be positive, got {num_classes}.')
+    if pool == 'token' and not encoder_cfg.class_token:
+      # x[:, 0] would silently pool the first patch token instead.
+      raise ValueError("pool='token' needs a class token, but the encoder has class_token=False; "
+                       "use pool='mean'.")
     self.pool = pool
     self.encoder = VisionTransformer(finetune_encoder_config(encoder_cfg), rngs=rngs)
     d = encoder_cfg.width

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from eva_jax import ranges
+
 # name -> (width, depth, heads, mlp_dim, patch)
 _EVA01 = {
     'tiny': (64, 2, 4, 256, 14),          # tests and demos: compiles in seconds on a CPU
@@ -172,11 +174,27 @@ def resolve_encoder(section, *, image_size: int, dtype: str) -> ml_collections.C
   return enc
 
 
+# The range of every numeric encoder field (eva_jax/ranges.py); tests/test_robust_config.py checks
+# that each numeric field of every named architecture has one, so a new field cannot slip through.
+MODEL_RULES = {
+    'width': ranges.count(1), 'depth': ranges.count(1), 'heads': ranges.count(1),
+    'mlp_dim': ranges.count(1), 'patch_size': ranges.count(1), 'image_size': ranges.count(1),
+    'in_chans': ranges.count(1),
+    'out_dim': ranges.count(0, why='0 = no CLIP projection'),
+    'ln_eps': ranges.Range(0.0, 1.0, lo_open=True, hi_open=True),
+    'rope_theta': ranges.positive(),
+    'rope_ref_grid': ranges.count(0, why='0 = the own grid'),
+    'init_std': ranges.Range(0.0, 1.0, lo_open=True),
+    'drop_path': ranges.fraction(hi_open=True, why='1 would drop every block'),
+    'scan_unroll': ranges.count(1),
+}
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the bad field before anything is built or compiled."""
-  for f in ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'image_size'):
-    if int(cfg[f]) <= 0:
-      raise ValueError(f'model.{f} must be positive, got {cfg[f]}.')
+  for f, rule in MODEL_RULES.items():
+    if f in cfg:
+      rule.check(f'model.{f}', cfg[f])
   if cfg.width % cfg.heads:
     raise ValueError(f'model.width={cfg.width} is not divisible by model.heads={cfg.heads}.')
   if cfg.image_size % cfg.patch_size:
@@ -191,5 +209,3 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.rope and (cfg.width // cfg.heads) % 4:
     raise ValueError('model.rope needs a head dim divisible by 4 '
                      f'(got {cfg.width // cfg.heads}).')
-  if not 0.0 <= cfg.drop_path < 1.0:
-    raise ValueError(f'model.drop_path must be in [0, 1), got {cfg.drop_path}.')

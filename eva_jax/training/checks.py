@@ -1,16 +1,302 @@
 """Config checks that run before anything is built or compiled: each names the field and the fix.
 
 Every trainer calls `check_run(cfg)` (training/trainer.py); programs add their own in
-Program.validate.
+Program.validate; the linear probe and the data benchmark call `check_config` too.
+
+The whole config is walked: every numeric field (numbers and tuples of numbers) must have a rule in
+the table of its kind of config (`RULES`), NaN and infinity are refused everywhere, and the
+cross-field rules (`CROSS`) run after the single fields. A numeric field without a rule is logged
+as unchecked rather than passed in silence (tests/test_robust_config.py makes sure the recipes
+have none).
 """
 from __future__ import annotations
 
+import logging
+
+from eva_jax import ranges
+from eva_jax.models import config as model_config
+from eva_jax.ranges import Range, count, fraction, nonneg, positive
 from eva_jax.training import precision
+
+# ------------------------------------------------------------------------------------------------
+# Single fields. Keys are dotted paths inside the config. Ranges say what the run can honour;
+# `why` explains the ones that are not obvious.
+_DATA = {
+    'data.workers': count(0, why='0 = decode in the main process'),
+    'data.threads': count(1),
+    'data.prefetch': count(0),
+    'data.device_prefetch': count(0, why='0 = off'),
+    'data.mean': Range(length=3),
+    'data.std': Range(0.0, lo_open=True, length=3, why='images are divided by it'),
+    'data.hflip': fraction(),
+    'data.scale': Range(0.0, 1.0, lo_open=True, length=2, ordered=True,
+                        why='(min, max) area fraction of RandomResizedCrop'),
+    'data.ratio': Range(0.0, lo_open=True, length=2, ordered=True,
+                        why='(min, max) aspect ratio of RandomResizedCrop'),
+    'data.finetune_scale': Range(0.0, 1.0, lo_open=True, length=2, ordered=True,
+                                 why='(min, max) area fraction of the fine-tuning crop'),
+    'data.mask.ratio': fraction(hi_open=True, why='the recipe is 105/256'),
+    'data.mask.num_masking_patches': count(0, why='0 = ratio * cells'),
+    'data.mask.min_num_patches': count(1),
+    'data.mask.max_aspect': positive(),
+    'data.mask.min_aspect': positive(),
+    'data.mixup': nonneg('a Beta alpha; 0 = off'),
+    'data.cutmix': nonneg('a Beta alpha; 0 = off'),
+    'data.mixup_prob': fraction(),
+    'data.mixup_switch_prob': fraction(),
+    'data.label_smoothing': fraction(hi_open=True, why='1 would erase the label'),
+    'data.crop_pct': fraction(lo_open=True),
+}
+
+_RUN = {
+    'seed': count(0),
+    'total_steps': count(1),
+    'batch_size': count(1),
+    'image_size': count(1),
+    'log_every': count(1),
+    'checkpoint_every': count(1),
+    'keep_checkpoints': count(1, why='0 would delete every checkpoint, the last one included'),
+    'eval_every': count(0, why='0 = only at the end'),
+    'eval_batches': count(0),
+    'optim.lr': Range(0.0, 1.0, lo_open=True,
+                      why='AdamW moves each weight by about lr per step: above 1 it rewrites them'),
+    'optim.min_lr': nonneg(),
+    'optim.warmup_steps': count(0),
+    'optim.b1': fraction(hi_open=True),
+    'optim.b2': fraction(hi_open=True),
+    'optim.eps': Range(0.0, 1.0, lo_open=True),
+    'optim.weight_decay': nonneg(),
+    'optim.clip_norm': nonneg('0 = no clipping'),
+    'optim.layer_decay': fraction(lo_open=True, why='1 = off'),
+    # The scale multiplies an fp32 loss: below 1 it shrinks gradients instead of protecting them
+    # from fp16 underflow; above 2^64 the scaled loss overflows fp32 (3.4e38) for any loss > 1e19.
+    'loss_scale.initial': Range(1.0, 2.0 ** 64),
+    'loss_scale.min_scale': Range(1.0, 2.0 ** 64),
+    'loss_scale.growth_interval': count(1),
+    'loss_scale.hysteresis': count(1),
+    'mesh.data': count(1, also=(-1,), why='-1 = the devices left over'),
+    'mesh.fsdp': count(1, also=(-1,), why='-1 = the devices left over'),
+    'mesh.tensor': count(1, also=(-1,), why='-1 = the devices left over'),
+    'distributed.num_processes': count(1),
+    'distributed.process_id': count(0),
+    'benchmark.steps': count(1),
+    'benchmark.warmup': count(0),
+    **_DATA,
+}
+
+RULES = {
+    # Any other trainer's config (trainer.Program subclasses to come): the fields every run has.
+    'train': _RUN,
+    'pretrain': {
+        **_RUN,
+        'eval_batches': count(0, why='validation batches per evaluation; 0 = no validation'),
+        'teacher.heads': count(0, why='0 = from the file'),
+    },
+    'finetune': {
+        **_RUN,
+        'eval_batches': count(0, why='0 = the whole eval split'),
+        'num_classes': count(0, why='0 = from the labeled source'),
+        'head_init_scale': nonneg(),
+        'ema_decay': fraction(hi_open=True, why='0 = no EMA; 1 would never update it'),
+    },
+    'linear_probe': {
+        'seed': count(0),
+        'image_size': count(0, why="0 = the encoder's own"),
+        'batch_size': count(1),
+        'holdout': fraction(lo_open=True, hi_open=True,
+                            why='the held-out share of each class'),
+        'epochs': count(1),
+        'lr': Range(0.0, 1.0, lo_open=True),
+        'weight_decay': nonneg(),
+        'probe_batch_size': count(1),
+        'knn_k': count(1),
+        'knn_temperature': positive(),
+        **_DATA,
+    },
+    'data_bench': {
+        'seed': count(0),
+        'image_size': count(1),
+        'patch_size': count(1),
+        'batch_size': count(1),
+        'warmup_batches': count(0),
+        'num_batches': count(1),
+        **_DATA,
+    },
+}
+
+# Fields whose value is a word from a fixed list ('' where it means "default").
+CHOICES = {
+    'pool': ('mean', 'token'),
+    'teacher.shard': ('replicate', 'fsdp'),
+    'teacher.act': ('', 'gelu', 'quick_gelu'),
+    'init_from_weights': ('auto', 'model', 'model_ema'),
+    'mode': ('pretrain', 'classify'),
+    'benchmark.input': ('synthetic', 'pipeline'),
+}
+
+
+def config_kind(cfg) -> str:
+  """Which table applies: told apart by the fields only one kind of config has."""
+  if 'teacher' in cfg:
+    return 'pretrain'
+  if 'num_classes' in cfg:
+    return 'finetune'
+  if 'knn_k' in cfg:
+    return 'linear_probe'
+  if 'num_batches' in cfg:
+    return 'data_bench'
+  if 'total_steps' in cfg:
+    return 'train'
+  raise ValueError('This config is not a pretraining, fine-tuning, linear-probe or data-benchmark '
+                   'config (none of config.teacher, num_classes, knn_k, num_batches).')
+
+
+def numeric_leaves(cfg, prefix: str = ''):
+  """(dotted path, value) of every number or tuple of numbers in `cfg`, config.model excluded
+  (its fields are checked resolved, with models/config.py MODEL_RULES)."""
+  for k, v in cfg.items():
+    path = f'{prefix}{k}'
+    if path == 'model':
+      continue
+    if hasattr(v, 'items'):
+      yield from numeric_leaves(v, path + '.')
+    elif ranges.is_number(v) or (isinstance(v, (tuple, list)) and v
+                                 and all(ranges.is_number(x) for x in v)):
+      yield path, v
+
+
+def _get(cfg, path: str):
+  for part in path.split('.'):
+    cfg = cfg[part]
+  return cfg
+
+
+def _has(cfg, path: str) -> bool:
+  for part in path.split('.'):
+    if not hasattr(cfg, 'items') or part not in cfg:
+      return False
+    cfg = cfg[part]
+  return True
+
+
+def _check_mixture(cfg) -> None:
+  for i, entry in enumerate(cfg.data.get('mixture') or ()):
+    if len(entry) != 2:
+      raise ValueError(f'config.data.mixture[{i}]={tuple(entry)!r} must be a (source, weight) '
+                       'pair.')
+    positive('sources are drawn in proportion to the weights').check(
+        f'config.data.mixture[{i}] weight', entry[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-field rules: (kinds, check(cfg)); each raises naming both fields.
+def _lr_order(cfg):
+  if cfg.optim.min_lr > cfg.optim.lr:
+    raise ValueError(f'config.optim.min_lr={cfg.optim.min_lr} is above config.optim.lr='
+                     f'{cfg.optim.lr}: the cosine would rise. Set min_lr <= lr.')
+
+
+def _warmup(cfg):
+  if cfg.optim.warmup_steps >= cfg.total_steps:
+    raise ValueError(f'config.optim.warmup_steps={cfg.optim.warmup_steps} must be < '
+                     f'config.total_steps={cfg.total_steps}: the run would end before the lr '
+                     'peaks.')
+
+
+def _loss_scale(cfg):
+  ls = cfg.loss_scale
+  if ls.initial < ls.min_scale:
+    raise ValueError(f'config.loss_scale.initial={ls.initial} is below config.loss_scale.min_scale'
+                     f'={ls.min_scale}: the scale could never reach its start. Raise initial or '
+                     'lower min_scale.')
+
+
+def _mask_aspect(cfg):
+  m = cfg.data.mask
+  if m.min_aspect > m.max_aspect:
+    raise ValueError(f'config.data.mask.min_aspect={m.min_aspect} is above '
+                     f'config.data.mask.max_aspect={m.max_aspect}.')
+
+
+def _process_id(cfg):
+  d = cfg.distributed
+  if d.process_id >= d.num_processes:
+    raise ValueError(f'config.distributed.process_id={d.process_id} must be < '
+                     f'config.distributed.num_processes={d.num_processes}.')
+
+
+def _mesh_rest(cfg):
+  rest = [k for k in ('data', 'fsdp', 'tensor') if cfg.mesh[k] == -1]
+  if len(rest) > 1:
+    raise ValueError(f'config.mesh.{rest[0]} and config.mesh.{rest[1]} are both -1; at most one '
+                     'mesh axis takes the devices left over.')
+
+
+def _warmup_ema(cfg):
+  # Evaluating the EMA needs updates to have reached it; a decay whose horizon (1 / (1 - decay))
+  # exceeds the whole run evaluates mostly the random init (the EMA starts from it).
+  if cfg.ema_decay > 0 and 1.0 / (1.0 - cfg.ema_decay) > cfg.total_steps:
+    horizon = 1.0 / (1.0 - cfg.ema_decay)
+    raise ValueError(f'config.ema_decay={cfg.ema_decay} averages over ~{horizon:.0f} steps, more '
+                     f'than config.total_steps={cfg.total_steps}: the EMA evaluated would still '
+                     'be mostly the initial weights. Lower ema_decay (or set 0).')
+
+
+def _eval_pretrain(cfg):
+  # Periodic evaluation asked for with nothing to evaluate on would log nothing, every time.
+  if cfg.eval_every > 0 and cfg.eval_batches == 0:
+    raise ValueError(f'config.eval_every={cfg.eval_every} asks for a validation loss every '
+                     f'{cfg.eval_every} steps but config.eval_batches=0 measures none: set '
+                     'eval_batches >= 1, or eval_every=0.')
+
+
+_TRAIN = ('train', 'pretrain', 'finetune')
+# (kinds, fields the rule reads, rule): a config of another trainer may lack a section.
+CROSS = [
+    (_TRAIN, ('optim', 'total_steps'), _lr_order), (_TRAIN, ('optim', 'total_steps'), _warmup),
+    (_TRAIN, ('loss_scale',), _loss_scale), (_TRAIN, ('distributed',), _process_id),
+    (_TRAIN, ('mesh',), _mesh_rest), (None, ('data.mask',), _mask_aspect),
+    (('finetune',), ('ema_decay',), _warmup_ema),
+    (('pretrain',), ('eval_every', 'eval_batches'), _eval_pretrain),
+]
+
+
+def check_config(cfg, kind: str | None = None) -> str:
+  """Range-checks every numeric field of `cfg` and the cross-field rules; returns the kind.
+
+  Raises ValueError 'config.FIELD=VALUE is out of range: must be ...' naming the first bad field."""
+  kind = kind or config_kind(cfg)
+  rules = RULES[kind]
+  unchecked = []
+  for path, value in numeric_leaves(cfg):
+    rule = rules.get(path)
+    if rule is None:
+      unchecked.append(path)
+      continue
+    rule.check(f'config.{path}', value)
+  if unchecked:
+    # A field the table does not know (a custom config's own field): say so instead of passing it.
+    logging.warning('No range rule for config field(s) %s: not checked.', ', '.join(unchecked))
+  for path, allowed in CHOICES.items():
+    if _has(cfg, path) and _get(cfg, path) not in allowed:
+      raise ValueError(f'config.{path}={_get(cfg, path)!r} must be one of '
+                       f'{", ".join(repr(a) for a in allowed)}.')
+  if 'data' in cfg:
+    _check_mixture(cfg)
+  for kinds, needs, check in CROSS:
+    if (kinds is None or kind in kinds) and all(_has(cfg, f) for f in needs):
+      check(cfg)
+  if 'model' in cfg:
+    # Overrides that are set are checked before resolving (the resolved encoder is checked again
+    # in models/config.py validate, with the run-owned fields filled in).
+    for k, v in cfg.model.items():
+      if v is not None and k in model_config.MODEL_RULES:
+        model_config.MODEL_RULES[k].check(f'config.model.{k}', v)
+  return kind
 
 
 def check_run(cfg) -> None:
   """Fields every trainer reads. Raises ValueError naming the field."""
   precision.compute_dtype(cfg.precision)
-  for f in ('total_steps', 'batch_size', 'log_every', 'checkpoint_every', 'image_size'):
-    if int(cfg[f]) <= 0:
-      raise ValueError(f'config.{f} must be positive, got {cfg[f]}.')
+  check_config(cfg)
+

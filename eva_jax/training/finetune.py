@@ -117,11 +117,32 @@ class FinetuneProgram(trainer.Program):
 
   def validate(self):
     cfg = self.cfg
-    self.num_classes = cfg.num_classes or data_lib.source_num_classes(cfg.data)
-    if not self.num_classes:
-      raise ValueError(f'config.data.source={cfg.data.source!r} has no labels and '
-                       'config.num_classes is 0; fine-tuning needs a labeled source.')
-    student_config(cfg)
+    found = data_lib.source_num_classes(cfg.data)
+    if not found:
+      raise ValueError(f'config.data.source={cfg.data.source!r} has no labels; fine-tuning needs '
+                       'a labeled source (class sub-folders, a packed folder with classes, or a '
+                       'TFDS dataset with a label feature).')
+    # A head smaller than the label set trains anyway (the missing labels one-hot to zeros) and
+    # reports nonsense (an 8-class set on a 3-way head scores top-5 = 1.0): refuse it here.
+    sources = [('config.data.source', cfg.data.source, found)]
+    if cfg.eval_source:
+      eval_cfg = cfg.data.copy_and_resolve_references()
+      eval_cfg.source = cfg.eval_source
+      sources.append(('config.eval_source', cfg.eval_source,
+                      data_lib.source_num_classes(eval_cfg)))
+    self.num_classes = cfg.num_classes or found
+    for field, source, n in sources:
+      if n is None:
+        raise ValueError(f'{field}={source!r} has no labels; evaluation needs a labeled source.')
+      if n > self.num_classes:
+        raise ValueError(f'{field}={source!r} has {n} classes but config.num_classes='
+                         f'{cfg.num_classes}: the head would have no logit for labels '
+                         f'{self.num_classes}..{n - 1}. Set config.num_classes to 0 (= the '
+                         f'source\'s {found}) or at least {n}.')
+    ecfg = student_config(cfg)
+    if cfg.pool == 'token' and not ecfg.class_token:
+      raise ValueError("config.pool='token' pools the class token, but config.model.class_token "
+                       "is False: use config.pool='mean' (all patch tokens) or a class token.")
 
   def build(self, mesh):
     task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes)

@@ -10,6 +10,9 @@ teacher runs inside the same jitted, mesh-sharded step, under stop_gradient, in 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -129,17 +132,87 @@ def evaluate(cfg, task, params, teacher_params, patch_size: int, step: int) -> d
   return {'val_loss': total / tokens}
 
 
+def random_teacher_in_use(cfg) -> bool:
+  """True when the run's teacher is random-init: no checkpoint, or a teacher name that is no file
+  (api.load_teacher then builds that architecture at random)."""
+  path = cfg.teacher.checkpoint
+  return not path or (path in model_config.TEACHER_NAMES and not os.path.exists(path))
+
+
+def check_random_teacher(cfg) -> None:
+  """A random-init teacher gives targets without meaning: only demos and tests may ask for one, and
+  they say so (config.teacher.allow_random_init=True). Raises ValueError naming both fields."""
+  if random_teacher_in_use(cfg) and not cfg.teacher.get('allow_random_init', False):
+    what = (f'config.teacher.checkpoint={cfg.teacher.checkpoint!r} is a teacher name, not a file'
+            if cfg.teacher.checkpoint else 'config.teacher.checkpoint is empty')
+    raise ValueError(f'{what}: the student would regress the features of a RANDOM-INIT teacher, '
+                     'which teaches nothing. Set --config.teacher.checkpoint=PATH (e.g. OpenAI '
+                     "ViT-L-14.pt or a transformers CLIP directory), or opt in for a demo or test "
+                     'with --config.teacher.allow_random_init=True.')
+
+
+def announce_random_teacher(cfg, tcfg) -> None:
+  """A banner on stderr that nobody scrolling past the start of the log can miss."""
+  bar = '!' * 78
+  lines = [bar, '!!  RANDOM-INIT TEACHER: the targets are features of an untrained '
+           f'{tcfg.get("name", "")}.',
+           '!!  The student learns nothing transferable. Demos and tests only '
+           '(config.teacher.allow_random_init=True).',
+           '!!  Real pretraining: --config.teacher.checkpoint=PATH.', bar]
+  print('\n'.join(lines), file=sys.stderr, flush=True)
+
+
+def _grid(image_size: int, patch: int) -> str:
+  return f'{image_size // patch}x{image_size // patch}'
+
+
+def check_geometry(cfg, scfg, tcfg, teacher_source: str) -> None:
+  """The student's predictions and the teacher's targets must be on the same patch grid at
+  config.image_size, from the same input channels, or the first step fails deep inside XLA after
+  compiling (`mul got incompatible shapes (16, 64, 48), (16, 49, 48)`). Raises ValueError naming
+  both models' patch sizes and grids and what to change; nothing has been compiled yet."""
+  size, sp, tp = int(cfg.image_size), int(scfg.patch_size), int(tcfg.patch_size)
+  if size % tp:
+    raise ValueError(f'config.image_size={size} is not a multiple of the teacher\'s patch size '
+                     f'{tp} ({teacher_source}); the student has patch {sp}. Use an image size '
+                     f'that both divide (a multiple of {math.lcm(sp, tp)}).')
+  if size // sp != size // tp:
+    raise ValueError(
+        f'The teacher ({teacher_source}) has patch size {tp}, a {_grid(size, tp)} grid at '
+        f'config.image_size={size}; the student ({scfg.name}) has patch size {sp}, a '
+        f'{_grid(size, sp)} grid. Every student prediction needs a teacher target at the same '
+        f'patch: use a teacher with patch {sp}, or a student with patch {tp} '
+        f'(--config.model.patch_size={tp} or a model name with patch {tp}). The grids stay apart '
+        'at every image size.')
+  if int(tcfg.in_chans) != int(scfg.in_chans):
+    raise ValueError(f'The teacher ({teacher_source}) reads {tcfg.in_chans}-channel images and '
+                     f'the student {scfg.in_chans}: set --config.model.in_chans={tcfg.in_chans}.')
+  if not int(tcfg.get('out_dim', 0)) > 0:
+    raise ValueError(f'The teacher ({teacher_source}) has no projection (out_dim='
+                     f'{tcfg.get("out_dim", 0)}), so it gives no targets for the lm_head: use a '
+                     'CLIP vision tower with its projection (CLIPVisionModelWithProjection).')
+
+
 class PretrainProgram(trainer.Program):
   kind = 'eva_pretrain'
 
   def validate(self):
-    if self.cfg.teacher.shard not in ('replicate', 'fsdp'):
+    cfg = self.cfg
+    if cfg.teacher.shard not in ('replicate', 'fsdp'):
       raise ValueError("config.teacher.shard must be 'replicate' or 'fsdp', got "
-                       f'{self.cfg.teacher.shard!r}.')
-    student_config(self.cfg)   # unknown model name / field / shape errors
+                       f'{cfg.teacher.shard!r}.')
+    scfg = student_config(cfg)   # unknown model name / field / shape errors
+    check_random_teacher(cfg)
+    if not cfg.teacher.checkpoint:
+      # The random-init teacher's architecture is known now; a checkpoint's once it is read
+      # (build, still before compiling).
+      check_geometry(cfg, scfg, teacher_config(cfg), f'config.teacher.name={cfg.teacher.name!r}')
 
   def build(self, mesh):
     teacher_cfg, self.teacher_host = load_teacher(self.cfg)
+    if teacher_cfg is not None:
+      check_geometry(self.cfg, student_config(self.cfg), teacher_cfg,
+                     f'config.teacher.checkpoint={self.cfg.teacher.checkpoint!r}')
     task, self.student_cfg, self.teacher_cfg = build(self.cfg, mesh, teacher_cfg)
     # The teacher's identity, recorded in every checkpoint and compared on resume: other weights
     # of the same shape would silently change the targets. A random-init teacher is a function of
@@ -147,6 +220,8 @@ class PretrainProgram(trainer.Program):
     self.teacher_fingerprint = (
         f'random-init seed {self.cfg.seed + 1}' if self.teacher_host is None
         else ckpt_lib.params_fingerprint(self.teacher_host))
+    if random_teacher_in_use(self.cfg) and jax.process_index() == 0:
+      announce_random_teacher(self.cfg, self.teacher_cfg)
     return task
 
   def train_loader(self, task):
@@ -166,10 +241,13 @@ class PretrainProgram(trainer.Program):
   def meta(self, task):
     return {'kind': self.kind, 'student': self.student_cfg.to_dict(),
             'teacher': self.teacher_cfg.to_dict(),
-            'teacher_fingerprint': self.teacher_fingerprint}
+            'teacher_fingerprint': self.teacher_fingerprint,
+            'teacher_random_init': random_teacher_in_use(self.cfg)}
 
   def resolved(self, task):
-    return {'student': self.student_cfg.to_dict(), 'teacher': self.teacher_cfg.to_dict()}
+    # Recorded so a reader of config.json (or a plot, or a later probe) sees what taught the run.
+    return {'student': self.student_cfg.to_dict(), 'teacher': self.teacher_cfg.to_dict(),
+            'teacher_random_init': random_teacher_in_use(self.cfg)}
 
 
 def train(cfg, workdir: str) -> dict:
