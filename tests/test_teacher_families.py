@@ -186,3 +186,99 @@ def _clip_file(tmp_path):
   p = tmp_path / 'clip_visual.pt'
   torch.save({'visual.' + k: v for k, v in vis.state_dict().items()}, p)
   return p
+
+
+# -------------------------------------------------------------------------------------------------
+# SigLIP (transformers)
+def _siglip(seed=0, with_text=False, act='gelu_pytorch_tanh'):
+  import transformers as tr
+  torch.manual_seed(seed)
+  vc = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+            patch_size=14, image_size=56, hidden_act=act)
+  if with_text:
+    m = tr.SiglipModel(tr.SiglipConfig(vision_config=vc, text_config=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)))
+  else:
+    m = tr.SiglipVisionModel(tr.SiglipVisionConfig(**vc))
+  return _perturb(m, seed=seed + 1)
+
+
+def _siglip_ref(m, x):
+  vm = m.vision_model if hasattr(m, 'vision_model') else m
+  with torch.no_grad():
+    return vm(pixel_values=_nchw(x), interpolate_pos_encoding=True).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize('with_text', [False, True])
+def test_siglip_parity(tmp_path, with_text, caplog):
+  m = _siglip(with_text=with_text)
+  m.save_pretrained(tmp_path)
+  with caplog.at_level(logging.INFO):
+    t = eva_jax.load_teacher(str(tmp_path), family='siglip')
+  c = t.config
+  assert (c.family, c.class_token, c.act, c.heads, c.out_dim, c.ln_eps) == \
+      ('siglip', False, 'gelu_tanh', 4, 64, 1e-6)
+  assert 'MAP head' in caplog.text
+  assert 'act=gelu_tanh from config.json hidden_act' in caplog.text
+  x = _images(2, 56, seed=1)
+  d = _report(f'SigLIP {"SiglipModel" if with_text else "SiglipVisionModel"}', t(x),
+              _siglip_ref(m, x))
+  assert d < TOL
+  if not with_text:   # another resolution: pos-embed resized bicubically as transformers does
+    x = _images(1, 84, seed=2)
+    assert _report('SigLIP at 84px (pos-embed interpolation)', t(x), _siglip_ref(m, x)) < TOL
+
+
+def test_siglip_without_config_json_needs_act_and_heads(tmp_path):
+  import shutil
+  m = _siglip(seed=3)
+  m.save_pretrained(tmp_path / 'hf')
+  (tmp_path / 'bare').mkdir()
+  shutil.copy(tmp_path / 'hf' / 'model.safetensors', tmp_path / 'bare' / 'model.safetensors')
+  with pytest.raises(CheckpointError) as e:
+    eva_jax.load_teacher(str(tmp_path / 'bare'), family='siglip')
+  msg = str(e.value)
+  assert 'config.teacher.act' in msg and 'config.teacher.heads' in msg and 'siglip-tiny' in msg
+  x = _images(2, 56, seed=4)
+  ok = eva_jax.load_teacher(str(tmp_path / 'bare'), family='siglip', arch='siglip-tiny')
+  assert _report('SigLIP weights only + arch=siglip-tiny', ok(x), _siglip_ref(m, x)) < TOL
+  wrong = eva_jax.load_teacher(str(tmp_path / 'bare'), family='siglip', act='gelu', heads=4)
+  assert float(np.abs(np.asarray(wrong(x)) - _siglip_ref(m, x)).max()) > TOL
+  with pytest.raises(CheckpointError, match="not a transformers dinov2 vision tower(?s:.*)family='siglip'"):
+    eva_jax.load_teacher(str(tmp_path / 'hf'), family='dinov2')
+
+
+# -------------------------------------------------------------------------------------------------
+# DINOv2 (transformers)
+def _dinov2(registers=0, swiglu=False, seed=0):
+  import transformers as tr
+  torch.manual_seed(seed)
+  kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, patch_size=14,
+            image_size=56, use_swiglu_ffn=swiglu)
+  if registers:
+    m = tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
+  else:
+    m = tr.Dinov2Model(tr.Dinov2Config(**kw))
+  return _perturb(m, seed=seed + 1)
+
+
+def _dinov2_ref(m, x, registers):
+  with torch.no_grad():
+    return m(pixel_values=_nchw(x)).last_hidden_state[:, 1 + registers:].numpy()
+
+
+@pytest.mark.parametrize('registers,swiglu', [(0, False), (4, False), (0, True)])
+def test_dinov2_parity(tmp_path, registers, swiglu, caplog):
+  m = _dinov2(registers, swiglu)
+  m.save_pretrained(tmp_path)
+  with caplog.at_level(logging.INFO):
+    t = eva_jax.load_teacher(str(tmp_path), family='dinov2')
+  c = t.config
+  assert (c.family, c.registers, c.swiglu, c.layer_scale, c.out_dim) == \
+      ('dinov2', registers, swiglu, True, 64)
+  assert 'mask_token' in caplog.text
+  case = f'DINOv2 registers={registers} swiglu={swiglu}'
+  for size, seed in ((56, 1), (84, 2), (42, 3)):   # native grid, larger and smaller (resized)
+    x = _images(2, size, seed=seed)
+    assert _report(f'{case} at {size}px', t(x), _dinov2_ref(m, x, registers)) < TOL
