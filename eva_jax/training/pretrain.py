@@ -20,6 +20,7 @@ from eva_jax import parallel
 from eva_jax.data import pipeline as data_lib
 from eva_jax.models import config as model_config
 from eva_jax.models import mim as mim_lib
+from eva_jax.models import teacher as teacher_lib
 from eva_jax.models import vit
 from eva_jax.training import precision, task as task_lib, trainer
 
@@ -35,25 +36,49 @@ def teacher_dtype(cfg) -> str:
 
 
 def teacher_config(cfg) -> ml_collections.ConfigDict:
-  """The random-init teacher architecture named by config.teacher.name."""
+  """The random-init teacher architecture named by config.teacher.name (of config.teacher.family).
+
+  Raises ValueError naming the field for an unknown family or name, or a name of another family."""
+  family = cfg.teacher.get('family') or 'clip'
+  names = model_config.teacher_names(family)          # unknown family -> ValueError
+  if cfg.teacher.name not in names:
+    model_config.teacher_family(cfg.teacher.name)     # unknown name -> ValueError naming the field
+    raise ValueError(f'config.teacher.name={cfg.teacher.name!r} is a '
+                     f'{model_config.teacher_family(cfg.teacher.name)!r} tower but '
+                     f'config.teacher.family={family!r}; {family} towers: {", ".join(names)}.')
   t = model_config.teacher_config(cfg.teacher.name)
-  t.image_size = cfg.image_size
+  t.image_size = cfg.image_size if t.family in ('clip', 'eva_clip') else t.image_size
   t.dtype = teacher_dtype(cfg)
   return t
 
 
 def load_teacher(cfg):
   """(teacher ConfigDict, host params) from config.teacher.checkpoint, or (None, None) when it is
-  empty (a random-init teacher of config.teacher.name: demos and tests only)."""
-  if not cfg.teacher.checkpoint:
-    logging.warning('No config.teacher.checkpoint: RANDOM-INIT teacher %s (demos and tests only).',
-                    cfg.teacher.name)
+  empty (a random-init teacher of config.teacher.name: demos and tests only).
+
+  config.teacher.family says what the file holds (never guessed); arch / heads / act are the facts
+  a file may not record (eva_jax.load_teacher)."""
+  t = cfg.teacher
+  family = t.get('family') or 'clip'
+  if not t.checkpoint:
+    teacher_config(cfg)   # the random-init architecture exists and belongs to the family
+    logging.warning('No config.teacher.checkpoint: RANDOM-INIT %s teacher %s (demos and tests '
+                    'only).', family, t.name)
     return None, None
   from eva_jax.api import load_teacher as load
-  teacher = load(cfg.teacher.checkpoint, dtype=teacher_dtype(cfg),
-                 heads=cfg.teacher.get('heads') or None, act=cfg.teacher.get('act') or None)
+  teacher = load(t.checkpoint, dtype=teacher_dtype(cfg), family=family, arch=t.get('arch') or '',
+                 heads=t.get('heads') or None, act=t.get('act') or None)
   tcfg = ml_collections.ConfigDict(teacher.model.cfg.to_dict())
   return tcfg, nnx.to_pure_dict(nnx.state(teacher.model, nnx.Param))
+
+
+def teacher_input(cfg, scfg, tcfg) -> teacher_lib.TeacherInput:
+  """How the step feeds the teacher (grid rule, re-normalization); ValueError naming the field."""
+  t = cfg.teacher
+  return teacher_lib.plan(tcfg, student_patch=scfg.patch_size, image_size=cfg.image_size,
+                          rule=t.get('grid') or 'same', data_mean=tuple(cfg.data.mean),
+                          data_std=tuple(cfg.data.std), mean=tuple(t.get('mean') or ()),
+                          std=tuple(t.get('std') or ()))
 
 
 def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
@@ -68,9 +93,11 @@ def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
   def make_model(seed):
     return mim_lib.MIM(scfg, tcfg.out_dim, rngs=nnx.Rngs(params=jax.random.key(seed)))
 
+  t_input = teacher_input(cfg, scfg, tcfg)
+
   def targets(teacher_params, images):
-    return mim_lib.teacher_targets(task_lib.merge_pure(t_graphdef, t_template, teacher_params),
-                                   images)
+    return teacher_lib.targets(task_lib.merge_pure(t_graphdef, t_template, teacher_params),
+                               images, t_input)
 
   def loss_fn(model, teacher_params, batch, key):
     images, mask = batch['image'], batch['mask']

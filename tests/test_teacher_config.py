@@ -1,0 +1,122 @@
+"""config.teacher (issue 13): family, arch, grid rule, input normalization, fingerprint, and short
+pretraining runs with teachers of the new families (random init and a transformers checkpoint)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eva_jax import defaults
+from eva_jax.data.config import CLIP_MEAN, CLIP_STD
+from eva_jax.models import config as model_config
+from eva_jax.models import teacher as teacher_lib
+from eva_jax.models import vit
+from eva_jax.training import pretrain
+
+
+def _cfg(**teacher):
+  c = defaults.pretrain_defaults(model='tiny', teacher='clip-tiny')
+  c.progress = False
+  c.image_size = 56
+  c.batch_size = 4
+  c.total_steps = 2
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.eval_batches = 1
+  c.optim.warmup_steps = 1
+  c.model.drop_path = 0.0
+  c.data.source = 'demo'
+  c.data.workers = 0
+  c.data.mask.num_masking_patches = 6
+  c.data.mask.min_num_patches = 2
+  for k, v in teacher.items():
+    c.teacher[k] = v
+  return c
+
+
+def test_family_and_name_must_agree_and_unknowns_name_the_field():
+  with pytest.raises(ValueError, match='config.teacher.family must be one of'):
+    pretrain.teacher_config(_cfg(family='mae'))
+  with pytest.raises(ValueError, match=r"config.teacher.name='clip-tiny' is a 'clip' tower but "
+                     r"config.teacher.family='dinov2'"):
+    pretrain.teacher_config(_cfg(family='dinov2'))
+  with pytest.raises(ValueError, match='Unknown teacher name'):
+    pretrain.teacher_config(_cfg(family='siglip', name='siglip-XXL'))
+  t = pretrain.teacher_config(_cfg(family='dinov2', name='dinov2-tiny-reg'))
+  assert (t.family, t.registers, t.out_dim) == ('dinov2', 4, 64)
+
+
+def test_grid_rules():
+  tcfg = model_config.teacher_config('siglip-tiny')
+  tcfg.patch_size, tcfg.image_size = 16, 64          # a /16 teacher for a /14 student
+  with pytest.raises(ValueError, match="config.teacher.grid='resize_input'"):
+    teacher_lib.plan(tcfg, student_patch=14, image_size=56)
+  with pytest.raises(ValueError, match='to be a multiple of the teacher patch 16'):
+    teacher_lib.plan(tcfg, student_patch=14, image_size=56, rule='resize_targets')
+  with pytest.raises(ValueError, match='config.teacher.grid must be one of'):
+    teacher_lib.plan(tcfg, student_patch=14, image_size=56, rule='crop')
+  model = vit.create(tcfg)
+  x = np.random.default_rng(0).standard_normal((2, 56, 56, 3)).astype(np.float32)
+  p = teacher_lib.plan(tcfg, student_patch=14, image_size=56, rule='resize_input',
+                       mean=CLIP_MEAN, std=CLIP_STD)
+  assert p.teacher_size == (64, 64) and p.scale is None
+  t = teacher_lib.targets(model, x, p)
+  assert t.shape == (2, 16, 64)
+  ref = model.targets(jax.image.resize(x, (2, 64, 64, 3), 'bicubic', antialias=True))
+  np.testing.assert_allclose(t, ref, atol=1e-6)
+  # resize_targets: 112 px -> the teacher gives 7x7, the student 8x8
+  p = teacher_lib.plan(tcfg, student_patch=14, image_size=112, rule='resize_targets',
+                       mean=CLIP_MEAN, std=CLIP_STD)
+  x = np.random.default_rng(1).standard_normal((1, 112, 112, 3)).astype(np.float32)
+  assert teacher_lib.targets(model, x, p).shape == (1, 64, 64)
+
+
+def test_renormalization_gives_the_teacher_its_own_statistics():
+  tcfg = model_config.teacher_config('dinov2-tiny')
+  model = vit.create(tcfg)
+  pixels = np.random.default_rng(2).uniform(size=(2, 56, 56, 3)).astype(np.float32)
+  clip_x = (pixels - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+  own_x = (pixels - np.asarray(teacher_lib.IMAGENET_MEAN, np.float32)) / np.asarray(
+      teacher_lib.IMAGENET_STD, np.float32)
+  p = teacher_lib.plan(tcfg, student_patch=14, image_size=56)   # data: CLIP stats (default)
+  assert p.scale is not None
+  np.testing.assert_allclose(teacher_lib.targets(model, clip_x, p), model.targets(own_x),
+                             atol=2e-5)
+
+
+def test_fingerprint_and_describe():
+  a = vit.create(model_config.teacher_config('eva02-clip-tiny'), seed=0)
+  b = vit.create(model_config.teacher_config('eva02-clip-tiny'), seed=1)
+  from flax import nnx
+  fa = teacher_lib.teacher_fingerprint(nnx.state(a, nnx.Param))
+  assert fa == teacher_lib.teacher_fingerprint(nnx.to_pure_dict(nnx.state(a, nnx.Param)))
+  assert fa != teacher_lib.teacher_fingerprint(nnx.state(b, nnx.Param)) and len(fa) == 64
+  d = teacher_lib.describe(a.cfg)
+  assert d['family'] == 'eva_clip' and d['target'] == 'head(norm(tokens))[:, 1:]'
+
+
+@pytest.mark.parametrize('family,name', [('eva_clip', 'eva02-clip-tiny'),
+                                         ('siglip', 'siglip-tiny')])
+def test_pretraining_with_a_random_teacher_of_each_family(tmp_path, family, name):
+  cfg = _cfg(family=family, name=name)
+  out = pretrain.train(cfg, str(tmp_path))
+  assert np.isfinite(out['loss'])
+  resolved = json.load(open(tmp_path / 'config.json'))['resolved']['teacher']
+  assert (resolved['family'], resolved['name']) == (family, name)
+
+
+def test_pretraining_with_a_dinov2_checkpoint(tmp_path):
+  torch = pytest.importorskip('torch')
+  import transformers as tr
+  torch.manual_seed(0)
+  m = tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(
+      hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, patch_size=14,
+      image_size=98, num_register_tokens=2))
+  m.save_pretrained(tmp_path / 'dinov2')
+  cfg = _cfg(family='dinov2', name='dinov2-tiny', checkpoint=str(tmp_path / 'dinov2'))
+  out = pretrain.train(cfg, str(tmp_path / 'run'))
+  assert np.isfinite(out['loss'])
+  t = json.load(open(tmp_path / 'run' / 'config.json'))['resolved']['teacher']
+  assert (t['family'], t['registers'], t['width'], t['out_dim']) == ('dinov2', 2, 32, 32)
