@@ -120,3 +120,27 @@ def test_pretraining_with_a_dinov2_checkpoint(tmp_path):
   assert np.isfinite(out['loss'])
   t = json.load(open(tmp_path / 'run' / 'config.json'))['resolved']['teacher']
   assert (t['family'], t['registers'], t['width'], t['out_dim']) == ('dinov2', 2, 32, 32)
+
+
+def test_eva02_l14_step_flops_match_the_spec():
+  """EVA-SPEC "Compute per image": EVA-02-L step = 0.486 student + 0.534 EVA-CLIP-g = 1.02 TFLOP."""
+  import importlib.util
+  from eva_jax import benchmark
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'eva02_l14_pretrain.py')   # this checkout's file (eva_jax.configs may be installed)
+  spec = importlib.util.spec_from_file_location('eva02_l14', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  assert (cfg.teacher.family, cfg.teacher.arch, cfg.teacher.name) == \
+      ('eva_clip', 'eva01-clip-g/14', 'eva01-clip-g/14')
+  s = pretrain.student_config(cfg)
+  t = pretrain.teacher_config(cfg)
+  assert t.out_dim == 1024 and (t.width, t.depth, t.heads, t.mlp_dim) == (1408, 40, 16, 6144)
+  f = benchmark.step_flops_per_image(s, t, with_embed=False)
+  assert abs(f['student_train'] / 1e12 - 0.486) < 0.0015
+  assert abs(f['teacher_forward'] / 1e12 - 0.534) < 0.0015
+  assert abs(f['total'] / 1e12 - 1.02) < 0.002
+  full = benchmark.step_flops_per_image(s, t)   # + patch embeddings, lm_head x3, teacher head
+  assert f['total'] < full['total'] < 1.03e12
+  assert 0.5 < full['teacher_share'] < 0.55
