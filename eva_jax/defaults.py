@@ -41,6 +41,7 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
                                     #   the checkpoint must match, whose facts fill the gaps
   c.teacher.act = ''                # '' = from the file; else 'gelu' | 'quick_gelu' | 'gelu_tanh'
   c.teacher.heads = 0               # 0 = from the file; else the attention head count
+  c.teacher.target = ''             # '' = the family's; 'projected' | 'tokens' (drop the projection)
   # How the teacher meets the student (eva_jax/models/teacher.py):
   c.teacher.grid = 'same'           # same | resize_input | resize_targets (teacher patch grid !=
                                     #   the student's)

@@ -144,3 +144,25 @@ def test_eva02_l14_step_flops_match_the_spec():
   full = benchmark.step_flops_per_image(s, t)   # + patch embeddings, lm_head x3, teacher head
   assert f['total'] < full['total'] < 1.03e12
   assert 0.5 < full['teacher_share'] < 0.55
+
+
+def test_target_field():
+  t = pretrain.teacher_config(_cfg(target='tokens'))          # CLIP without its projection
+  assert (t.proj, t.out_dim) == (False, t.width)
+  assert pretrain.teacher_config(_cfg(target='projected')).out_dim == 48
+  with pytest.raises(ValueError, match="config.teacher.target='projected'"):
+    pretrain.teacher_config(_cfg(family='dinov2', name='dinov2-tiny', target='projected'))
+  with pytest.raises(ValueError, match='config.teacher.target must be one of'):
+    pretrain.teacher_config(_cfg(target='pooled'))
+  # Targets without the projection are the CLIP ln_post tokens of the same tower.
+  full = vit.create(model_config.teacher_config('eva02-clip-tiny'))
+  tcfg, params = teacher_lib.apply_target(full.cfg, 'tokens', {'proj': 1, 'proj_bias': 2, 'x': 3})
+  assert params == {'x': 3} and tcfg.out_dim == 64
+  from flax import nnx
+  cut = vit.create(tcfg)
+  state = nnx.to_pure_dict(nnx.state(full, nnx.Param))
+  del state['proj'], state['proj_bias']
+  nnx.update(cut, state)
+  x = np.random.default_rng(3).standard_normal((1, 56, 56, 3)).astype(np.float32)
+  tokens = full(x)[:, 1:]
+  np.testing.assert_allclose(cut.targets(x), tokens, atol=1e-6)

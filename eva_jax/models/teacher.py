@@ -14,6 +14,9 @@
     'resize_targets'  the teacher runs on the images as they are and its target map is resized
                       (bilinear, antialiased when shrinking) to the student grid. Needs the
                       image size to be a multiple of the teacher's patch; refused otherwise.
+- Target (config.teacher.target, apply_target): '' = the family's ('projected' for CLIP and
+  EVA-CLIP, 'tokens' for SigLIP and DINOv2); 'tokens' drops a projection (CLIP ln_post tokens,
+  EVA-CLIP norm tokens, out_dim = width).
 - teacher_fingerprint(params): sha256 over the teacher's parameter names, shapes and float32
   bytes, for checkpoint meta and resume checks.
 """
@@ -24,6 +27,7 @@ import hashlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from eva_jax.data.config import CLIP_MEAN, CLIP_STD
@@ -37,6 +41,32 @@ FAMILY_NORM = {
     'dinov2': (IMAGENET_MEAN, IMAGENET_STD),        # BitImageProcessor of facebook/dinov2-*
 }
 GRID_RULES = ('same', 'resize_input', 'resize_targets')
+TARGETS = ('projected', 'tokens')
+
+
+def apply_target(tcfg, target: str, params=None):
+  """(teacher config, params) for config.teacher.target: '' = the family's target; 'projected' =
+  through the tower's projection (CLIP proj, EVA-CLIP head; the EVA targets); 'tokens' = the
+  final-normed patch tokens, projection dropped (out_dim = width). ValueError naming the field
+  when the tower has no projection to use."""
+  if not target:
+    return tcfg, params
+  if target not in TARGETS:
+    raise ValueError(f'config.teacher.target must be one of {", ".join(TARGETS)} or empty (the '
+                     f"family's target); got {target!r}.")
+  has_proj = bool(tcfg.out_dim) and tcfg.get('proj', True)
+  if target == 'projected':
+    if not has_proj:
+      raise ValueError(f"config.teacher.target='projected': the {tcfg.get('family', 'clip')} tower "
+                       f'{tcfg.name} has no projection; its targets are the normed tokens '
+                       "(target='tokens' or empty).")
+    return tcfg, params
+  if has_proj:
+    tcfg = ml_collections.ConfigDict(tcfg.to_dict())
+    tcfg.proj, tcfg.proj_bias, tcfg.out_dim = False, False, int(tcfg.width)
+    if params is not None:
+      params = {k: v for k, v in params.items() if k not in ('proj', 'proj_bias')}
+  return tcfg, params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ def teacher_config(cfg) -> ml_collections.ConfigDict:
   t = model_config.teacher_config(cfg.teacher.name)
   t.image_size = cfg.image_size if t.family in ('clip', 'eva_clip') else t.image_size
   t.dtype = teacher_dtype(cfg)
-  return t
+  return teacher_lib.apply_target(t, cfg.teacher.get('target') or '')[0]
 
 
 def load_teacher(cfg):
@@ -69,7 +69,8 @@ def load_teacher(cfg):
   teacher = load(t.checkpoint, dtype=teacher_dtype(cfg), family=family, arch=t.get('arch') or '',
                  heads=t.get('heads') or None, act=t.get('act') or None)
   tcfg = ml_collections.ConfigDict(teacher.model.cfg.to_dict())
-  return tcfg, nnx.to_pure_dict(nnx.state(teacher.model, nnx.Param))
+  return teacher_lib.apply_target(tcfg, t.get('target') or '',
+                                  nnx.to_pure_dict(nnx.state(teacher.model, nnx.Param)))
 
 
 def teacher_input(cfg, scfg, tcfg) -> teacher_lib.TeacherInput:
