@@ -1,4 +1,4 @@
-"""Public entry points: load_teacher (frozen CLIP teacher -> EVA targets); load_encoder follows.
+"""Public entry points: load_teacher (frozen teacher tower -> EVA targets) and load_encoder.
 
 Nothing here imports torch at module level: the converters import it only while reading a PyTorch
 checkpoint.
@@ -23,11 +23,13 @@ __all__ = ['load_teacher', 'Teacher', 'load_encoder', 'Encoder']
 # -------------------------------------------------------------------------------------------------
 # Teacher
 class Teacher:
-  """Frozen CLIP vision tower: `teacher(images)` -> EVA regression targets.
+  """Frozen teacher tower: `teacher(images)` -> EVA regression targets.
 
-  images: CLIP-normalized float images, NHWC [B, H, W, 3], H and W multiples of the patch size
-          (other sizes than config.image_size interpolate the pos-embed bicubically).
-  returns float32 [B, (H/patch)*(W/patch), config.out_dim] = ln_post(patch tokens) @ proj.
+  images: normalized float images (the teacher's own mean/std), NHWC [B, H, W, 3], H and W
+          multiples of the patch size (other sizes than config.image_size interpolate the pos-embed).
+  returns float32 [B, (H/patch)*(W/patch), config.out_dim]: the patch tokens after the tower's final
+          norm and its projection where it has one (config.family: clip ln_post + proj, eva_clip
+          norm + head, siglip / dinov2 the final norm's tokens, out_dim = width).
 
   Attributes: `model` (the nnx VisionTransformer), `config` (its ConfigDict; config.dtype is the
   compute dtype), `source` (checkpoint path or teacher name). The forward is jitted over the
@@ -74,41 +76,62 @@ class Teacher:
 
   def __repr__(self):
     c = self.config
-    return (f'Teacher({c.name}: width {c.width}, depth {c.depth}, heads {c.heads}, patch '
+    return (f'Teacher({c.get("family", "clip")} {c.name}: width {c.width}, depth {c.depth}, '
+            f'heads {c.heads}, patch '
             f'{c.patch_size}, image {c.image_size}, out {c.out_dim}, dtype {c.dtype}; '
             f'from {self.source!r})')
 
 
-def load_teacher(path, dtype=jnp.float32, *, heads: int | None = None, act: str | None = None,
+def load_teacher(path, dtype=jnp.float32, *, family: str = 'clip', arch: str = '',
+                 heads: int | None = None, act: str | None = None, facts: dict | None = None,
                  seed: int = 0) -> Teacher:
-  """Loads a frozen CLIP teacher; returns a jitted callable `teacher(images) -> targets`.
+  """Loads a frozen teacher tower; returns a jitted callable `teacher(images) -> targets`.
 
-  path: one of
-    - a transformers `save_pretrained` directory of CLIPVisionModelWithProjection or CLIPModel
-      (safetensors or bin; the text tower of a CLIPModel is ignored), or its weights file;
-    - OpenAI's ViT-*.pt (TorchScript archive) or a state dict with `visual.*` keys;
-    - an open_clip checkpoint of an OpenAI-style tower (`visual.*` keys, possibly wrapped in
-      {'state_dict': ...} with 'module.' prefixes).
-    - a teacher name from eva_jax.models.TEACHER_NAMES ('clip-tiny', 'clip-L/14', ...) gives a
-      RANDOM-INIT teacher of that architecture (demos and tests only), used only when no file or
-      directory of that name exists.
+  family (config.teacher.family): which kind of tower the file holds; never guessed from it.
+    'clip'     OpenAI / open_clip / transformers CLIP: ln_post(patch tokens) @ proj.
+               Files: a transformers save_pretrained directory (CLIPVisionModelWithProjection or
+               CLIPModel) or its weights file, OpenAI's ViT-*.pt (TorchScript) or a `visual.*`
+               state dict, an open_clip checkpoint of an OpenAI-style tower (convert/clip.py).
+    'eva_clip' EVA-CLIP towers (EVA-02's teacher): head(norm(tokens))[:, 1:]. Official EVA-CLIP
+               (`visual.*`, EVA block names), open_clip EVA (`visual.trunk.*`), timm *_clip_224
+               (convert/eva_clip.py).
+    'siglip'   transformers SiglipVisionModel / SiglipModel (SigLIP, fixed-resolution SigLIP2):
+               post_layernorm(tokens), no projection (convert/hf_vit.py).
+    'dinov2'   transformers Dinov2Model / Dinov2WithRegistersModel: layernorm(tokens) without cls
+               and registers, no projection (convert/hf_vit.py).
+    A whole CLIP (with a text tower) gives its vision tower; the rest is counted and logged.
+  path: the checkpoint; or a teacher name from eva_jax.models.TEACHER_NAMES ('clip-tiny',
+    'eva02-clip-L/14', 'dinov2-tiny', ...) gives a RANDOM-INIT teacher of that architecture (demos
+    and tests only), used only when no file or directory of that name exists.
   dtype: compute dtype (jnp.float32 / jnp.bfloat16 / jnp.float16 or their names); LayerNorm and the
     attention softmax run in float32 regardless, and the targets are float32. Parameters stay float32.
-  heads, act: architecture facts a bare state dict does not record (config.teacher.heads /
-    config.teacher.act). Read from config.json, the TorchScript archive or an open_clip_config.json
-    next to the weights where present (a given value must agree); otherwise required, and the load
-    is refused naming them. Every choice is logged with its source (convert/clip.py).
+  arch (config.teacher.arch): a named architecture the checkpoint must match; its facts (heads,
+    RoPE, post-norm, ...) are used where the file does not record them (eva_clip; for the other
+    families the files record them and arch is a shape check).
+  heads, act (config.teacher.heads / .act), facts (eva_clip: FACTS of convert/eva_clip.py):
+    architecture facts a bare state dict does not record. Read from the file's record where it
+    has one (a given value must agree); otherwise required, and the load is refused naming them.
+    Every choice is logged with its source.
   seed: init seed of a random-init teacher (ignored for checkpoints).
 
-  The architecture (width, depth, heads, MLP width, patch, image size, output dim) is inferred from
+  The architecture (width, depth, MLP width, patch, image size, output dim, ...) is inferred from
   the checkpoint, which is converted on the host one tensor at a time. Errors: FileNotFoundError for
-  a missing path; eva_jax.convert.common.CheckpointError (a ValueError) when the file is not a CLIP
-  vision tower or its keys do not match, with the missing / unexpected keys listed.
+  a missing path; ValueError for an unknown family or arch; eva_jax.convert.common.CheckpointError
+  (a ValueError) when the file is not a tower of that family or its keys do not match, with the
+  missing / unexpected keys listed.
   """
+  from eva_jax.models import config as config_lib
   name = _dtype_name(dtype)
+  family = family or 'clip'
+  if family not in config_lib.FAMILIES:
+    raise ValueError(f'config.teacher.family must be one of {", ".join(config_lib.FAMILIES)}; got '
+                     f'{family!r}.')
   src = os.fspath(path)
   if not os.path.exists(src):
     if src in TEACHER_NAMES:
+      if config_lib.teacher_family(src) != family and family != 'clip':
+        raise ValueError(f'config.teacher.name={src!r} is a {config_lib.teacher_family(src)!r} '
+                         f'tower but config.teacher.family={family!r}.')
       logging.warning('load_teacher(%r): RANDOM-INIT teacher (no checkpoint); demos and tests only.',
                       src)
       cfg = teacher_config(src)
@@ -116,9 +139,37 @@ def load_teacher(path, dtype=jnp.float32, *, heads: int | None = None, act: str 
       return Teacher(create(cfg, seed=seed), source=src)
     raise FileNotFoundError(f'Teacher checkpoint {src!r} does not exist (nor is it a random-init '
                             f'teacher name: {", ".join(TEACHER_NAMES)}).')
-  from eva_jax.convert import clip
-  model = clip.load_clip_vision(src, dtype=name, heads=heads, act=act)
+  if family == 'eva_clip':
+    if act:
+      raise ValueError('config.teacher.act does not apply to eva_clip towers (exact GELU or '
+                       'SwiGLU, read from the shapes); leave it empty.')
+    from eva_jax.convert import eva_clip
+    model = eva_clip.load_eva_clip_vision(src, dtype=name, heads=heads, arch=arch or None,
+                                          facts=facts)
+  elif family in ('siglip', 'dinov2'):
+    from eva_jax.convert import hf_vit
+    model = hf_vit.load_hf_vision(src, family, dtype=name, heads=heads, act=act,
+                                  arch=arch or None)
+  else:
+    if facts:
+      raise ValueError("facts= applies to family='eva_clip'; CLIP towers take heads= and act=.")
+    from eva_jax.convert import clip
+    model = clip.load_clip_vision(src, dtype=name, heads=heads, act=act)
+    if arch:
+      _check_arch(model.cfg, arch, src)
   return Teacher(model, source=src)
+
+
+def _check_arch(cfg, arch: str, src: str) -> None:
+  """The loaded tower has the shapes of the named architecture (config.teacher.arch)."""
+  ref = teacher_config(arch)
+  fields = ('family', 'width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'out_dim')
+  bad = [f'{f}: file {cfg.get(f)} vs {arch} {ref.get(f)}' for f in fields
+         if cfg.get(f) != ref.get(f)]
+  if bad:
+    from eva_jax.convert.common import CheckpointError
+    raise CheckpointError(f'Teacher checkpoint {src!r} is not a {arch} tower: ' + '; '.join(bad)
+                          + '. Set config.teacher.arch to its architecture (or leave it empty).')
 
 
 # -------------------------------------------------------------------------------------------------

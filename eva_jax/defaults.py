@@ -43,16 +43,26 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
   c.model = model_section(model, drop_path=0.1)
 
   c.teacher = ml_collections.ConfigDict()
+  # What the teacher is; docs/teachers.md has the families, layouts and targets.
+  c.teacher.family = 'clip'         # clip | eva_clip | siglip | dinov2: what the checkpoint holds
   c.teacher.name = teacher          # architecture of a random-init teacher when checkpoint is empty
-  c.teacher.checkpoint = ''         # HF dir, OpenAI ViT-L-14.pt or open_clip file (load_teacher)
+  c.teacher.checkpoint = ''         # file or directory of a tower of config.teacher.family
   c.teacher.shard = 'replicate'     # replicate | fsdp (shard the frozen teacher like the student)
   c.teacher.precision = ''          # '' = same as precision
-  # Architecture facts a bare state dict does not record (issue: never guessed silently):
-  c.teacher.act = ''                # '' = from the file; else 'gelu' | 'quick_gelu'
+  # Architecture facts a file may not record (never guessed: the load is refused naming them):
+  c.teacher.arch = ''               # '' = from the file; else a named architecture (TEACHER_NAMES)
+                                    #   the checkpoint must match, whose facts fill the gaps
+  c.teacher.act = ''                # '' = from the file; else 'gelu' | 'quick_gelu' | 'gelu_tanh'
   c.teacher.heads = 0               # 0 = from the file; else the attention head count
   # An empty checkpoint means a RANDOM-INIT teacher, whose targets teach nothing: refused unless a
   # demo or test opts in here (issue 12 L). The run then prints a banner and records it.
   c.teacher.allow_random_init = False
+  c.teacher.target = ''             # '' = the family's; 'projected' | 'tokens' (drop the projection)
+  # How the teacher meets the student (eva_jax/models/teacher.py):
+  c.teacher.grid = 'same'           # same | resize_input | resize_targets (teacher patch grid !=
+                                    #   the student's)
+  c.teacher.mean = ()               # () = the family's input normalization (CLIP, SigLIP 0.5,
+  c.teacher.std = ()                #   DINOv2 ImageNet); the batch is re-normalized from data.mean/std
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, min_lr=1e-5, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,

@@ -1,10 +1,12 @@
-r"""Bytes per device of the EVA-01 g/14 + CLIP-L/14 (224) pretraining step under FSDP, from XLA's
+r"""Bytes per device of a pretraining step under FSDP (default EVA-01 g/14 + CLIP-L/14 at 224;
+--config=eva02_l14_pretrain.py: EVA-02 L/14 + EVA-CLIP g/14), from XLA's
 compiled memory analysis: jax.jit(step).lower(abstract args).compile().memory_analysis(). Nothing
 is allocated or executed, so it runs on fake CPU devices (one subprocess per device count N with
 XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
   python experiments/memory_plan.py --remats=none,dots,dots_no_batch,full --out=/tmp/mp.md   # ~10 min
   python experiments/memory_plan.py --devices=8 --precisions=bf16 --remats=full --batches=32
+  python experiments/memory_plan.py --config=eva02_l14_pretrain.py --devices=8,128 --precisions=bf16
 
 It compiles the step exactly as `eva_jax.training.pretrain.build` makes it, block activations pinned to
 the batch sharding by `parallel.constrain_batch` (before commit 3f512fb they were not, and the FSDP
@@ -37,15 +39,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
 
 
-def _load_config(precision):
-  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs',
-                                                                    'eva01_g14_pretrain.py'))
+def _load_config(precision, config='eva01_g14_pretrain.py'):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs', config))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config(precision)
 
 
-def worker(n, precisions, remats, batches, teacher_shard):
+def worker(n, precisions, remats, batches, teacher_shard, config='eva01_g14_pretrain.py'):
   import jax
   sys.path.insert(0, ROOT)
   from eva_jax import benchmark, parallel
@@ -54,7 +55,7 @@ def worker(n, precisions, remats, batches, teacher_shard):
   for precision in precisions:
     for remat in remats:
       for per_dev in batches:
-        cfg = _load_config(precision)
+        cfg = _load_config(precision, config)
         cfg.batch_size = per_dev * n
         cfg.model.remat = remat
         cfg.teacher.shard = teacher_shard
@@ -70,7 +71,7 @@ def worker(n, precisions, remats, batches, teacher_shard):
         compiled = task.train_step.lower(task.abstract_state, teacher, batch).compile()
         mem = benchmark.memory_stats(compiled)
         rec = {'devices': n, 'precision': precision, 'remat': remat, 'per_device_batch': per_dev,
-               'teacher_shard': teacher_shard,
+               'teacher_shard': teacher_shard, 'student': scfg.name, 'teacher': tcfg.name,
                'compile_s': time.perf_counter() - t0, **mem}
         print('RESULT ' + json.dumps(rec), flush=True)
 
@@ -129,6 +130,8 @@ def main():
   ap.add_argument('--slope_batch', type=int, default=8,
                   help='extra per-device batch compiled at the smallest N for the batch slope (0 = off)')
   ap.add_argument('--teacher_shard', default='replicate', choices=['replicate', 'fsdp'])
+  ap.add_argument('--config', default='eva01_g14_pretrain.py',
+                  help='recipe file under configs/ (e.g. eva02_l14_pretrain.py: EVA-02-L + EVA-CLIP-g)')
   ap.add_argument('--budget_gib', type=float, default=40.0)
   ap.add_argument('--headroom_gib', type=float, default=2.0)
   ap.add_argument('--timeout', type=int, default=1200, help='seconds per device count')
@@ -140,7 +143,7 @@ def main():
   remats = args.remats.split(',')
   batches = [int(b) for b in args.batches.split(',')]
   if args.worker:
-    worker(args.worker, precisions, remats, batches, args.teacher_shard)
+    worker(args.worker, precisions, remats, batches, args.teacher_shard, args.config)
     return
   devices = [int(n) for n in args.devices.split(',')]
   records, notes = [], []
@@ -151,7 +154,7 @@ def main():
                JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.abspath(__file__), f'--worker={n}', f'--precisions={args.precisions}',
            f'--remats={args.remats}', f'--batches={",".join(map(str, b))}',
-           f'--teacher_shard={args.teacher_shard}']
+           f'--teacher_shard={args.teacher_shard}', f'--config={args.config}']
     t0 = time.perf_counter()
     try:
       out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -166,7 +169,7 @@ def main():
       msg += f' (incomplete: {err.strip().splitlines()[-1][:300]})'
     notes.append(msg)
     print(msg, file=sys.stderr, flush=True)
-  md = ['## Bytes per device (XLA:CPU compiled memory analysis; teacher '
+  md = [f'## Bytes per device ({args.config}; XLA:CPU compiled memory analysis; teacher '
         f'{args.teacher_shard})', '',
         table(records, args.budget_gib, args.headroom_gib), '',
         '## Largest per-device batch', '', max_batch(records, args.budget_gib, args.headroom_gib), '',

@@ -1,8 +1,9 @@
 """Named encoder and teacher architectures as ml_collections ConfigDicts.
 
 One ConfigDict describes a whole transformer family member (timm eva.py style): EVA-01 is the
-default, EVA-02 is EVA-01 plus three switches (`swiglu`, `sub_ln`, `rope`). The same fields also
-describe the CLIP teacher tower (see `teacher_config`).
+default, EVA-02 is EVA-01 plus three switches (`swiglu`, `sub_ln`, `rope`). The same fields plus a
+few teacher-only ones describe the frozen teacher towers of every family (CLIP, EVA-CLIP, SigLIP,
+DINOv2; see `teacher_config`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ _EVA02 = {
     'eva02-L/14': (1024, 24, 16, int(1024 * 4 * 2 / 3), 14),
 }
 
+# Teacher towers by family. Targets (vit.VisionTransformer.targets): the patch tokens after the
+# tower's final norm, then its projection where it has one. Sources per family in docs/teachers.md.
+FAMILIES = ('clip', 'eva_clip', 'siglip', 'dinov2')
+
 # CLIP vision towers usable as teachers: name -> (width, depth, heads, mlp_dim, patch, out_dim)
 _CLIP = {
     'clip-tiny': (64, 2, 4, 256, 14, 48),
@@ -39,8 +44,65 @@ _CLIP = {
     'clip-L/14': (1024, 24, 16, 4096, 14, 768),   # the paper's teacher (OpenAI ViT-L/14 @224)
 }
 
+# EVA-CLIP vision towers: name -> (width, depth, heads, mlp_dim, patch, out_dim, style), style
+# 'eva01' (GELU MLP, fused qkv with q/v bias), 'eva02' (SwiGLU, sub-LN incl. the attention LN,
+# 2D RoPE on a 16x16 reference grid, separate q/k/v) or 'eva02-post' (EVA-01 block with residual
+# post-norm: EVA02-CLIP-E). Official EVA-CLIP configs (baaivision/EVA EVA-CLIP model_configs) and
+# timm eva_giant_patch14_clip_224 / eva02_{base_patch16,large_patch14,enormous_patch14}_clip_224.
+_EVA_CLIP = {
+    'eva01-clip-tiny': (64, 2, 4, 256, 14, 48, 'eva01'),
+    'eva02-clip-tiny': (64, 2, 4, int(64 * 4 * 2 / 3), 14, 48, 'eva02'),
+    'eva02-clip-tiny-post': (64, 2, 4, 256, 14, 48, 'eva02-post'),
+    # EVA01-CLIP-g/14 (EVA_CLIP_g_14_X, EVA-02's teacher): head width 88, MLP 6144, head 1408 -> 1024
+    'eva01-clip-g/14': (1408, 40, 16, 6144, 14, 1024, 'eva01'),
+    'eva02-clip-B/16': (768, 12, 12, int(768 * 4 * 2 / 3), 16, 512, 'eva02'),
+    'eva02-clip-L/14': (1024, 24, 16, int(1024 * 4 * 2 / 3), 14, 768, 'eva02'),
+    'eva02-clip-E/14': (1792, 64, 16, 15360, 14, 1024, 'eva02-post'),
+}
+
+# SigLIP / SigLIP2 (fixed resolution) vision towers: name -> (width, depth, heads, mlp, patch, image).
+# transformers SiglipVisionConfig sizes; targets = post_layernorm(tokens), no projection (the MAP
+# head pools one vector per image and takes no part in per-patch targets).
+_SIGLIP = {
+    'siglip-tiny': (64, 2, 4, 256, 14, 56),
+    'siglip-B/16': (768, 12, 12, 3072, 16, 224),
+    'siglip-L/16': (1024, 24, 16, 4096, 16, 256),
+    'siglip-So400m/14': (1152, 27, 16, 4304, 14, 224),
+}
+
+# DINOv2 backbones: name -> (width, depth, heads, mlp, patch, registers, swiglu); image 518 (37x37,
+# the released models' pos-embed), layer scale, LayerNorm eps 1e-6, exact GELU (g: SwiGLU).
+_DINOV2 = {
+    'dinov2-tiny': (64, 2, 4, 256, 14, 0, False),
+    'dinov2-tiny-reg': (64, 2, 4, 256, 14, 4, False),
+    'dinov2-S/14': (384, 12, 6, 1536, 14, 0, False),
+    'dinov2-B/14': (768, 12, 12, 3072, 14, 0, False),
+    'dinov2-L/14': (1024, 24, 16, 4096, 14, 0, False),
+    'dinov2-g/14': (1536, 40, 24, 4096, 14, 0, True),
+    'dinov2-S/14-reg': (384, 12, 6, 1536, 14, 4, False),
+    'dinov2-B/14-reg': (768, 12, 12, 3072, 14, 4, False),
+    'dinov2-L/14-reg': (1024, 24, 16, 4096, 14, 4, False),
+    'dinov2-g/14-reg': (1536, 40, 24, 4096, 14, 4, True),
+}
+
+TEACHER_NAMES = tuple(_CLIP) + tuple(_EVA_CLIP) + tuple(_SIGLIP) + tuple(_DINOV2)
 ENCODER_NAMES = tuple(_EVA01) + tuple(_EVA02)
-TEACHER_NAMES = tuple(_CLIP)
+
+
+def teacher_family(name: str) -> str:
+  """The family of a teacher preset name; ValueError for an unknown name."""
+  for family, table in (('clip', _CLIP), ('eva_clip', _EVA_CLIP), ('siglip', _SIGLIP),
+                        ('dinov2', _DINOV2)):
+    if name in table:
+      return family
+  raise ValueError(f'Unknown teacher name {name!r} (config.teacher.name / config.teacher.arch). '
+                   f'Known: {", ".join(TEACHER_NAMES)}.')
+
+
+def teacher_names(family: str) -> tuple[str, ...]:
+  if family not in FAMILIES:
+    raise ValueError(f'config.teacher.family must be one of {", ".join(FAMILIES)}; got {family!r}.')
+  return tuple(n for n in TEACHER_NAMES if teacher_family(n) == family)
 
 
 def _base(width, depth, heads, mlp_dim, patch) -> ml_collections.ConfigDict:
@@ -101,22 +163,70 @@ def encoder_config(name: str) -> ml_collections.ConfigDict:
   return cfg
 
 
-def teacher_config(name: str) -> ml_collections.ConfigDict:
-  """Returns the ConfigDict of a named CLIP vision tower (the frozen teacher)."""
-  if name not in _CLIP:
-    raise ValueError(f'Unknown teacher name {name!r}. Known: {", ".join(TEACHER_NAMES)}.')
-  width, depth, heads, mlp_dim, patch, out_dim = _CLIP[name]
-  cfg = _base(width, depth, heads, mlp_dim, patch)
-  cfg.name = name
-  cfg.attn_bias = 'qkv'
-  cfg.act = 'quick_gelu'
-  cfg.ln_eps = 1e-5
-  cfg.ln_pre = True
+def _teacher_fields(cfg, family: str) -> None:
+  """The teacher-only fields (vit.py reads them with cfg.get; students never carry them)."""
+  cfg.family = family
   cfg.mask_token = False
-  cfg.final_norm = False     # CLIP's ln_post applies to the patch tokens that become targets
-  cfg.patch_bias = False
-  cfg.out_dim = out_dim
-  cfg.init = 'clip'
+  cfg.ln_post = False        # CLIP's LayerNorm on the patch tokens before the projection
+  cfg.proj = True            # a projection to out_dim (else out_dim = width, the tokens themselves)
+  cfg.proj_bias = False      # EVA-CLIP's `head` has a bias, CLIP's `proj` none
+  cfg.layer_scale = False    # DINOv2
+  cfg.post_norm = False      # EVA02-CLIP-E: residual post-norm blocks
+  cfg.registers = 0          # DINOv2 with registers
+  cfg.pos_interp = 'bicubic'  # pos-embed resize at other grids: 'bicubic' | 'bicubic_aa'
+
+
+def teacher_config(name: str) -> ml_collections.ConfigDict:
+  """Returns the ConfigDict of a named teacher tower (see TEACHER_NAMES and FAMILIES)."""
+  family = teacher_family(name)
+  if family == 'clip':
+    width, depth, heads, mlp_dim, patch, out_dim = _CLIP[name]
+    cfg = _base(width, depth, heads, mlp_dim, patch)
+    _teacher_fields(cfg, family)
+    cfg.attn_bias = 'qkv'
+    cfg.act = 'quick_gelu'
+    cfg.ln_eps = 1e-5
+    cfg.ln_pre = True
+    cfg.final_norm = False     # CLIP's ln_post applies to the patch tokens that become targets
+    cfg.ln_post = True
+    cfg.patch_bias = False
+    cfg.out_dim = out_dim
+    cfg.init = 'clip'
+  elif family == 'eva_clip':
+    width, depth, heads, mlp_dim, patch, out_dim, style = _EVA_CLIP[name]
+    cfg = _base(width, depth, heads, mlp_dim, patch)
+    _teacher_fields(cfg, family)
+    cfg.proj_bias = True       # timm Eva / official EVA-CLIP `head`: Linear with bias
+    cfg.out_dim = out_dim
+    if style == 'eva02':
+      cfg.swiglu = cfg.sub_ln = cfg.sub_ln_attn = cfg.rope = True
+      cfg.rope_ref_grid = 16
+      cfg.init = 'eva02'
+    cfg.post_norm = style == 'eva02-post'
+  elif family == 'siglip':
+    width, depth, heads, mlp_dim, patch, image = _SIGLIP[name]
+    cfg = _base(width, depth, heads, mlp_dim, patch)
+    _teacher_fields(cfg, family)
+    cfg.image_size = image
+    cfg.class_token = False
+    cfg.attn_bias = 'qkv'
+    cfg.act = 'gelu_tanh'
+    cfg.out_dim, cfg.proj = width, False
+    cfg.init = 'clip'
+  else:
+    width, depth, heads, mlp_dim, patch, registers, swiglu = _DINOV2[name]
+    cfg = _base(width, depth, heads, mlp_dim, patch)
+    _teacher_fields(cfg, family)
+    cfg.image_size = 518 if name not in ('dinov2-tiny', 'dinov2-tiny-reg') else 56
+    cfg.attn_bias = 'qkv'
+    cfg.swiglu = swiglu
+    cfg.layer_scale = True
+    cfg.registers = registers
+    cfg.pos_interp = 'bicubic_aa' if registers else 'bicubic'   # as transformers does
+    cfg.out_dim, cfg.proj = width, False
+    cfg.init = 'clip'
+  cfg.name = name
+  validate(cfg)
   return cfg
 
 
@@ -187,6 +297,7 @@ MODEL_RULES = {
     'init_std': ranges.Range(0.0, 1.0, lo_open=True),
     'drop_path': ranges.fraction(hi_open=True, why='1 would drop every block'),
     'scan_unroll': ranges.count(1),
+    'registers': ranges.count(0, why='DINOv2 register tokens; 0 = none'),
 }
 
 
@@ -202,8 +313,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                      f'model.patch_size={cfg.patch_size}.')
   if cfg.attn_bias not in ('qv', 'qkv', 'none'):
     raise ValueError(f"model.attn_bias must be 'qv', 'qkv' or 'none', got {cfg.attn_bias!r}.")
-  if cfg.act not in ('gelu', 'quick_gelu'):
-    raise ValueError(f"model.act must be 'gelu' or 'quick_gelu', got {cfg.act!r}.")
+  if cfg.act not in ('gelu', 'quick_gelu', 'gelu_tanh'):
+    raise ValueError(f"model.act must be 'gelu', 'quick_gelu' or 'gelu_tanh', got {cfg.act!r}.")
+  if cfg.get('pos_interp', 'bicubic') not in ('bicubic', 'bicubic_aa'):
+    raise ValueError("model.pos_interp must be 'bicubic' or 'bicubic_aa', got "
+                     f'{cfg.pos_interp!r}.')
+  if int(cfg.get('registers', 0)) < 0:
+    raise ValueError(f'model.registers must be >= 0, got {cfg.registers}.')
+  if cfg.get('family', '') and cfg.family not in FAMILIES:
+    raise ValueError(f'teacher family must be one of {", ".join(FAMILIES)}, got {cfg.family!r}.')
   if cfg.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}.")
   if cfg.rope and (cfg.width // cfg.heads) % 4:

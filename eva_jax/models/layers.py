@@ -193,6 +193,8 @@ class Mlp(nnx.Module):
     elif self.act == 'quick_gelu':
       h = self.fc1(x)
       h = h * jax.nn.sigmoid(1.702 * h)
+    elif self.act == 'gelu_tanh':   # SigLIP's gelu_pytorch_tanh
+      h = jax.nn.gelu(self.fc1(x), approximate=True)
     else:
       h = jax.nn.gelu(self.fc1(x), approximate=False)
     if self.norm is not None:
@@ -208,21 +210,40 @@ def drop_path(x, rate, key):
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + dp(attn(norm1(x))); x + dp(mlp(norm2(x)))."""
+  """Pre-norm transformer block: x + dp(attn(norm1(x))); x + dp(mlp(norm2(x))).
+
+  Teacher-tower options (cfg.get, off for every student): `layer_scale` multiplies each branch by
+  a learned per-channel scale (DINOv2 `layer_scale{1,2}.lambda1`, timm `gamma_{1,2}`);
+  `post_norm` normalizes the branch output instead of its input (EVA-CLIP E/14, timm
+  EvaBlockPostNorm): x + dp(norm1(attn(x))); x + dp(norm2(mlp(x))).
+  """
 
   def __init__(self, cfg, *, init: Initializer, rngs: nnx.Rngs):
     self.norm1 = LayerNorm(cfg.width, cfg.ln_eps, rngs=rngs)
     self.attn = Attention(cfg, init=init, rngs=rngs)
     self.norm2 = LayerNorm(cfg.width, cfg.ln_eps, rngs=rngs)
     self.mlp = Mlp(cfg, init=init, rngs=rngs)
+    self.post_norm = bool(cfg.get('post_norm', False))
+    if cfg.get('layer_scale', False):
+      self.ls1 = param(rngs, ones, (cfg.width,), ('embed',))
+      self.ls2 = param(rngs, ones, (cfg.width,), ('embed',))
+    else:
+      self.ls1 = self.ls2 = None
 
   def __call__(self, x, rope=None, num_prefix=1, dp_rate=None, dp_key=None):
     x = constrain_batch(x)
-    a = self.attn(self.norm1(x), rope, num_prefix)
+    if self.post_norm:
+      a = self.norm1(self.attn(x, rope, num_prefix))
+    else:
+      a = self.attn(self.norm1(x), rope, num_prefix)
+    if self.ls1 is not None:
+      a = a * self.ls1[...].astype(a.dtype)
     if dp_key is not None:
       a = drop_path(a, dp_rate, jax.random.fold_in(dp_key, 0))
     x = x + a
-    m = self.mlp(self.norm2(x))
+    m = self.norm2(self.mlp(x)) if self.post_norm else self.mlp(self.norm2(x))
+    if self.ls2 is not None:
+      m = m * self.ls2[...].astype(m.dtype)
     if dp_key is not None:
       m = drop_path(m, dp_rate, jax.random.fold_in(dp_key, 1))
     return constrain_batch(x + m)
@@ -293,16 +314,52 @@ def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
   return m.astype(np.float32)
 
 
-def resize_grid(x, old: tuple[int, int], new: tuple[int, int]):
+@functools.lru_cache(maxsize=None)
+def _bicubic_aa_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of PyTorch's antialiased bicubic (F.interpolate(mode='bicubic',
+  antialias=True, align_corners=False)): PIL's filter (A=-0.5), support widened by the scale when
+  downsampling, taps outside the input dropped and the weights renormalized (ATen's
+  _compute_indices_weights_aa)."""
+  a = -0.5
+
+  def cubic(t):
+    t = abs(t)
+    if t < 1:
+      return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+      return (((t - 5) * t + 8) * t - 4) * a
+    return 0.0
+
+  scale = n_in / n_out
+  support = 2.0 * scale if scale >= 1.0 else 2.0
+  invscale = 1.0 / scale if scale >= 1.0 else 1.0
+  m = np.zeros((n_out, n_in), np.float64)
+  for i in range(n_out):
+    center = scale * (i + 0.5)
+    xmin = max(int(center - support + 0.5), 0)
+    xmax = min(int(center + support + 0.5), n_in)
+    w = np.array([cubic((j - center + 0.5) * invscale) for j in range(xmin, xmax)])
+    m[i, xmin:xmax] = w / w.sum()
+  return m.astype(np.float32)
+
+
+INTERPOLATIONS = ('bicubic', 'bicubic_aa')
+
+
+def resize_grid(x, old: tuple[int, int], new: tuple[int, int], mode: str = 'bicubic'):
   """Bicubic resize of a [.., old_h*old_w, C] token grid: torch F.interpolate(mode='bicubic',
-  align_corners=False, antialias=False), as the official EVA/BEiT fine-tuning code resizes pos-embeds.
-  (timm's resample_abs_pos_embed defaults to antialias=True, which differs slightly.)"""
+  align_corners=False), without antialias (mode 'bicubic': how the official EVA/BEiT fine-tuning
+  code and transformers' CLIP/SigLIP/DINOv2 resize pos-embeds) or with it ('bicubic_aa': timm's
+  resample_abs_pos_embed default and transformers' DINOv2-with-registers)."""
   if tuple(old) == tuple(new):
     return x
+  if mode not in INTERPOLATIONS:
+    raise ValueError(f'pos-embed interpolation must be one of {INTERPOLATIONS}, got {mode!r}.')
+  matrix = _bicubic_matrix if mode == 'bicubic' else _bicubic_aa_matrix
   lead = x.shape[:-2]
   g = x.reshape(*lead, old[0], old[1], x.shape[-1])
-  my = jnp.asarray(_bicubic_matrix(old[0], new[0]))
-  mx = jnp.asarray(_bicubic_matrix(old[1], new[1]))
+  my = jnp.asarray(matrix(old[0], new[0]))
+  mx = jnp.asarray(matrix(old[1], new[1]))
   g = jnp.einsum('yh,...hwc->...ywc', my, g.astype(jnp.float32))
   g = jnp.einsum('xw,...ywc->...yxc', mx, g)
   return g.reshape(*lead, new[0] * new[1], x.shape[-1]).astype(x.dtype)

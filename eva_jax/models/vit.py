@@ -1,8 +1,15 @@
-"""One ViT for the whole family: EVA-01/EVA-02 students and CLIP teacher towers, set by a ConfigDict.
+"""One ViT for the whole family: EVA-01/EVA-02 students and the teacher towers, set by a ConfigDict.
 
 Student (EVA):  patch embed -> [MASK] replace -> prepend cls -> + pos -> blocks -> norm.
-Teacher (CLIP): patch embed (no bias) -> prepend cls -> + pos -> ln_pre -> blocks
-                -> ln_post(patch tokens) @ proj   (the EVA regression targets).
+Teacher towers (`targets()`: float32 [B, N, out_dim], prefix tokens dropped):
+  CLIP (OpenAI/open_clip/HF):  patch embed (no bias) -> cls -> + pos -> ln_pre -> blocks
+                               -> ln_post(patch tokens) @ proj
+  EVA-CLIP (EVA-01/02 towers): EVA encoder -> norm -> head (proj with bias) on patch tokens
+  SigLIP:                      no cls -> blocks -> post_layernorm (final norm), no projection
+  DINOv2:                      cls [+ registers, no pos-embed] -> blocks with layer scale
+                               -> layernorm (final norm), no projection
+Teacher-only fields (read with cfg.get, so student configs and checkpoints are unchanged):
+family, ln_post, proj, proj_bias, layer_scale, post_norm, registers, pos_interp.
 """
 from __future__ import annotations
 
@@ -61,7 +68,10 @@ class VisionTransformer(nnx.Module):
     kinit, tinit = _initializers(cfg)
     self.grid = (cfg.image_size // p, cfg.image_size // p)
     n = self.grid[0] * self.grid[1]
-    self.num_prefix = 1 if cfg.class_token else 0
+    self.num_registers = int(cfg.get('registers', 0))
+    self.num_prefix = (1 if cfg.class_token else 0) + self.num_registers
+    self.num_pos_prefix = 1 if cfg.class_token else 0   # registers have no position embedding
+    self.pos_interp = cfg.get('pos_interp', 'bicubic')
     self.dtype = DTYPES[cfg.dtype]
 
     patch_init = kinit if cfg.init != 'eva02' else _xavier_uniform_patch
@@ -70,7 +80,9 @@ class VisionTransformer(nnx.Module):
         if cfg.patch_bias else None
     self.cls_token = param(rngs, tinit, (d,), ('embed',)) if cfg.class_token else None
     self.mask_token = param(rngs, tinit, (d,), ('embed',)) if cfg.mask_token else None
-    self.pos_embed = param(rngs, tinit, (n + self.num_prefix, d), (None, 'embed'))
+    self.pos_embed = param(rngs, tinit, (n + self.num_pos_prefix, d), (None, 'embed'))
+    self.reg_tokens = param(rngs, tinit, (self.num_registers, d), (None, 'embed')) \
+        if self.num_registers else None
     self.ln_pre = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.ln_pre else None
     self.blocks = Blocks(cfg, init=kinit, rngs=rngs)
     layers = self.blocks.layers
@@ -90,11 +102,15 @@ class VisionTransformer(nnx.Module):
         dense.kernel[...] = dense.kernel[...] * g
     self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.final_norm else None
     out_dim = cfg.out_dim
-    if out_dim:  # CLIP: ln_post + projection (no bias) produce the teacher targets
-      self.ln_post = LayerNorm(d, cfg.ln_eps, rngs=rngs)
-      self.proj = param(rngs, jax.nn.initializers.normal(d ** -0.5), (d, out_dim), ('embed', 'out'))
-    else:
-      self.ln_post = self.proj = None
+    # Teacher heads. out_dim > 0 marks a teacher tower (out_dim = target dim); configs written
+    # before the flags existed are CLIP towers: ln_post + projection without bias.
+    self.ln_post = LayerNorm(d, cfg.ln_eps, rngs=rngs) \
+        if out_dim and cfg.get('ln_post', True) else None
+    has_proj = bool(out_dim and cfg.get('proj', True))
+    self.proj = param(rngs, jax.nn.initializers.normal(d ** -0.5), (d, out_dim), ('embed', 'out')) \
+        if has_proj else None
+    self.proj_bias = param(rngs, jax.nn.initializers.zeros, (out_dim,), ('out',)) \
+        if has_proj and cfg.get('proj_bias', False) else None
 
   # ---------------------------------------------------------------------------------------------
   def _check_images(self, images):
@@ -126,13 +142,17 @@ class VisionTransformer(nnx.Module):
                          f'got {tuple(mask.shape)}.')
       x = jnp.where(mask[..., None], self.mask_token[...].astype(dt), x)
     pos = self.pos_embed[...]
-    if self.num_prefix:
+    npp = self.num_pos_prefix
+    if npp:
       cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (b, 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
     if (gh, gw) != self.grid:  # other resolution: bicubic-interpolate the patch part
-      pos = jnp.concatenate([pos[:self.num_prefix],
-                             resize_grid(pos[self.num_prefix:], self.grid, (gh, gw))], axis=0)
+      pos = jnp.concatenate([pos[:npp], resize_grid(pos[npp:], self.grid, (gh, gw),
+                                                    self.pos_interp)], axis=0)
     x = x + pos.astype(dt)
+    if self.reg_tokens is not None:   # DINOv2 registers: after cls, without position embedding
+      reg = jnp.broadcast_to(self.reg_tokens[...].astype(dt), (b,) + self.reg_tokens.shape)
+      x = jnp.concatenate([x[:, :npp], reg, x[:, npp:]], axis=1)
     if self.ln_pre is not None:
       x = self.ln_pre(x)
     return x, (gh, gw)
@@ -160,11 +180,19 @@ class VisionTransformer(nnx.Module):
     return x
 
   def targets(self, images):
-    """CLIP teacher targets: ln_post(patch tokens) @ proj, float32 [B, N, out_dim]."""
-    if self.proj is None:
-      raise ValueError('targets() needs a CLIP tower with a projection (out_dim > 0).')
+    """Teacher targets, float32 [B, N, out_dim]: the patch tokens (cls and registers dropped) after
+    the tower's final norm (`norm` or CLIP's `ln_post`), then its projection where it has one
+    (CLIP: no bias; EVA-CLIP `head`: with bias). See the module docstring per family."""
+    if not self.cfg.out_dim:
+      raise ValueError('targets() needs a teacher tower config (out_dim > 0); this is an encoder.')
     x = self(images)[:, self.num_prefix:]
-    return (self.ln_post(x) @ self.proj[...].astype(x.dtype)).astype(jnp.float32)
+    if self.ln_post is not None:
+      x = self.ln_post(x)
+    if self.proj is not None:
+      x = x @ self.proj[...].astype(x.dtype)
+      if self.proj_bias is not None:
+        x = x + self.proj_bias[...].astype(x.dtype)
+    return x.astype(jnp.float32)
 
 
 def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> VisionTransformer:

@@ -79,6 +79,12 @@ _RUN = {
     'mesh.tensor': count(1, also=(-1,), why='-1 = the devices left over'),
     'distributed.num_processes': count(1),
     'distributed.process_id': count(0),
+    # Divergence stop (training/loop.py Divergence, which also checks max_norm_growth > 1).
+    'divergence.max_nonfinite_steps': count(1),
+    'divergence.spike_window': count(1),
+    'divergence.spike_patience': count(1),
+    'divergence.spike_factor': nonneg('0 = no spike test'),
+    'divergence.max_norm_growth': nonneg('0 = off, else > 1'),
     'benchmark.steps': count(1),
     'benchmark.warmup': count(0),
     **_DATA,

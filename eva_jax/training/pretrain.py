@@ -10,7 +10,6 @@ teacher runs inside the same jitted, mesh-sharded step, under stop_gradient, in 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 
@@ -24,6 +23,7 @@ from eva_jax import parallel
 from eva_jax.data import pipeline as data_lib
 from eva_jax.models import config as model_config
 from eva_jax.models import mim as mim_lib
+from eva_jax.models import teacher as teacher_lib
 from eva_jax.models import vit
 from eva_jax.training import precision, task as task_lib, trainer
 
@@ -39,25 +39,50 @@ def teacher_dtype(cfg) -> str:
 
 
 def teacher_config(cfg) -> ml_collections.ConfigDict:
-  """The random-init teacher architecture named by config.teacher.name."""
+  """The random-init teacher architecture named by config.teacher.name (of config.teacher.family).
+
+  Raises ValueError naming the field for an unknown family or name, or a name of another family."""
+  family = cfg.teacher.get('family') or 'clip'
+  names = model_config.teacher_names(family)          # unknown family -> ValueError
+  if cfg.teacher.name not in names:
+    model_config.teacher_family(cfg.teacher.name)     # unknown name -> ValueError naming the field
+    raise ValueError(f'config.teacher.name={cfg.teacher.name!r} is a '
+                     f'{model_config.teacher_family(cfg.teacher.name)!r} tower but '
+                     f'config.teacher.family={family!r}; {family} towers: {", ".join(names)}.')
   t = model_config.teacher_config(cfg.teacher.name)
-  t.image_size = cfg.image_size
+  t.image_size = cfg.image_size if t.family in ('clip', 'eva_clip') else t.image_size
   t.dtype = teacher_dtype(cfg)
-  return t
+  return teacher_lib.apply_target(t, cfg.teacher.get('target') or '')[0]
 
 
 def load_teacher(cfg):
   """(teacher ConfigDict, host params) from config.teacher.checkpoint, or (None, None) when it is
-  empty (a random-init teacher of config.teacher.name: demos and tests only)."""
-  if not cfg.teacher.checkpoint:
-    logging.warning('No config.teacher.checkpoint: RANDOM-INIT teacher %s (demos and tests only).',
-                    cfg.teacher.name)
+  empty (a random-init teacher of config.teacher.name: demos and tests only).
+
+  config.teacher.family says what the file holds (never guessed); arch / heads / act are the facts
+  a file may not record (eva_jax.load_teacher)."""
+  t = cfg.teacher
+  family = t.get('family') or 'clip'
+  if not t.checkpoint:
+    teacher_config(cfg)   # the random-init architecture exists and belongs to the family
+    logging.warning('No config.teacher.checkpoint: RANDOM-INIT %s teacher %s (demos and tests '
+                    'only).', family, t.name)
     return None, None
   from eva_jax.api import load_teacher as load
-  teacher = load(cfg.teacher.checkpoint, dtype=teacher_dtype(cfg),
-                 heads=cfg.teacher.get('heads') or None, act=cfg.teacher.get('act') or None)
+  teacher = load(t.checkpoint, dtype=teacher_dtype(cfg), family=family, arch=t.get('arch') or '',
+                 heads=t.get('heads') or None, act=t.get('act') or None)
   tcfg = ml_collections.ConfigDict(teacher.model.cfg.to_dict())
-  return tcfg, nnx.to_pure_dict(nnx.state(teacher.model, nnx.Param))
+  return teacher_lib.apply_target(tcfg, t.get('target') or '',
+                                  nnx.to_pure_dict(nnx.state(teacher.model, nnx.Param)))
+
+
+def teacher_input(cfg, scfg, tcfg) -> teacher_lib.TeacherInput:
+  """How the step feeds the teacher (grid rule, re-normalization); ValueError naming the field."""
+  t = cfg.teacher
+  return teacher_lib.plan(tcfg, student_patch=scfg.patch_size, image_size=cfg.image_size,
+                          rule=t.get('grid') or 'same', data_mean=tuple(cfg.data.mean),
+                          data_std=tuple(cfg.data.std), mean=tuple(t.get('mean') or ()),
+                          std=tuple(t.get('std') or ()))
 
 
 def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
@@ -72,9 +97,11 @@ def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
   def make_model(seed):
     return mim_lib.MIM(scfg, tcfg.out_dim, rngs=nnx.Rngs(params=jax.random.key(seed)))
 
+  t_input = teacher_input(cfg, scfg, tcfg)
+
   def targets(teacher_params, images):
-    return mim_lib.teacher_targets(task_lib.merge_pure(t_graphdef, t_template, teacher_params),
-                                   images)
+    return teacher_lib.targets(task_lib.merge_pure(t_graphdef, t_template, teacher_params),
+                               images, t_input)
 
   def loss_fn(model, teacher_params, batch, key):
     images, mask = batch['image'], batch['mask']
@@ -162,28 +189,19 @@ def announce_random_teacher(cfg, tcfg) -> None:
   print('\n'.join(lines), file=sys.stderr, flush=True)
 
 
-def _grid(image_size: int, patch: int) -> str:
-  return f'{image_size // patch}x{image_size // patch}'
-
-
 def check_geometry(cfg, scfg, tcfg, teacher_source: str) -> None:
-  """The student's predictions and the teacher's targets must be on the same patch grid at
-  config.image_size, from the same input channels, or the first step fails deep inside XLA after
-  compiling (`mul got incompatible shapes (16, 64, 48), (16, 49, 48)`). Raises ValueError naming
-  both models' patch sizes and grids and what to change; nothing has been compiled yet."""
-  size, sp, tp = int(cfg.image_size), int(scfg.patch_size), int(tcfg.patch_size)
-  if size % tp:
-    raise ValueError(f'config.image_size={size} is not a multiple of the teacher\'s patch size '
-                     f'{tp} ({teacher_source}); the student has patch {sp}. Use an image size '
-                     f'that both divide (a multiple of {math.lcm(sp, tp)}).')
-  if size // sp != size // tp:
-    raise ValueError(
-        f'The teacher ({teacher_source}) has patch size {tp}, a {_grid(size, tp)} grid at '
-        f'config.image_size={size}; the student ({scfg.name}) has patch size {sp}, a '
-        f'{_grid(size, sp)} grid. Every student prediction needs a teacher target at the same '
-        f'patch: use a teacher with patch {sp}, or a student with patch {tp} '
-        f'(--config.model.patch_size={tp} or a model name with patch {tp}). The grids stay apart '
-        'at every image size.')
+  """The student's predictions and the teacher's targets must meet on one patch grid at
+  config.image_size (directly, or through config.teacher.grid's rule), from the same input channels,
+  or the first step fails deep inside XLA after compiling (`mul got incompatible shapes (16, 64,
+  48), (16, 49, 48)`). Raises ValueError naming both models' patch sizes and grids and what to
+  change; nothing has been compiled yet."""
+  # The grid rule (config.teacher.grid, models/teacher.py) refuses a mismatch under 'same' and
+  # says which rule would bridge it; under another rule the teacher input is planned to fit.
+  try:
+    teacher_input(cfg, scfg, tcfg)
+  except ValueError as e:
+    raise ValueError(f'{e} (teacher: {teacher_source}; student: {scfg.name}, patch '
+                     f'{scfg.patch_size})') from None
   if int(tcfg.in_chans) != int(scfg.in_chans):
     raise ValueError(f'The teacher ({teacher_source}) reads {tcfg.in_chans}-channel images and '
                      f'the student {scfg.in_chans}: set --config.model.in_chans={tcfg.in_chans}.')
