@@ -131,8 +131,8 @@ def test_finetune_resume_with_another_class_count_is_refused(ema_run):
   workdir, cfg, _ = ema_run
   before = (workdir / 'config.json').read_bytes()
   other = cfg.copy_and_resolve_references()
-  other.total_steps, other.num_classes = 8, 5
+  other.total_steps, other.num_classes = 8, 9   # a head for 9 classes (the source has 8)
   with pytest.raises(ValueError, match=r'Resume refused: num_classes was 8 in checkpoint step 4 .* '
-                     r'is 5 in this run'):
+                     r'is 9 in this run'):
     finetune.train(other, str(workdir))
   assert (workdir / 'config.json').read_bytes() == before

@@ -201,7 +201,7 @@ def test_resuming_with_another_teacher_or_student_is_refused(run):
     pretrain.train(resume(name='clip-S/14'), str(workdir))   # patch 14 too, but 384-d targets
   cfg = resume()
   cfg.model.class_token = True
-  with pytest.raises(ValueError, match=r'Resume refused: student\.class_token was false'):
+  with pytest.raises(ValueError, match=r'Resume refused: student\.class_token was False'):
     pretrain.train(cfg, str(workdir))
   assert (workdir / 'config.json').read_text() == before    # nothing overwritten
 

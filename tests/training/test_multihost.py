@@ -52,7 +52,7 @@ def _losses(workdir):
   return out
 
 
-def _run_two_processes(workdir, cache, timeout=240):
+def _run_two_processes(workdir, cache, timeout=600):
   port = _free_port()
   procs = [subprocess.Popen(
       _cmd(workdir, f'--config.distributed.coordinator=127.0.0.1:{port}',
@@ -76,7 +76,7 @@ def _run_two_processes(workdir, cache, timeout=240):
 def test_two_processes_match_one_process_then_resume(tmp_path):
   ref_dir, mh_dir = tmp_path / 'ref', tmp_path / 'mh'
   out = subprocess.run(_cmd(ref_dir), cwd=ROOT, env=_env(4), capture_output=True, text=True,
-                       timeout=240)
+                       timeout=600)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   ref = _losses(ref_dir)
   assert sorted(ref) == list(range(1, STEPS + 1))
