@@ -40,7 +40,6 @@ CheckpointError lists the missing, unexpected and mis-shaped keys (nothing is pa
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -138,15 +137,10 @@ def _hf_vision_config(path: str) -> dict | None:
 
   An unreadable one raises CheckpointError: ignoring it would turn its record into a guess.
   """
-  d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  f = os.path.join(d, 'config.json')
-  if not os.path.isfile(f):
+  f = common.beside(path, 'config.json')
+  c = common.read_json_record(f)
+  if c is None:
     return None
-  try:
-    with open(f) as fh:
-      c = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
   if not isinstance(c, dict):
     raise CheckpointError(f'{f} holds a {type(c).__name__}, not a transformers config; fix or '
                           'remove it.')
@@ -193,15 +187,10 @@ _ACT_HELP = ("quick_gelu for OpenAI's CLIP and open_clip models named *-quickgel
 
 def _open_clip_config(path: str) -> tuple[dict, str] | None:
   """(model config, file) of an open_clip_config.json next to the weights, or None."""
-  d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  f = os.path.join(d, 'open_clip_config.json')
-  if not os.path.isfile(f):
+  f = common.beside(path, 'open_clip_config.json')
+  c = common.read_json_record(f)
+  if c is None:
     return None
-  try:
-    with open(f) as fh:
-      c = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
   c = c.get('model_cfg', c) if isinstance(c, dict) else None
   if not isinstance(c, dict) or not isinstance(c.get('vision_cfg'), dict):
     raise CheckpointError(f'{f} has no model_cfg.vision_cfg; fix or remove it.')

@@ -5,6 +5,7 @@ torch is imported inside functions only, so `import eva_jax` never pulls it in.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -30,6 +31,25 @@ WEIGHTS = ('auto', 'model', 'model_ema')
 # official EVA training checkpoint pickles its argparse.Namespace as 'args'; a Namespace only holds
 # attributes (it runs no code of the file), so rebuilding it is as safe as a dict. Anything else
 # (a class of the training code, os.system, ...) is refused: unpickling it could run code.
+def beside(path: str, name: str) -> str:
+  """The file `name` in the folder of weights at `path` (the folder itself if `path` is one)."""
+  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  return os.path.join(folder, name)
+
+
+def read_json_record(f: str):
+  """The JSON object in file `f` that records facts about weights (config.json, an open_clip or timm
+  kwargs json), or None when there is no such file. An unreadable one raises CheckpointError:
+  ignoring it would turn its record into a guess."""
+  if not os.path.isfile(f):
+    return None
+  try:
+    with open(f) as fh:
+      return json.load(fh)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
+
+
 def _safe_globals() -> list:
   import argparse
   return [argparse.Namespace]

@@ -36,7 +36,6 @@ The eps alone falls back to 1e-6 (every timm Eva and official EVA-CLIP model), l
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Iterator, Mapping
@@ -120,15 +119,10 @@ def detect_layout(keys) -> tuple[str, str]:
 
 def _open_clip_trunk(path: str) -> tuple[str, str] | None:
   """(timm trunk name, file) from an open_clip_config.json next to the weights, or None."""
-  d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  f = os.path.join(d, 'open_clip_config.json')
-  if not os.path.isfile(f):
+  f = common.beside(path, 'open_clip_config.json')
+  c = common.read_json_record(f)
+  if c is None:
     return None
-  try:
-    with open(f) as fh:
-      c = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
   c = c.get('model_cfg', c) if isinstance(c, dict) else {}
   name = (c.get('vision_cfg') or {}).get('timm_model_name') if isinstance(c, dict) else None
   if not name:

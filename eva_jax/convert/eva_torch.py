@@ -484,13 +484,9 @@ def timm_kwargs_record(path: str) -> tuple[dict, str] | None:
   """(timm Eva kwargs, json path) written next to a weights file by eva_jax.export (FILE.json), or
   None. Raises CheckpointError for an unreadable one (ignoring it would turn a record into a guess)."""
   f = path + '.json'
-  if not os.path.isfile(f):
+  kw = common.read_json_record(f)
+  if kw is None:
     return None
-  try:
-    with open(f) as fh:
-      kw = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
   if not isinstance(kw, dict) or 'embed_dim' not in kw:
     raise CheckpointError(f'{f} is not a timm Eva kwargs json (no embed_dim); fix or remove it.')
   return kw, f

@@ -30,7 +30,6 @@ architecture the shapes must match) or config.teacher.act / config.teacher.heads
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -71,15 +70,10 @@ _BLOCK_RE = {'siglip': r'encoder\.layers\.(\d+)\.', 'dinov2': r'encoder\.layer\.
 
 
 def _config_json(path: str, family: str) -> tuple[dict, str] | None:
-  d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  f = os.path.join(d, 'config.json')
-  if not os.path.isfile(f):
+  f = common.beside(path, 'config.json')
+  c = common.read_json_record(f)
+  if c is None:
     return None
-  try:
-    with open(f) as fh:
-      c = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{f} is not readable JSON ({e}); fix or remove it.') from e
   if not isinstance(c, dict):
     raise CheckpointError(f'{f} is not a transformers config; fix or remove it.')
   if isinstance(c.get('vision_config'), dict):
