@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -94,17 +93,10 @@ def _find_config_json(path: str) -> str | None:
 
 
 def random_teacher(tcfg, seed: int):
-  """The trainer's random-init teacher: bit-identical to `training.pretrain.random_teacher`."""
-  frozen = ml_collections.FrozenConfigDict(tcfg.to_dict() if hasattr(tcfg, 'to_dict') else dict(tcfg))
-  graphdef, _ = nnx.split(vit.abstract(ml_collections.ConfigDict(frozen.to_dict())))
-  return nnx.merge(graphdef, _init_teacher_state(frozen, jax.random.key(seed)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_teacher_state(frozen_cfg, key):
-  # Same construction and key as training.pretrain.random_teacher.
-  return nnx.state(vit.VisionTransformer(ml_collections.ConfigDict(frozen_cfg.to_dict()),
-                                         rngs=nnx.Rngs(params=key)))
+  """The trainer's random-init teacher as a module: `training.pretrain.random_teacher`'s params."""
+  tcfg = ml_collections.ConfigDict(tcfg.to_dict() if hasattr(tcfg, 'to_dict') else dict(tcfg))
+  graphdef, template = nnx.split(vit.abstract(tcfg), nnx.Param)
+  return task_lib.merge_pure(graphdef, template, pretrain.random_teacher(tcfg, None, seed))
 
 
 def _mim_from_params(scfg, teacher_dim: int, params: dict):

@@ -122,11 +122,13 @@ def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
 
 
 def random_teacher(tcfg, shardings, seed: int):
-  """Random-init teacher parameters, created already sharded (demos and tests only)."""
+  """Random-init teacher parameters, created already sharded (None = one device) (demos and tests
+  only). The visualizer rebuilds the same teacher from the same seed."""
   def init(key):
     return nnx.to_pure_dict(nnx.state(vit.VisionTransformer(tcfg, rngs=nnx.Rngs(params=key)),
                                       nnx.Param))
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  jitted = jax.jit(init) if shardings is None else jax.jit(init, out_shardings=shardings)
+  return jitted(jax.random.key(seed))
 
 
 def loader(cfg, patch_size: int, train: bool):

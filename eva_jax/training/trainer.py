@@ -146,7 +146,8 @@ def disk_errors(workdir):
 
 
 def _run(program, cfg, workdir, mesh, is_main, ckpt, stop) -> dict:
-  latest = ckpt.steps()[-1] if ckpt.steps() else None
+  steps = ckpt.steps()   # one listing (an object store round trip on gs://)
+  latest = steps[-1] if steps else None
   if latest is not None and latest >= cfg.total_steps:
     if is_main:
       print(f'{workdir}: already at step {latest} >= total_steps={cfg.total_steps}; nothing to do '
