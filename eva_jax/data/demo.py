@@ -84,3 +84,118 @@ def ensure_demo_set(cache_dir: str = '') -> str:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return final
+
+
+# ------------------------------------------------------------------------ captioned demo pairs --
+# Our own short captions for the demo photos (issue 15): a class name for zero-shot prompts and a
+# few descriptive phrases per photo, put into varied caption templates.
+PAIRS_VERSION = 'pairs-v1'    # bump when the captions or the split change
+TRAIN_PER_CLASS = 36          # crops 0..35 train, the rest are held out (as tests/conftest.py)
+CAPTIONS_PER_VAL_IMAGE = 3
+CLASSNAMES = {
+    'astronaut': 'an astronaut',
+    'chelsea': 'a cat',
+    'coffee': 'a cup of coffee',
+    'rocket': 'a rocket',
+    'hubble_deep_field': 'galaxies in deep space',
+    'immunohistochemistry': 'stained tissue under a microscope',
+    'stereo_motorcycle': 'a motorcycle',
+    'retina': 'the retina of an eye',
+}
+PHRASES = {
+    'astronaut': ('an astronaut in a white spacesuit', 'a smiling astronaut in front of a flag',
+                  'portrait of a woman astronaut', 'a nasa astronaut posing for a photo'),
+    'chelsea': ('a tabby cat', 'a striped cat looking to the side', "a close-up of a cat's face",
+                'a ginger house cat with whiskers'),
+    'coffee': ('a cup of coffee on a saucer', 'a white coffee cup seen from above',
+               'a hot drink in a cup with a spoon', 'coffee with milk foam'),
+    'rocket': ('a rocket on the launch pad', 'a space rocket ready for launch',
+               'a tall white rocket beside its tower', 'a rocket against the sky'),
+    'hubble_deep_field': ('a deep field image full of distant galaxies',
+                          'many small galaxies on a black background',
+                          'a space telescope view of faraway galaxies',
+                          'colorful galaxies and stars'),
+    'immunohistochemistry': ('a microscope image of stained tissue', 'cells stained brown and blue',
+                             'a histology slide seen under the microscope',
+                             'a tissue sample with stained nuclei'),
+    'stereo_motorcycle': ('a parked motorcycle', 'a motorbike seen up close',
+                          'the engine and wheel of a motorcycle', 'a motorcycle indoors'),
+    'retina': ('a photo of the retina of an eye', 'a fundus image with blood vessels',
+               'the back of the eye seen through an ophthalmoscope',
+               'an orange retina with red vessels'),
+}
+CAPTION_TEMPLATES = ('{}', 'a photo of {}.', 'a cropped photo of {}.', '{}, close-up.',
+                     'an image showing {}.', 'a picture of {}')
+# Zero-shot prompts for CLASSNAMES (which carry their own article).
+ZERO_SHOT_TEMPLATES = ('a photo of {}.', 'a cropped photo of {}.', 'a close-up photo of {}.',
+                       'a picture of {}.', '{}.')
+
+
+def demo_captions(photo: str, index: int, count: int = 1, seed: int = 0) -> list[str]:
+  """`count` distinct captions of crop `index` of `photo`: a phrase (or the class name) in a
+  template, drawn from np.random.default_rng([seed, crc of photo, index])."""
+  import zlib   # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng([seed, zlib.crc32(photo.encode()), index])
+  subjects = PHRASES[photo] + (CLASSNAMES[photo],)
+  combos = [(s, t) for s in subjects for t in CAPTION_TEMPLATES]
+  return [CAPTION_TEMPLATES[t].format(subjects[s]) for s, t in
+          (divmod(int(i), len(CAPTION_TEMPLATES))
+           for i in rng.choice(len(combos), size=count, replace=False))]
+
+
+def demo_classnames(root: str) -> list[str]:
+  """CLASSNAMES of the class folders under `root` in label order (sorted folder names, as the
+  folder: source assigns labels)."""
+  return [CLASSNAMES[c] for c in sorted(os.listdir(root)) if c in CLASSNAMES]
+
+
+def build_demo_pairs(out_dir: str, demo_dir: str, shard_size: int = 64) -> int:
+  """The captioned demo set from the demo photo set at `demo_dir`:
+    out/train/<photo>/<i>.jpg + .txt   one caption each, crops 0..TRAIN_PER_CLASS-1
+    out/val/<photo>/<i>.jpg + .txt     held-out crops, CAPTIONS_PER_VAL_IMAGE captions (one a line)
+    out/shards/train-00000.tar ...     the train pairs as img2dataset webdataset shards
+  Returns the number of training pairs."""
+  from eva_jax.data import pairs   # pylint: disable=g-import-not-at-top
+  train = []
+  for photo in sorted(os.listdir(demo_dir)):
+    if photo not in CLASSNAMES:
+      continue
+    files = sorted(os.listdir(os.path.join(demo_dir, photo)))
+    for i, name in enumerate(files):
+      split = 'train' if i < TRAIN_PER_CLASS else 'val'
+      captions = demo_captions(photo, i, 1 if split == 'train' else CAPTIONS_PER_VAL_IMAGE)
+      folder = os.path.join(out_dir, split, photo)
+      os.makedirs(folder, exist_ok=True)
+      with open(os.path.join(demo_dir, photo, name), 'rb') as f:
+        image = f.read()
+      stem = os.path.splitext(name)[0]
+      with open(os.path.join(folder, stem + '.jpg'), 'wb') as f:
+        f.write(image)
+      with open(os.path.join(folder, stem + '.txt'), 'w', encoding='utf-8') as f:
+        f.write('\n'.join(captions))
+      if split == 'train':
+        train.append((f'{photo}_{stem}', image, captions[0]))
+  order = np.random.default_rng(0).permutation(len(train))   # shards hold mixed classes
+  pairs.write_webdataset([train[i] for i in order], os.path.join(out_dir, 'shards'), 'train',
+                         shard_size)
+  return len(train)
+
+
+def ensure_demo_pairs(cache_dir: str = '') -> str:
+  """The captioned demo set (see build_demo_pairs), built on first use next to the demo photos.
+  Sources: pair folder:<it>/train, folder:<it>/val, webdataset:<it>/shards (or `demo`)."""
+  demo_dir = ensure_demo_set(cache_dir)
+  final = os.path.join(os.path.dirname(demo_dir), PAIRS_VERSION)
+  if os.path.isdir(final):
+    return final
+  tmp = tempfile.mkdtemp(prefix='.building-', dir=os.path.dirname(final))
+  try:
+    build_demo_pairs(tmp, demo_dir)
+    try:
+      os.rename(tmp, final)    # atomic: readers never see a half-written set
+    except OSError:
+      if not os.path.isdir(final):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final

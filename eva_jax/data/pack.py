@@ -1,6 +1,7 @@
-"""Packs an image folder into ArrayRecord shards for fast random access.
+"""Packs an image folder (or image-text pairs) into ArrayRecord shards for fast random access.
 
   eva-pack --src=DIR --out=DIR [--name=train] [--images_per_shard=10000]
+  eva-pack --pairs --src=webdataset:PATTERN|folder:DIR --out=DIR    (see pack_pairs)
 
 Writes OUT/NAME-00000-of-0000N.array_record (records: msgpack {'image': original encoded bytes,
 'label': class index or -1}) and OUT/NAME-meta.json (classes, count). Labels come from class
@@ -40,6 +41,42 @@ def pack_folder(src: str, out: str, name: str = 'train', images_per_shard: int =
   bar.close()
   meta = {'source': folder.root, 'num_records': n, 'num_shards': num_shards,
           'classes': folder.classes}
+  with open(os.path.join(out, name + META_SUFFIX), 'w') as f:
+    json.dump(meta, f, indent=1)
+  return meta
+
+
+def pack_pairs(src: str, out: str, name: str = 'train', pairs_per_shard: int = 10_000,
+               progress: bool = True) -> dict:
+  """Packs image-text pairs into ArrayRecord shards under `out` (records: `pairs.encode_pair`,
+  msgpack {'image', 'text', 'key'}; read back with pair source arrayrecord:OUT). `src` is a pair
+  source spec (webdataset:PATTERN, folder:DIR; a bare directory means folder:DIR). Pairs are
+  copied as they are, bad ones included: the loader skips and counts them by kind. Returns the
+  metadata written to NAME-meta.json (kind 'pairs', record and shard counts)."""
+  from eva_jax.data import pairs   # pylint: disable=g-import-not-at-top
+  spec = f'folder:{src}' if os.path.isdir(os.path.expanduser(src)) else src
+  source = pairs.open_pair_source(spec)
+  os.makedirs(out, exist_ok=True)
+  n = len(source)
+  num_shards = max(1, math.ceil(n / pairs_per_shard))
+  bar = tqdm.tqdm(total=n, unit='pair', desc=f'packing {source.name}', disable=not progress)
+  unreadable = 0
+  for s in range(num_shards):
+    path = os.path.join(out, f'{name}-{s:05d}-of-{num_shards:05d}{ARRAYRECORD_SUFFIX}')
+    writer = ArrayRecordWriter(path + '.tmp', 'group_size:1')
+    for i in range(s * n // num_shards, (s + 1) * n // num_shards):
+      try:
+        pair = source[i]
+      except OSError:   # a truncated shard member: packed as a pair without data, counted
+        unreadable += 1
+        pair = pairs.Pair(None, None, f'{source.name}[{i}]')
+      writer.write(pairs.encode_pair(*pair))
+      bar.update(1)
+    writer.close()
+    os.replace(path + '.tmp', path)
+  bar.close()
+  meta = {'source': source.name, 'kind': 'pairs', 'num_records': n, 'num_shards': num_shards,
+          'unreadable': unreadable, 'classes': []}
   with open(os.path.join(out, name + META_SUFFIX), 'w') as f:
     json.dump(meta, f, indent=1)
   return meta

@@ -28,6 +28,7 @@ import gzip
 import html
 import importlib.metadata
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -77,10 +78,19 @@ def vocab_and_merges(bpe_path: str | None = None) -> tuple[dict[str, int], list[
   return vocab, merges
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()
+
+
 def clip_tokenizer():
   """The `transformers.CLIPTokenizer` (Rust backend) over CLIP's vocabulary, built once per
-  process in memory (~1 s; the vocab file is 1.3 MB, nothing is written)."""
+  process in memory (~1 s; the vocab file is 1.3 MB, nothing is written). Thread-safe: grain's
+  reader threads tokenize concurrently, and transformers' lazy imports are not."""
+  with _BUILD_LOCK:
+    return _build_tokenizer()
+
+
+@functools.cache
+def _build_tokenizer():
   # pylint: disable-next=g-import-not-at-top
   from tokenizers import pre_tokenizers
   from transformers import CLIPTokenizer   # pylint: disable=g-import-not-at-top

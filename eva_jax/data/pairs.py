@@ -1,0 +1,511 @@
+"""Image-text pairs for contrastive (CLIP) training: sources, bad-pair accounting and grain loaders.
+
+Sources, named by one string like the image sources (`eva_jax.data.sources`):
+
+  webdataset:PATTERN    tar shards as img2dataset writes them: {key}.jpg|png|webp + {key}.txt
+                        [+ {key}.json, ignored]. PATTERN: a path, a glob, a brace pattern
+                        (shard-{00000..00009}.tar), a folder of *.tar, several joined by '::'.
+                        Members are indexed once per shard (tar headers only) and read with
+                        os.pread, so access is random and thread-safe.
+  arrayrecord:GLOB|DIR  pairs packed by `eva_jax.data.pack.pack_pairs` (eva-pack --pairs).
+  folder:DIR            image files anywhere under DIR, each with a same-named .txt beside it.
+  demo[:train|val]      the captioned demo photos (eva_jax.data.demo.ensure_demo_pairs).
+
+A pair source maps index -> `Pair(image bytes | None, text bytes | None, key)`. A caption file is
+one caption (img2dataset), except in `load_retrieval_set`, where its lines are the image's
+captions (clip_benchmark's webdataset convention for retrieval sets).
+
+Bad pairs never stop a run: an empty caption, non-UTF-8 text, a missing image or caption, an
+undecodable image or an unreadable record is skipped (its slot filled by the next good pair, as
+`eva_jax.data.decode.DecodedSource` does for images), counted per kind (`SKIP_KINDS`) and logged
+for the first few.
+
+Loaders yield `PairBatch`es, the `eva_jax.data.pipeline.Batch` contract plus per-kind counts:
+  arrays: 'image' float32 [B, H, W, 3] CLIP-normalized NHWC, 'text' int32 [B, 77] CLIP tokens;
+  valid:  bool [B] (False only for evaluation padding);
+  skipped: bad pairs skipped on this host since the start (restored with the iterator state);
+  skipped_by_kind: the same split by kind.
+Training crops with open_clip's train transform (RandomResizedCrop scale (0.9, 1.0), bicubic, no
+flip; `config.data.pair_scale` overrides the scale); evaluation resizes the shorter side and
+center-crops (open_clip's val transform).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import logging
+import os
+import re
+import tarfile
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import grain
+import msgpack
+import numpy as np
+
+from eva_jax.data import pipeline
+from eva_jax.data.decode import BadImageError, MAX_CONSECUTIVE_BAD, Padding, decode_image
+from eva_jax.data.sources import IMAGE_EXTENSIONS, ArrayRecordSource, FolderSource
+from eva_jax.data.tokenizer import CONTEXT_LENGTH, clip_tokenizer, tokenize
+from eva_jax.data.transforms import NormalizeBatch, resize_center_crop, resized_crop, rrc_params
+
+log = logging.getLogger(__name__)
+
+SKIP_KINDS = ('missing_image', 'missing_text', 'bad_utf8', 'empty_text', 'bad_image',
+              'unreadable')
+TRAIN_SCALE = (0.9, 1.0)     # open_clip transform.py image_transform(is_train=True) default
+_MAX_LOGGED = 10
+_IMAGE_EXTS = tuple(e.lstrip('.') for e in IMAGE_EXTENSIONS)
+
+
+class Pair(NamedTuple):
+  image: bytes | None
+  text: bytes | None
+  key: str
+
+
+class BadPairError(ValueError):
+  """A pair that cannot be used; `kind` is one of SKIP_KINDS."""
+
+  def __init__(self, kind: str, message: str):
+    super().__init__(message)
+    self.kind = kind
+
+
+# ----------------------------------------------------------------------------------- sources --
+
+def expand_braces(pattern: str) -> list[str]:
+  """'a-{000..002}.tar' -> ['a-000.tar', 'a-001.tar', 'a-002.tar']; '{x,y}' alternatives too
+  (nested and several groups), as webdataset's braceexpand. Zero padding follows the first bound."""
+  m = re.search(r'\{([^{}]*)\}', pattern)
+  if not m:
+    return [pattern]
+  body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+  r = re.fullmatch(r'(\d+)\.\.(\d+)', body)
+  if r:
+    lo, hi = int(r.group(1)), int(r.group(2))
+    width = len(r.group(1))
+    step = 1 if hi >= lo else -1
+    options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+  else:
+    options = body.split(',')
+  return [p for o in options for p in expand_braces(head + o + tail)]
+
+
+def shard_paths(spec: str | Sequence[str]) -> list[str]:
+  """Tar shard paths named by a list, '::'-joined patterns, globs, brace patterns or folders.
+  Raises FileNotFoundError naming the pattern when a part matches nothing."""
+  parts = spec.split('::') if isinstance(spec, str) else list(spec)
+  out = []
+  for part in parts:
+    part = os.path.expanduser(part)
+    if os.path.isdir(part):
+      found = sorted(glob.glob(os.path.join(part, '*.tar')))
+    else:
+      found = [f for p in expand_braces(part)
+               for f in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])]
+      missing = [f for f in found if not os.path.isfile(f)]
+      if missing:
+        raise FileNotFoundError(f'webdataset shard {missing[0]} (from {part}) does not exist; '
+                                f'{len(missing)} of {len(found)} shards missing.')
+    if not found:
+      raise FileNotFoundError(f'No webdataset .tar shards match {part}. Give a path, glob, folder '
+                              'or brace pattern such as shards/{00000..00009}.tar.')
+    out.extend(found)
+  return out
+
+
+def _split_key(name: str) -> tuple[str, str]:
+  """webdataset's rule: the key is the path up to the first '.' of the file name."""
+  d, base = os.path.split(name)
+  stem, _, ext = base.partition('.')
+  return os.path.join(d, stem), ext.lower()
+
+
+class WebDatasetSource:
+  """Pairs in webdataset tar shards, indexed once (headers only) and read by offset."""
+
+  def __init__(self, spec: str | Sequence[str]):
+    self.files = shard_paths(spec)
+    self.name = f'webdataset:{spec if isinstance(spec, str) else "::".join(spec)}'
+    shard, img_off, img_len, txt_off, txt_len, self.keys = [], [], [], [], [], []
+    for s, path in enumerate(self.files):
+      try:
+        members = _tar_members(path)
+      except (tarfile.TarError, OSError) as e:
+        raise ValueError(f'webdataset shard {path} is not a readable tar file ({e}); copy it '
+                         'again or leave it out of the pattern.') from e
+      for key, exts in members.items():
+        img = next((exts[e] for e in _IMAGE_EXTS if e in exts), (-1, -1))
+        txt = exts.get('txt', (-1, -1))
+        shard.append(s)
+        self.keys.append(key)
+        img_off.append(img[0]), img_len.append(img[1])
+        txt_off.append(txt[0]), txt_len.append(txt[1])
+    if not self.keys:
+      raise ValueError(f'The webdataset shards {self.files[:3]} hold no samples.')
+    self._shard = np.asarray(shard, np.int32)
+    self._img = np.asarray([img_off, img_len], np.int64).T
+    self._txt = np.asarray([txt_off, txt_len], np.int64).T
+    self._fds: dict[int, int] = {}
+
+  def __getstate__(self):          # file descriptors stay in their process
+    return {**self.__dict__, '_fds': {}}
+
+  def __len__(self) -> int:
+    return len(self.keys)
+
+  def _read(self, s: int, off: int, n: int) -> bytes | None:
+    if off < 0:
+      return None
+    fd = self._fds.get(s)
+    if fd is None:
+      fd = self._fds[s] = os.open(self.files[s], os.O_RDONLY)
+    data = os.pread(fd, int(n), int(off))
+    if len(data) != n:
+      raise OSError(f'shard {self.files[s]} is truncated at byte {off + len(data)}')
+    return data
+
+  def __getitem__(self, index: int) -> Pair:
+    s = int(self._shard[index])
+    return Pair(self._read(s, *self._img[index]), self._read(s, *self._txt[index]),
+                f'{self.files[s]}:{self.keys[index]}')
+
+
+def _tar_members(path: str) -> dict[str, dict[str, tuple[int, int]]]:
+  """{key: {ext: (data offset, size)}} of the regular files of one tar, in archive order."""
+  out: dict[str, dict[str, tuple[int, int]]] = {}
+  with tarfile.open(path, 'r:') as tf:
+    for m in tf:
+      if m.isfile():
+        key, ext = _split_key(m.name)
+        out.setdefault(key, {}).setdefault(ext, (m.offset_data, m.size))
+  return out
+
+
+class PairFolderSource:
+  """Images under `root` (recursively, links as `FolderSource` follows them), each paired with the
+  same-named .txt; a .txt without an image is listed too and reported as 'missing_image'."""
+
+  def __init__(self, root: str):
+    self.root = os.path.abspath(os.path.expanduser(root))
+    self.name = f'folder:{self.root}'
+    if not os.path.isdir(self.root):
+      raise FileNotFoundError(f'Pair folder {self.root} does not exist. Point folder: at images '
+                              'with same-named .txt captions, or use source=demo.')
+    images = FolderSource(self.root).paths
+    # (image path or None, caption path): captions without an image are counted when read.
+    self.entries = [(p, os.path.splitext(p)[0] + '.txt') for p in images]
+    paired = {t for _, t in self.entries}
+    self.entries += sorted((None, os.path.join(d, f))
+                           for d, _, files in os.walk(self.root, followlinks=True)
+                           for f in files if f.endswith('.txt')
+                           and os.path.join(d, f) not in paired)
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def __getitem__(self, index: int) -> Pair:
+    image, text = self.entries[index]
+    return Pair(_read_file(image) if image else None, _read_file(text), image or text)
+
+
+def _read_file(path: str) -> bytes | None:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
+
+
+def encode_pair(image: bytes | None, text: bytes | None, key: str = '') -> bytes:
+  """The packed pair record: msgpack {'image': bytes|None, 'text': bytes|None, 'key': str}. The
+  caption stays the raw bytes so a bad encoding is still counted when read."""
+  return msgpack.packb({'image': image, 'text': text, 'key': key}, use_bin_type=True)
+
+
+class PairArrayRecordSource(ArrayRecordSource):
+  """ArrayRecord shards of `encode_pair` records (eva-pack --pairs). The same shards read as
+  unlabeled images through the image source arrayrecord:, e.g. for MIM pretraining."""
+
+  def __getitem__(self, index: int) -> Pair:
+    try:
+      record = self._ds[index]
+    except Exception as e:  # noqa: BLE001 - a corrupt chunk: skipped and counted as unreadable
+      raise OSError(f'unreadable ArrayRecord record {index} of {self.name} '
+                    f'({type(e).__name__}: {e})') from e
+    is_map = bool(record) and (0x80 <= record[0] <= 0x8f or record[0] in (0xde, 0xdf))
+    rec = msgpack.unpackb(record, raw=False) if is_map else None
+    if not isinstance(rec, dict) or 'text' not in rec:
+      raise BadPairError('missing_text', f'record {index} of {self.name} holds no caption (packed '
+                         'with eva-pack without --pairs?)')
+    return Pair(rec.get('image'), rec.get('text'), rec.get('key') or f'{self.name}[{index}]')
+
+
+def open_pair_source(spec: str, data_cfg=None):
+  """The pair source named by `spec` (see the module docstring); ValueError for an unknown one."""
+  kind, _, arg = spec.partition(':')
+  if kind == 'demo' and arg in ('', 'train', 'val'):
+    from eva_jax.data import demo   # pylint: disable=g-import-not-at-top
+    cache = data_cfg.get('cache_dir', '') if data_cfg is not None else ''
+    return PairFolderSource(os.path.join(demo.ensure_demo_pairs(cache), arg or 'train'))
+  if kind == 'webdataset' and arg:
+    return WebDatasetSource(arg)
+  if kind == 'folder' and arg:
+    return PairFolderSource(arg)
+  if kind == 'arrayrecord' and arg:
+    return PairArrayRecordSource(arg)
+  raise ValueError(f'Unknown image-text source "{spec}". Use demo[:train|val], '
+                   'webdataset:PATTERN, folder:DIR or arrayrecord:GLOB.')
+
+
+# ---------------------------------------------------------------------------------- decoding --
+
+def check_pair(pair: Pair) -> tuple[Any, str]:
+  """(RGB PIL image, caption str) of a pair; BadPairError(kind) when it cannot be used."""
+  if pair.image is None:
+    raise BadPairError('missing_image', f'{pair.key}: no image')
+  if pair.text is None:
+    raise BadPairError('missing_text', f'{pair.key}: no caption')
+  text = pair.text
+  if isinstance(text, (bytes, bytearray)):
+    try:
+      text = bytes(text).decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise BadPairError('bad_utf8', f'{pair.key}: caption is not UTF-8 ({e})') from e
+  if not text.strip():
+    raise BadPairError('empty_text', f'{pair.key}: empty caption')
+  try:
+    image = decode_image(pair.image)
+  except BadImageError as e:
+    raise BadPairError('bad_image', f'{pair.key}: {e}') from e
+  return image, text
+
+
+class DecodedPairSource:
+  """grain source of {'image': PIL, 'text': str, 'skipped', 'skipped_kinds' int32 [K], 'valid'}.
+
+  A bad pair at `index` is replaced by the next good one; the element then counts the bad pair's
+  kind (once: later bad pairs it passed over are counted at their own index)."""
+
+  def __init__(self, pairs):
+    self.pairs, self._n, self._logged = pairs, len(pairs), 0
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __repr__(self) -> str:
+    return f'DecodedPairSource({self.pairs.name!r}, n={self._n})'
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index, first = int(index), None
+    for k in range(min(self._n, MAX_CONSECUTIVE_BAD)):
+      try:
+        image, text = check_pair(self.pairs[(index + k) % self._n])
+      except BadPairError as e:
+        first = first or e
+        continue
+      except (OSError, KeyError, ValueError) as e:   # unreadable record or shard
+        first = first or BadPairError('unreadable', str(e))
+        continue
+      kinds = np.zeros(len(SKIP_KINDS), np.int32)
+      if k:
+        kinds[SKIP_KINDS.index(first.kind)] = 1
+        if self._logged < _MAX_LOGGED:
+          self._logged += 1
+          log.warning('skipped pair %d of %s (%s: %s); used pair %d instead', index,
+                      self.pairs.name, first.kind, first, (index + k) % self._n)
+      return {'image': image, 'text': text, 'skipped': int(k > 0), 'skipped_kinds': kinds,
+              'valid': True}
+    raise ValueError(
+        f'{min(self._n, MAX_CONSECUTIVE_BAD)} consecutive pairs from pair {index} of '
+        f'{self.pairs.name} are unusable (first: {first.kind}: {first}). Check that the source '
+        'holds images with UTF-8 captions.')
+
+
+class PairTransform:
+  """map_with_index: train = RandomResizedCrop(scale, ratio, bicubic), eval = resize + center crop;
+  caption -> CLIP tokens int32 [context_length]. Randomness from (seed, stream index) only."""
+
+  def __init__(self, data_cfg, image_size: int, seed: int, train: bool,
+               context_length: int = CONTEXT_LENGTH):
+    self.size, self.seed, self.train, self.context_length = int(image_size), int(seed), train, \
+        int(context_length)
+    self.scale = tuple(data_cfg.get('pair_scale', TRAIN_SCALE))
+    self.ratio = tuple(data_cfg.ratio)
+    clip_tokenizer()   # built (or failing, e.g. open_clip's vocab missing) before any worker
+
+  def __call__(self, index: int, element) -> dict[str, Any]:
+    out = {'skipped': np.int32(element['skipped']), 'valid': np.bool_(element['valid']),
+           'skipped_kinds': element.get('skipped_kinds', np.zeros(len(SKIP_KINDS), np.int32))}
+    img = element['image']
+    if img is None:   # evaluation padding
+      return {'image': np.zeros((self.size, self.size, 3), np.uint8),
+              'text': np.zeros(self.context_length, np.int32), **out}
+    if self.train:
+      rng = np.random.default_rng([self.seed, int(index)])
+      img = resized_crop(img, rrc_params(*img.size, self.scale, self.ratio, rng), self.size)
+    else:
+      img = resize_center_crop(img, self.size)
+    return {'image': np.asarray(img), 'text': tokenize(element['text'], self.context_length)[0],
+            **out}
+
+
+# ----------------------------------------------------------------------------------- loaders --
+
+@dataclasses.dataclass(frozen=True)
+class PairBatch(pipeline.Batch):
+  """`Batch` plus the skipped pairs by kind ({kind: count} since the start, on this host)."""
+  skipped_by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class PairLoaderIterator(Iterator[PairBatch]):
+  """`pipeline.LoaderIterator` plus per-kind skip counts; get_state/set_state are JSON-ready and
+  restore both (save them with the checkpoint as the image loaders' state is)."""
+
+  def __init__(self, inner: pipeline.LoaderIterator):
+    self._inner = inner
+    self._kinds = np.zeros(len(SKIP_KINDS), np.int64)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> PairBatch:
+    b = next(self._inner)
+    arrays = dict(b.arrays)
+    self._kinds += np.asarray(arrays.pop('skipped_kinds')).sum(0)
+    return PairBatch(arrays=arrays, valid=b.valid, skipped=b.skipped,
+                     skipped_by_kind=dict(zip(SKIP_KINDS, map(int, self._kinds))))
+
+  def get_state(self) -> dict[str, Any]:
+    return {**self._inner.get_state(), 'skipped_by_kind': dict(zip(SKIP_KINDS,
+                                                                  map(int, self._kinds)))}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._inner.set_state(state)
+    kinds = state.get('skipped_by_kind', {})
+    self._kinds = np.asarray([int(kinds.get(k, 0)) for k in SKIP_KINDS], np.int64)
+
+  def close(self) -> None:
+    self._inner.close()
+
+
+def _pair_sources(data_cfg) -> list[tuple[Any, float]]:
+  mixture = [tuple(m) for m in (data_cfg.get('mixture') or ())]
+  if not mixture:
+    return [(open_pair_source(data_cfg.source, data_cfg), 1.0)]
+  for spec, weight in mixture:
+    if not weight > 0:
+      raise ValueError(f'Mixture weight for {spec} must be > 0, got {weight}.')
+  return [(open_pair_source(spec, data_cfg), float(w)) for spec, w in mixture]
+
+
+def build_pair_loader(data_cfg, *, image_size: int, batch_size: int, seed: int,
+                      train: bool = True, context_length: int = CONTEXT_LENGTH,
+                      process_index: int | None = None, process_count: int | None = None,
+                      num_epochs: int | None = None) -> PairLoaderIterator:
+  """Image-text `PairBatch`es from `config.data.source` or the weighted `config.data.mixture`.
+
+  `batch_size` is per host. Train: shuffled (data_cfg.shuffle) and repeated, sources mixed by
+  weight with grain's exact-proportion mix, incomplete last batch dropped. Eval (train=False): one
+  ordered pass over the sources in order, padded to full batches (valid marks real pairs).
+  Same stream for a given (seed, process count, workers), as `pipeline.build_pretrain_loader`."""
+  pi, pc = pipeline._process(process_index, process_count)   # pylint: disable=protected-access
+  sources = _pair_sources(data_cfg)
+  parts = [grain.MapDataset.source(DecodedPairSource(src)) for src, _ in sources]
+  if train:
+    if data_cfg.shuffle:
+      parts = [p.shuffle(seed=pipeline._sub_seed(seed, k))   # pylint: disable=protected-access
+               for k, p in enumerate(parts)]
+    if len(parts) == 1:
+      ds = parts[0].repeat(num_epochs)
+    else:
+      ds = grain.MapDataset.mix([p.repeat() for p in parts], [w for _, w in sources])
+      if num_epochs is not None:
+        ds = ds[:num_epochs * sum(len(p) for p in parts)]
+  else:
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    chunk = pc * max(1, data_cfg.workers) * batch_size
+    pad = -len(ds) % chunk
+    if pad:
+      ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source(Padding(pad))])
+  ds = ds.map_with_index(PairTransform(data_cfg, image_size, seed, train, context_length))
+  ds = ds[pi::pc]
+  # pylint: disable-next=protected-access
+  inner = pipeline._finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed,
+                           process_index=pi)
+  return PairLoaderIterator(inner)
+
+
+@dataclasses.dataclass
+class RetrievalSet:
+  """An evaluation set for `evaluation.zero_shot.retrieval_recall`: images float32 [I, H, W, 3]
+  (CLIP-normalized, resize + center crop), tokens int32 [T, 77], text_image_index int32 [T],
+  keys [I], skipped_by_kind {kind: count} of the pairs left out."""
+  images: np.ndarray
+  tokens: np.ndarray
+  text_image_index: np.ndarray
+  keys: list[str]
+  skipped_by_kind: dict[str, int]
+
+
+def load_retrieval_set(spec: str, data_cfg, *, image_size: int,
+                       context_length: int = CONTEXT_LENGTH, limit: int = 0) -> RetrievalSet:
+  """All pairs of one source in memory; the non-empty lines of a caption are that image's captions
+  (clip_benchmark's convention). Bad pairs are left out and counted. `limit` > 0 keeps the first
+  `limit` pairs. For small sets (held-out demo crops, Flickr30k/COCO 5k test)."""
+  src = open_pair_source(spec, data_cfg)
+  normalize = NormalizeBatch(data_cfg.mean, data_cfg.std)
+  kinds = dict.fromkeys(SKIP_KINDS, 0)
+  images, captions, index, keys = [], [], [], []
+  for i in range(min(len(src), limit) if limit > 0 else len(src)):
+    try:
+      pair = src[i]
+      image, text = check_pair(pair)
+    except BadPairError as e:
+      kinds[e.kind] += 1
+      continue
+    except (OSError, KeyError, ValueError):
+      kinds['unreadable'] += 1
+      continue
+    lines = [line for line in text.splitlines() if line.strip()]
+    images.append(normalize.normalize(np.asarray(resize_center_crop(image, image_size)),
+                                      np.empty((image_size, image_size, 3), np.float32)))
+    captions += lines
+    index += [len(keys)] * len(lines)
+    keys.append(pair.key)
+  if not images:
+    raise ValueError(f'{src.name} holds no usable pair for retrieval (skipped: {kinds}).')
+  return RetrievalSet(np.stack(images), tokenize(captions, context_length),
+                      np.asarray(index, np.int32), keys, kinds)
+
+
+def write_webdataset(pairs, out_dir: str, name: str = 'shard', pairs_per_shard: int = 1000,
+                     image_ext: str = 'jpg') -> list[str]:
+  """Writes (key, image bytes | None, caption bytes | str | None) triples as img2dataset does:
+  OUT/NAME-00000.tar ... holding {key}.{image_ext}, {key}.txt, {key}.json ({'key', 'caption'}).
+  A None part is left out (how a broken download looks). Returns the shard paths."""
+  import json   # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  paths, tf, count = [], None, 0
+  for key, image, caption in pairs:
+    if tf is None or count == pairs_per_shard:
+      if tf is not None:
+        tf.close()
+        os.replace(paths[-1] + '.tmp', paths[-1])
+      paths.append(os.path.join(out_dir, f'{name}-{len(paths):05d}.tar'))
+      tf, count = tarfile.open(paths[-1] + '.tmp', 'w', format=tarfile.PAX_FORMAT), 0
+    text = caption.encode('utf-8') if isinstance(caption, str) else caption
+    meta = {'key': key, 'caption': caption if isinstance(caption, str) else None}
+    for ext, data in ((image_ext, image), ('txt', text),
+                      ('json', json.dumps(meta).encode('utf-8'))):
+      if data is not None:
+        info = tarfile.TarInfo(f'{key}.{ext}')
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    count += 1
+  if tf is not None:
+    tf.close()
+    os.replace(paths[-1] + '.tmp', paths[-1])
+  return paths
