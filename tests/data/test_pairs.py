@@ -179,3 +179,16 @@ def test_demo_pairs_and_retrieval_set():
   assert sum(ret.skipped_by_kind.values()) == 0
   captions = demo.demo_captions('chelsea', 40, 3)
   assert len(set(captions)) == 3 and captions == demo.demo_captions('chelsea', 40, 3)
+
+
+def test_eva_pack_pairs_cli(pair_sets, tmp_path):
+  import json   # pylint: disable=g-import-not-at-top
+  import support   # pylint: disable=g-import-not-at-top
+  proc = support.run_cli('pack', '--pairs', f'--src={pair_sets["specs"]["folder"][7:]}',
+                         f'--out={tmp_path}', '--images_per_shard=8')
+  assert proc.returncode == 0, proc.stderr
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary['num_records'] == 17 and summary['num_shards'] == 3
+  packed = pairs.open_pair_source(f'arrayrecord:{tmp_path}')
+  folder = pairs.open_pair_source(pair_sets['specs']['folder'])
+  assert [packed[i][:2] for i in range(17)] == [folder[i][:2] for i in range(17)]
