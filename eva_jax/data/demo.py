@@ -155,7 +155,7 @@ def build_demo_pairs(out_dir: str, demo_dir: str, shard_size: int = 64) -> int:
     out/val/<photo>/<i>.jpg + .txt     held-out crops, CAPTIONS_PER_VAL_IMAGE captions (one a line)
     out/shards/train-00000.tar ...     the train pairs as img2dataset webdataset shards
   Returns the number of training pairs."""
-  from eva_jax.data import pairs   # pylint: disable=g-import-not-at-top
+  from eva_jax.data import pair_sources   # pylint: disable=g-import-not-at-top
   train = []
   for photo in sorted(os.listdir(demo_dir)):
     if photo not in CLASSNAMES:
@@ -176,8 +176,8 @@ def build_demo_pairs(out_dir: str, demo_dir: str, shard_size: int = 64) -> int:
       if split == 'train':
         train.append((f'{photo}_{stem}', image, captions[0]))
   order = np.random.default_rng(0).permutation(len(train))   # shards hold mixed classes
-  pairs.write_webdataset([train[i] for i in order], os.path.join(out_dir, 'shards'), 'train',
-                         shard_size)
+  pair_sources.write_webdataset([train[i] for i in order], os.path.join(out_dir, 'shards'),
+                                'train', shard_size)
   return len(train)
 
 

@@ -48,14 +48,14 @@ def pack_folder(src: str, out: str, name: str = 'train', images_per_shard: int =
 
 def pack_pairs(src: str, out: str, name: str = 'train', pairs_per_shard: int = 10_000,
                progress: bool = True) -> dict:
-  """Packs image-text pairs into ArrayRecord shards under `out` (records: `pairs.encode_pair`,
-  msgpack {'image', 'text', 'key'}; read back with pair source arrayrecord:OUT). `src` is a pair
-  source spec (webdataset:PATTERN, folder:DIR; a bare directory means folder:DIR). Pairs are
-  copied as they are, bad ones included: the loader skips and counts them by kind. Returns the
-  metadata written to NAME-meta.json (kind 'pairs', record and shard counts)."""
-  from eva_jax.data import pairs   # pylint: disable=g-import-not-at-top
+  """Packs image-text pairs into ArrayRecord shards under `out`; read them back as the pair source
+  arrayrecord:OUT. Records: `pair_sources.encode_pair` (msgpack {'image', 'text', 'key'}). `src`
+  is a pair source spec (webdataset:PATTERN, folder:DIR; a bare directory means folder:DIR).
+  Pairs are copied as they are, bad ones included: the loader skips and counts them by kind.
+  Returns the metadata written to NAME-meta.json (kind 'pairs', record and shard counts)."""
+  from eva_jax.data import pair_sources   # pylint: disable=g-import-not-at-top
   spec = f'folder:{src}' if os.path.isdir(os.path.expanduser(src)) else src
-  source = pairs.open_pair_source(spec)
+  source = pair_sources.open_pair_source(spec)
   os.makedirs(out, exist_ok=True)
   n = len(source)
   num_shards = max(1, math.ceil(n / pairs_per_shard))
@@ -69,8 +69,8 @@ def pack_pairs(src: str, out: str, name: str = 'train', pairs_per_shard: int = 1
         pair = source[i]
       except OSError:   # a truncated shard member: packed as a pair without data, counted
         unreadable += 1
-        pair = pairs.Pair(None, None, f'{source.name}[{i}]')
-      writer.write(pairs.encode_pair(*pair))
+        pair = pair_sources.Pair(None, None, f'{source.name}[{i}]')
+      writer.write(pair_sources.encode_pair(*pair))
       bar.update(1)
     writer.close()
     os.replace(path + '.tmp', path)

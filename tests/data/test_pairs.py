@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from eva_jax.data import config as data_config
-from eva_jax.data import demo, pack, pairs
+from eva_jax.data import demo, pack, pair_sources, pairs
 from eva_jax.data.tokenizer import tokenize
 from eva_jax.data.transforms import resize_center_crop
 
@@ -40,7 +40,7 @@ def pair_sets(tmp_path_factory, demo_dir):
          ('x_latin1', images[1][1], 'caf\xe9 cr\xe8me'.encode('latin-1')),
          ('x_empty', images[2][1], ' \n\t '), ('x_garbage', b'not a jpeg at all', 'garbage')]
   records = images[:5] + bad + images[5:]
-  shards = pairs.write_webdataset(records, str(root / 'wds'), 'part', pairs_per_shard=4)
+  shards = pair_sources.write_webdataset(records, str(root / 'wds'), 'part', pairs_per_shard=4)
   folder = root / 'folder'
   folder.mkdir()
   for key, image, text in records:
@@ -62,27 +62,27 @@ def pair_sets(tmp_path_factory, demo_dir):
 
 
 def test_webdataset_layout_and_braces(pair_sets):
-  assert pairs.expand_braces('s-{08..11}{a,b}.tar') == [
+  assert pair_sources.expand_braces('s-{08..11}{a,b}.tar') == [
       f's-{i:02d}{x}.tar' for i in (8, 9, 10, 11) for x in 'ab']
   assert len(pair_sets['shards']) == 5    # 17 pairs, 4 per shard
   with tarfile.open(pair_sets['shards'][0]) as tf:
     names = tf.getnames()
   assert names[:3] == [f'{pair_sets["good"][0][0]}.{e}' for e in ('jpg', 'txt', 'json')]
   with pytest.raises(FileNotFoundError, match='part-00005.tar .*3 of 8 shards missing'):
-    pairs.WebDatasetSource(str(pair_sets['root'] / 'wds' / 'part-{00000..00007}.tar'))
+    pair_sources.WebDatasetSource(str(pair_sets['root'] / 'wds' / 'part-{00000..00007}.tar'))
   assert pair_sets['meta']['num_records'] == 17 and pair_sets['meta']['kind'] == 'pairs'
 
 
 @pytest.mark.parametrize('kind', ['webdataset', 'folder', 'arrayrecord'])
 def test_sources_read_the_same_pairs(pair_sets, kind):
-  src = pairs.open_pair_source(pair_sets['specs'][kind])
+  src = pair_sources.open_pair_source(pair_sets['specs'][kind])
   assert len(src) == 17
   good, kinds = {}, {}
   for i in range(len(src)):
     try:
       image, text = pairs.check_pair(src[i])
       good[text] = np.asarray(image)
-    except pairs.BadPairError as e:
+    except pair_sources.BadPairError as e:
       kinds[e.kind] = kinds.get(e.kind, 0) + 1
   assert kinds == {k: v for k, v in BAD.items() if v}
   assert sorted(good) == sorted(t for _, _, t in pair_sets['good'])
@@ -156,18 +156,18 @@ def test_mixture_follows_weights(pair_sets):
 
 def test_unknown_source_and_missing_folder():
   with pytest.raises(ValueError, match='webdataset:PATTERN'):
-    pairs.open_pair_source('tfds:coco')
+    pair_sources.open_pair_source('tfds:coco')
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    pairs.open_pair_source('folder:/no/such/dir')
+    pair_sources.open_pair_source('folder:/no/such/dir')
 
 
 def test_demo_pairs_and_retrieval_set():
   root = demo.ensure_demo_pairs()
   classes = demo.demo_classnames(os.path.join(root, 'val'))
   assert len(classes) >= 2 and len(set(classes)) == len(classes)
-  train = pairs.open_pair_source('demo')
+  train = pair_sources.open_pair_source('demo')
   assert len(train) == demo.TRAIN_PER_CLASS * len(classes)
-  shards = pairs.open_pair_source(f'webdataset:{root}/shards')
+  shards = pair_sources.open_pair_source(f'webdataset:{root}/shards')
   assert len(shards) == len(train)
   ret = pairs.load_retrieval_set('demo:val', ml_collections.ConfigDict(
       dict(mean=data_config.CLIP_MEAN, std=data_config.CLIP_STD)), image_size=SIZE)
@@ -189,6 +189,6 @@ def test_eva_pack_pairs_cli(pair_sets, tmp_path):
   assert proc.returncode == 0, proc.stderr
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary['num_records'] == 17 and summary['num_shards'] == 3
-  packed = pairs.open_pair_source(f'arrayrecord:{tmp_path}')
-  folder = pairs.open_pair_source(pair_sets['specs']['folder'])
+  packed = pair_sources.open_pair_source(f'arrayrecord:{tmp_path}')
+  folder = pair_sources.open_pair_source(pair_sets['specs']['folder'])
   assert [packed[i][:2] for i in range(17)] == [folder[i][:2] for i in range(17)]
