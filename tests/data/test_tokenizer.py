@@ -8,7 +8,8 @@ from eva_jax.data import tokenizer
 
 TEMPLATES = ('a photo of a {}.', 'A BAD PHOTO OF THE {}!', '{}', 'my {} &amp; your {}',
              'the {}\'s tail, isn\'t it? we\'ll see; they\'re here, I\'m sure, you\'d agree',
-             '  \t{}\n\n  in   the\u00a0park  ', 'caf&eacute; {} &#233; &#x27;quoted&#x27; &lt;b&gt;',
+             '  \t{}\n\n  in   the\u00a0park  ',
+             'caf&eacute; {} &#233; &#x27;quoted&#x27; &lt;b&gt;',
              '{} \U0001F600\U0001F44D\U0001F3FD\u2764\ufe0f', '<start_of_text>{}<end_of_text>',
              '{} 2024-11-30 12:34 #tags @user http://example.com/a_b?c=1')
 WORDS = ('cat', 'Caf\u00e9', 'na\u00efve r\u00e9sum\u00e9', 'e\u0301clair',    # NFC and NFD accents
