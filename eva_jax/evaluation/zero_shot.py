@@ -183,3 +183,32 @@ def encode_all(encode: Encoder, inputs: np.ndarray, batch_size: int = 256,
       chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
     out.append(np.asarray(encode(chunk), np.float32)[:n])
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def evaluate(encode_image: Encoder, encode_text: Encoder, *,
+             classifier_batches: Iterable[Any] | None = None,
+             classnames: Sequence[str] = (), templates: Sequence[str] = (),
+             retrieval: Any = None, batch_size: int = 256,
+             tokenize: Callable[[list[str]], Any] | None = None) -> dict[str, float]:
+  """Both benchmarks as one flat dict of floats, ready to log next to the training metrics.
+
+  Zero-shot (when classifier_batches and classnames are given): 'zero_shot/top1', 'zero_shot/top5'
+  over labeled image batches (e.g. `build_classification_loader(..., train=False)` on held-out
+  crops) with the classifier of classnames x templates. Retrieval (when `retrieval` is given: an
+  `eva_jax.data.pairs.RetrievalSet` or anything with images, tokens, text_image_index):
+  'retrieval/image_to_text_R@k', 'retrieval/text_to_image_R@k' for k = 1, 5, 10. Encoders see
+  batches of `batch_size` (zero-padded at the end) for the retrieval set."""
+  out: dict[str, float] = {}
+  if classifier_batches is not None and classnames:
+    weights = build_zero_shot_classifier(encode_text, classnames, templates or ('{}',),
+                                         tokenize=tokenize)
+    acc = zero_shot_accuracy(encode_image, weights, classifier_batches,
+                             ks=(1, min(5, len(classnames))))
+    out['zero_shot/top1'] = acc['top1']
+    out['zero_shot/top5'] = acc[f'top{min(5, len(classnames))}']
+  if retrieval is not None:
+    recall = retrieval_recall(encode_all(encode_image, retrieval.images, batch_size),
+                              encode_all(encode_text, retrieval.tokens, batch_size),
+                              retrieval.text_image_index)
+    out.update({f'retrieval/{k}': v for k, v in recall.items()})
+  return out

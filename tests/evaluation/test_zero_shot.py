@@ -128,3 +128,30 @@ def test_encode_all_pads_last_chunk():
   x = np.arange(50, dtype=np.float32).reshape(10, 5)
   np.testing.assert_array_equal(zero_shot.encode_all(enc, x, batch_size=4), x[:, :3] * 2)
   assert seen == [4, 4, 4]
+
+
+def test_evaluate_combines_both(table):
+  import types   # pylint: disable=g-import-not-at-top
+  from eva_jax.data.tokenizer import tokenize   # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  classnames = ['cat', 'dog', 'rocket', 'cup of coffee', 'galaxy', 'retina']
+  captions = [f'a photo of a {c}' for c in classnames] + [f'my {c}' for c in classnames]
+  idx = np.arange(12) % 6
+  enc_text = lambda t: np_encode_text(table, t)
+  # Images: noisy copies of their caption embeddings, so both benchmarks land between 0 and 1.
+  images = enc_text(tokenize(captions[:6])) + rng.normal(size=(6, D)).astype(np.float32) * 0.3
+  labels = np.arange(6)
+  got = zero_shot.evaluate(lambda x: x, enc_text, classifier_batches=[{'image': images,
+                                                                       'label': labels}],
+                           classnames=classnames, templates=('a photo of a {}', 'my {}'),
+                           retrieval=types.SimpleNamespace(images=images,
+                                                           tokens=tokenize(captions),
+                                                           text_image_index=idx),
+                           batch_size=4)
+  weights = zero_shot.build_zero_shot_classifier(enc_text, classnames, ('a photo of a {}', 'my {}'))
+  want = zero_shot.zero_shot_accuracy(lambda x: x, weights, [{'image': images, 'label': labels}])
+  assert got['zero_shot/top1'] == want['top1'] and got['zero_shot/top5'] == want['top5']
+  rec = zero_shot.retrieval_recall(images, enc_text(tokenize(captions)), idx)
+  for k, v in rec.items():
+    assert got[f'retrieval/{k}'] == pytest.approx(v, abs=1e-9)
+  assert len(got) == 8
