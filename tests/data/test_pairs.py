@@ -192,3 +192,21 @@ def test_eva_pack_pairs_cli(pair_sets, tmp_path):
   packed = pair_sources.open_pair_source(f'arrayrecord:{tmp_path}')
   folder = pair_sources.open_pair_source(pair_sets['specs']['folder'])
   assert [packed[i][:2] for i in range(17)] == [folder[i][:2] for i in range(17)]
+
+
+def test_unreadable_and_all_bad_sources(pair_sets, tmp_path):
+  import shutil   # pylint: disable=g-import-not-at-top
+  for s in pair_sets['shards']:
+    shutil.copy(s, tmp_path)
+  src = pair_sources.open_pair_source(f'webdataset:{tmp_path}')
+  last = sorted(tmp_path.glob('*.tar'))[-1]
+  os.truncate(last, 1024 + 512)   # indexed, then cut inside its first image
+  decoded = pairs.DecodedPairSource(src)
+  first_in_last = 4 * (len(pair_sets['shards']) - 1)
+  element = decoded[first_in_last]
+  assert element['skipped'] == 1 and element['skipped_kinds'][
+      pairs.SKIP_KINDS.index('unreadable')] == 1
+  only_text = pair_sources.write_webdataset([(f'k{i}', None, 'caption') for i in range(3)],
+                                            str(tmp_path / 'text_only'))
+  with pytest.raises(ValueError, match='3 consecutive pairs .* missing_image'):
+    pairs.DecodedPairSource(pair_sources.WebDatasetSource(only_text))[0]
