@@ -10,7 +10,6 @@ import pytest
 from eva_jax.data import config as data_config
 from eva_jax.data import demo, pack, pair_sources, pairs
 from eva_jax.data.tokenizer import tokenize
-from eva_jax.data.transforms import resize_center_crop
 
 SIZE = 32
 BAD = {'missing_image': 1, 'missing_text': 1, 'bad_utf8': 1, 'empty_text': 1, 'bad_image': 1,
@@ -105,11 +104,13 @@ def test_eval_loader_counts_bad_pairs_and_matches_transform(pair_sets):
   assert image.dtype == np.float32 and image.shape == (24, SIZE, SIZE, 3)
   assert text.dtype == np.int32 and text.shape == (24, 77) and valid.sum() == 17
   assert (text[~valid] == 0).all()
-  # Row 0 is the first good pair: resize + center crop, CLIP-normalized; its caption's tokens.
+  # Row 0 is the first good pair: open_clip's eval transform (resize shorter side, center crop,
+  # CLIP-normalize) of its image, and its caption's tokens.
   _, data, caption = pair_sets['good'][0]
   from eva_jax.data.decode import decode_image   # pylint: disable=g-import-not-at-top
-  want = np.asarray(resize_center_crop(decode_image(data), SIZE), np.float32) / 255.0
-  want = (want - np.asarray(data_config.CLIP_MEAN)) / np.asarray(data_config.CLIP_STD)
+  from open_clip.transform import image_transform   # pylint: disable=g-import-not-at-top
+  want = image_transform(SIZE, is_train=False, mean=data_config.CLIP_MEAN,
+                         std=data_config.CLIP_STD)(decode_image(data)).numpy().transpose(1, 2, 0)
   np.testing.assert_allclose(image[0], want, atol=1e-5)
   np.testing.assert_array_equal(text[0], tokenize(caption)[0])
   # Bad pairs were replaced by the next good one: every valid row is a good caption.
