@@ -113,8 +113,8 @@ class PairTransform:
 
   def __init__(self, data_cfg, image_size: int, seed: int, train: bool,
                context_length: int = CONTEXT_LENGTH):
-    self.size, self.seed, self.train, self.context_length = int(image_size), int(seed), train, \
-        int(context_length)
+    self.size, self.seed, self.train = int(image_size), int(seed), train
+    self.context_length = int(context_length)
     self.scale = tuple(data_cfg.get('pair_scale', TRAIN_SCALE))
     self.ratio = tuple(data_cfg.ratio)
     clip_tokenizer()   # built (or failing, e.g. open_clip's vocab missing) before any worker
@@ -260,5 +260,8 @@ def load_retrieval_set(spec: str, data_cfg, *, image_size: int,
     keys.append(pair.key)
   if not images:
     raise ValueError(f'{src.name} holds no usable pair for retrieval (skipped: {kinds}).')
+  if sum(kinds.values()):
+    log.warning('retrieval set %s: left out %d bad pairs %s', src.name, sum(kinds.values()),
+                {k: v for k, v in kinds.items() if v})
   return RetrievalSet(np.stack(images), tokenize(captions, context_length),
                       np.asarray(index, np.int32), keys, kinds)
