@@ -12,10 +12,11 @@ Sources (baaivision/EVA, EVA-02/asuka): README.md "Pre-train eva02_B_pt_in21k_p1
 - AdamW lr 1.5e-3, betas (0.9, 0.98), eps 1e-6, weight decay 0.05, cosine to min_lr 1e-5, clip 3.0;
 - 105 masked patches (224*224/14/14 * 0.4), min block 16; RandomResizedCrop (0.2, 1) bicubic,
   ratio (3/4, 4/3), flip; no color jitter, no mixup; CLIP mean/std for student and teacher;
+- --stop_grad_conv1 (in every EVA-02 pretraining command; asuka/modeling_pretrain.py:
+  x.detach() * 0.9 + x * 0.1 after the patch embedding): config.model.stop_grad_conv1=True, the
+  patch embedding's gradient scaled by 0.1, forward unchanged;
 - DeepSpeed fp16 (no --bf16 in the command); ':bf16' for bf16.
-Deviations left: the warmup starts at 0 (official warmup_lr 1e-6); --stop_grad_conv1 (the patch
-embedding's gradient scaled by 0.1: x.detach() * 0.9 + x * 0.1) is not implemented yet; seed 0
-instead of 88.
+Deviations left: the warmup starts at 0 (official warmup_lr 1e-6); seed 0 instead of 88.
 
   python -m eva_jax.pretrain --config=configs/eva02_b14_pretrain.py \
       --config.teacher.checkpoint=/path/to/eva_clip_psz14.pt --workdir=DIR
@@ -33,6 +34,7 @@ def eva02_recipe(model: str, *, precision: str, drop_path: float, epochs: int = 
   c.teacher.family = 'eva_clip'
   c.teacher.arch = 'eva01-clip-g/14'   # EVA_CLIP_g_14_X: the file's missing facts come from here
   c.model.drop_path = drop_path
+  c.model.stop_grad_conv1 = True       # --stop_grad_conv1 (see the module docstring)
   c.optim.min_lr = 1e-5
   c.data.mixture = ()
   c.data.source = 'arrayrecord:~/data/merged30m/imagenet21k/*.array_record'

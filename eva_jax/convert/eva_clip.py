@@ -13,7 +13,9 @@ Layouts (detected from the key names; the state dict may be wrapped as {'state_d
   names (`attn.qkv` + `q_bias`/`v_bias`, or EVA-02's `attn.{q,k,v}_proj` + `q_bias`/`v_bias`,
   `attn.inner_attn_ln`, `mlp.{w1,w2,w3,ffn_ln}`), `visual.rope.freqs_{cos,sin}` for EVA-02 towers,
   text tower under `text.*` plus `logit_scale`: EVA01-CLIP-g/14 (EVA_CLIP_g_14_X), EVA02-CLIP-B/16,
-  -L/14, -E/14 (post-norm);
+  -L/14, -E/14 (post-norm), EVA-CLIP-8B / -8B-448 / -18B (`EVA_CLIP_8B_psz14_s9B.pt`,
+  `EVA_CLIP_18B_psz14_s6B.fp16.pt`; EVA-CLIP-18B/shinji: RMSNorm with `weight` only, fused
+  `attn.qkv` without q/v bias, GELU `mlp.fc1/fc2`, `head` without bias, 18B post-norm);
 - open_clip's EVA models (EVA01-g-14, EVA02-B-16, EVA02-L-14, EVA02-E-14; a timm trunk):
   `visual.trunk.*` with timm names, `visual.trunk.head` = the projection;
 - timm `eva_giant_patch14_clip_224`, `eva02_{base_patch16,large_patch14,enormous_patch14}_clip_224`
@@ -21,7 +23,9 @@ Layouts (detected from the key names; the state dict may be wrapped as {'state_d
 Everything outside the vision tower (text tower, logit_scale) is counted, ignored and logged.
 
 The shapes give width, depth, MLP width and kind (GELU / SwiGLU, sub-LN), patch, grid, q/k/v
-biases and the output dim. Not in the shapes, never guessed (issue 12 kind A): the head count,
+biases, the head's bias and the output dim. The norm kind comes from the key layout: norms with
+`weight` and no `bias` are the official RMSnorm (EVA-CLIP-8B/-18B `use_rms_norm`, the only
+bias-free norm of the EVA-CLIP code); a file mixing both is refused. Not in the shapes, never guessed (issue 12 kind A): the head count,
 RoPE (on/off, theta, reference grid), residual post-norm (EVA02-CLIP-E) and the LayerNorm eps.
 Each comes from, in this order:
   1. what the file records: the official RoPE buffer `visual.rope.freqs_cos` (head dim, RoPE on,
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Iterator, Mapping
 
 import ml_collections
@@ -65,6 +70,7 @@ TIMM_TRUNKS = {
 }
 _LAYOUTS = (('visual.trunk.', 'open_clip'), ('visual.', 'official EVA-CLIP'), ('', 'timm'))
 _HEAD = ('head.weight', 'head.bias')
+_NORM_BIAS = re.compile(r'(^|\.)(norm|norm1|norm2|attn\.norm|mlp\.norm)\.bias$')
 
 
 class _TowerSource(common.TensorSource):
@@ -186,7 +192,8 @@ def _resolve(recorded: dict, arch: dict, given: dict, arch_name: str, what: str)
         '(config.teacher.heads / load_teacher(heads=..., facts={'
         + ', '.join(f"'{m}': ..." for m in missing if m != 'heads') + '})). '
         'EVA01-CLIP-g/14: heads 16, no RoPE, no post-norm; EVA02-CLIP-B/16 / -L/14: heads 12 / 16, '
-        'RoPE theta 10000 on a 16x16 reference grid; EVA02-CLIP-E/14: heads 16, no RoPE, post-norm. '
+        'RoPE theta 10000 on a 16x16 reference grid; EVA02-CLIP-E/14: heads 16, no RoPE, post-norm; '
+        'EVA-CLIP-8B / -18B: heads 32 / 40 (head width 128), no RoPE, post-norm only in 18B. '
         'Or keep the record next to the weights: an open_clip_config.json naming the timm trunk.')
   return out
 
@@ -220,22 +227,30 @@ def load_eva_clip_vision(path: str | os.PathLike, *, dtype: str = 'float32',
   canon = eva_torch._canonical_names(k for k in keys if k not in _HEAD and k not in rope_keys)
   shapes = {n: src.shape(o) for n, o in canon.items()}
   what = f'{what} ({layout} layout)'
+  norm = _norm_kind(shapes, what)
   try:
     shape_cfg = eva_torch._shape_config(shapes)
     fused = 'blocks.0.attn.qkv.weight' in shapes
     packed = bool(shape_cfg.swiglu) and 'blocks.0.mlp.fc1.weight' in shapes
-    common.check_keys(eva_torch.timm_shapes(shape_cfg, fused=fused, packed=packed, mask_token=True),
-                      shapes, what + ', names shown as timm names')
+    expected = eva_torch.timm_shapes(shape_cfg, fused=fused, packed=packed, mask_token=True)
+    if norm == 'rmsnorm':   # the official RMSnorm has a weight only
+      expected = {k: v for k, v in expected.items() if not _NORM_BIAS.search(k)}
+    common.check_keys(expected, shapes, what + ', names shown as timm names')
   except CheckpointError as e:
     raise CheckpointError(f'{what}: {e}') from None
   head_w = src.shape('head.weight')
-  if 'head.bias' not in src or len(head_w) != 2 or head_w[1] != shape_cfg.width:
-    raise CheckpointError(f'{what}: head.weight {head_w} / head.bias must be the projection '
-                          f'[out, {shape_cfg.width}] with bias.')
+  if len(head_w) != 2 or head_w[1] != shape_cfg.width:
+    raise CheckpointError(f'{what}: head.weight {head_w} must be the projection '
+                          f'[out, {shape_cfg.width}].')
   out_dim = head_w[0]
+  # Official EVAVisionTransformer: head = nn.Linear(width, embed_dim, bias=qkv_bias).
+  proj_bias = 'head.bias' in src
+  if proj_bias and src.shape('head.bias') != (out_dim,):
+    raise CheckpointError(f'{what}: head.bias {src.shape("head.bias")} must be [{out_dim}].')
   sizes = dict(width=shape_cfg.width, depth=shape_cfg.depth, mlp_dim=shape_cfg.mlp_dim,
                patch_size=shape_cfg.patch_size, out_dim=out_dim, swiglu=shape_cfg.swiglu,
-               sub_ln=shape_cfg.sub_ln)
+               sub_ln=shape_cfg.sub_ln, norm=norm, attn_bias=shape_cfg.attn_bias,
+               proj_bias=proj_bias)
 
   recorded = dict(eva_torch._recorded_facts(src, eva_torch._Source(src), rope_keys, shape_cfg,
                                             None, what))
@@ -260,8 +275,12 @@ def load_eva_clip_vision(path: str | os.PathLike, *, dtype: str = 'float32',
     raise CheckpointError(f'{what}: invalid architecture: {e}') from e
   cfg = ml_collections.ConfigDict(enc.to_dict())
   config_lib._teacher_fields(cfg, 'eva_clip')
-  cfg.update(dict(proj_bias=True, out_dim=int(out_dim), post_norm=bool(resolved['post_norm'][0]),
-                  dtype=dtype, mask_token=False, final_norm=True))
+  cfg.update(dict(proj_bias=proj_bias, out_dim=int(out_dim),
+                  post_norm=bool(resolved['post_norm'][0]), dtype=dtype, mask_token=False,
+                  final_norm=True, norm=norm))
+  if norm == 'rmsnorm':
+    logging.info('%s: RMSNorm (norm weights without biases: the official RMSnorm of '
+                 'EVA-CLIP-8B/-18B).', what)
   if not enc.final_norm:
     raise CheckpointError(f'{what}: no final norm (norm.weight); EVA-CLIP targets are '
                           'head(norm(tokens)).')
@@ -279,7 +298,8 @@ def load_eva_clip_vision(path: str | os.PathLike, *, dtype: str = 'float32',
   src_np = eva_torch._Source(src)
   loaders = eva_torch._from_timm(src_np, canon, cfg, fused, packed)
   loaders['proj'] = lambda: src_np['head.weight'].T
-  loaders['proj_bias'] = lambda: src_np['head.bias']
+  if proj_bias:
+    loaders['proj_bias'] = lambda: src_np['head.bias']
   shapes_ours = common.model_params_abstract(cfg)
   missing = sorted(set(shapes_ours) - set(loaders))
   if missing:
@@ -290,9 +310,24 @@ def load_eva_clip_vision(path: str | os.PathLike, *, dtype: str = 'float32',
   return model
 
 
+def _norm_kind(shapes: dict, what: str) -> str:
+  """'layernorm' when every norm weight has its bias, 'rmsnorm' when none has (the official
+  RMSnorm); CheckpointError for a mix."""
+  weights = [k[:-len('weight')] for k in shapes
+             if _NORM_BIAS.search(k[:-len('weight')] + 'bias') and k.endswith('.weight')]
+  with_bias = [k for k in weights if k + 'bias' in shapes]
+  if len(with_bias) == len(weights):
+    return 'layernorm'
+  if not with_bias:
+    return 'rmsnorm'
+  lone = sorted(k + 'weight' for k in weights if k + 'bias' not in shapes)
+  raise CheckpointError(f'{what}: some norms have biases (LayerNorm) and some not ({len(lone)}, '
+                        f'e.g. {", ".join(lone[:3])}: RMSNorm); an EVA-CLIP tower has one kind.')
+
+
 def _known_name(cfg) -> str:
   fields = ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'out_dim', 'swiglu', 'rope',
-            'post_norm')
+            'post_norm', 'norm', 'attn_bias', 'proj_bias')
   for name in config_lib.teacher_names('eva_clip'):
     ref = config_lib.teacher_config(name)
     if all(ref[f] == cfg[f] for f in fields):

@@ -23,6 +23,12 @@ in-memory transformers 5 modules, `attention.{q,k,v,o}_proj`, `mlp.{gate,up,down
 too). Prefixes: none, `vision_model.` (SiglipModel, transformers 4 SiglipVisionModel), `dinov2.`.
 A text tower (SiglipModel: text_model.*, logit_scale, logit_bias) is counted, ignored and logged.
 
+Refused, with what to use instead: SigLIP2 NaFlex (`Siglip2VisionModel` / `Siglip2Model`,
+model_type 'siglip2*': variable-resolution, variable-aspect patch sequences through a Linear patch
+embedding, its position embedding resized bilinearly per image to each image's patch grid). The
+fixed-resolution SigLIP2 checkpoints (google/siglip2-*-patch16-224 ... -512, model_type 'siglip')
+are SigLIP towers and load here (`SiglipVisionModel`).
+
 Never guessed (issue 12 kind A): the activation and head count come from config.json
 (`hidden_act`, `num_attention_heads`, `layer_norm_eps`; a key it leaves out means the transformers
 config class's default, as transformers reads it), else from config.teacher.arch (a named
@@ -79,10 +85,20 @@ def _config_json(path: str, family: str) -> tuple[dict, str] | None:
   if isinstance(c.get('vision_config'), dict):
     c = c['vision_config']
   mt = str(c.get('model_type', ''))
+  if family == 'siglip' and mt.startswith('siglip2'):
+    raise CheckpointError(_naflex_refusal(f'{f} has model_type={mt!r}'))
   if mt and not mt.startswith(family):
     raise CheckpointError(f'{f} has model_type={mt!r}, not a {family} model: set '
                           'config.teacher.family to the checkpoint\'s family.')
   return c, f
+
+
+def _naflex_refusal(why: str) -> str:
+  return (f'{why}: a SigLIP2 NaFlex tower (transformers Siglip2VisionModel: variable-resolution '
+          'patches, Linear patch embedding, position embedding resized per image), which eva_jax '
+          'does not read as a teacher. Use a fixed-resolution SigLIP2 checkpoint '
+          "(google/siglip2-*-patch16-224 / -256 / -384 / -512, model_type 'siglip'), which loads "
+          "as SiglipVisionModel with config.teacher.family='siglip'.")
 
 
 def _detect(keys: set, family: str, what: str) -> str:
@@ -124,8 +140,12 @@ def load_hf_vision(path, family: str, *, dtype: str = 'float32', heads: int | No
   g = lambda k: np.asarray(src[rel[k]], np.float32)   # noqa: E731
   shape = lambda k: tuple(src.shape(rel[k]))          # noqa: E731
 
+  cj = _config_json(path, family)   # first: it names the model type (a NaFlex one is refused)
+
   # -- shapes
   pw = shape(_PATCH[family])
+  if family == 'siglip' and len(pw) == 2:
+    raise CheckpointError(_naflex_refusal(f'{what}: {pre}{_PATCH[family]} is a Linear {pw}'))
   if len(pw) != 4 or pw[2] != pw[3] or pw[1] != 3:
     raise CheckpointError(f'{what}: {_PATCH[family]} has shape {pw}; expected [D, 3, P, P].')
   width, patch = pw[0], pw[2]
@@ -171,7 +191,6 @@ def load_hf_vision(path, family: str, *, dtype: str = 'float32', heads: int | No
 
   # -- facts: config.json, then arch / explicit values, all agreeing
   rec: dict[str, tuple] = {}
-  cj = _config_json(path, family)
   if cj is not None:
     c, f = cj
     name = os.path.basename(f)

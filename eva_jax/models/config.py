@@ -49,6 +49,10 @@ _CLIP = {
 # 2D RoPE on a 16x16 reference grid, separate q/k/v) or 'eva02-post' (EVA-01 block with residual
 # post-norm: EVA02-CLIP-E). Official EVA-CLIP configs (baaivision/EVA EVA-CLIP model_configs) and
 # timm eva_giant_patch14_clip_224 / eva02_{base_patch16,large_patch14,enormous_patch14}_clip_224.
+# 'rms' / 'rms-post': EVA-CLIP-8B / -18B (EVA-CLIP-18B/shinji/eva_clip/model_configs/EVA-CLIP-8B.json,
+# EVA-CLIP-18B.json; eva_vit_model.py): RMSNorm everywhere (use_rms_norm), no q/v bias and no head
+# bias (qkv_bias false; the head's bias follows qkv_bias), GELU MLP of ratio 5, head width 128,
+# no RoPE; 18B with residual post-norm. The 448 px EVA-CLIP-8B-plus has the 8B architecture.
 _EVA_CLIP = {
     'eva01-clip-tiny': (64, 2, 4, 256, 14, 48, 'eva01'),
     'eva02-clip-tiny': (64, 2, 4, int(64 * 4 * 2 / 3), 14, 48, 'eva02'),
@@ -58,6 +62,10 @@ _EVA_CLIP = {
     'eva02-clip-B/16': (768, 12, 12, int(768 * 4 * 2 / 3), 16, 512, 'eva02'),
     'eva02-clip-L/14': (1024, 24, 16, int(1024 * 4 * 2 / 3), 14, 768, 'eva02'),
     'eva02-clip-E/14': (1792, 64, 16, 15360, 14, 1024, 'eva02-post'),
+    'eva-clip-8b-tiny': (64, 2, 4, 320, 14, 48, 'rms'),
+    'eva-clip-18b-tiny': (64, 2, 4, 320, 14, 48, 'rms-post'),
+    'eva-clip-8b/14': (4096, 32, 32, 20480, 14, 1280, 'rms'),
+    'eva-clip-18b/14': (5120, 48, 40, 25600, 14, 1536, 'rms-post'),
 }
 
 # SigLIP / SigLIP2 (fixed resolution) vision towers: name -> (width, depth, heads, mlp, patch, image).
@@ -130,6 +138,9 @@ def _base(width, depth, heads, mlp_dim, patch) -> ml_collections.ConfigDict:
       rope=False,
       rope_theta=10000.0,
       rope_ref_grid=0,           # grid the RoPE frequencies are defined on (timm ref_feat_shape); 0 = own grid
+      # Official EVA-02 pretraining's --stop_grad_conv1: the patch embedding's gradient is scaled
+      # by 0.1 (forward unchanged); EVA-02 pretraining configs turn it on.
+      stop_grad_conv1=False,
       # init
       init='eva01',              # 'eva01': trunc normal +-1 std, std 0.015, sqrt(2l) rescale; 'eva02': xavier
       init_std=0.015,
@@ -174,6 +185,7 @@ def _teacher_fields(cfg, family: str) -> None:
   cfg.post_norm = False      # EVA02-CLIP-E: residual post-norm blocks
   cfg.registers = 0          # DINOv2 with registers
   cfg.pos_interp = 'bicubic'  # pos-embed resize at other grids: 'bicubic' | 'bicubic_aa'
+  cfg.norm = 'layernorm'     # every norm of the tower: 'layernorm' | 'rmsnorm' (EVA-CLIP-8B/-18B)
 
 
 def teacher_config(name: str) -> ml_collections.ConfigDict:
@@ -202,7 +214,9 @@ def teacher_config(name: str) -> ml_collections.ConfigDict:
       cfg.swiglu = cfg.sub_ln = cfg.sub_ln_attn = cfg.rope = True
       cfg.rope_ref_grid = 16
       cfg.init = 'eva02'
-    cfg.post_norm = style == 'eva02-post'
+    cfg.post_norm = style in ('eva02-post', 'rms-post')
+    if style.startswith('rms'):
+      cfg.norm, cfg.attn_bias, cfg.proj_bias = 'rmsnorm', 'none', False
   elif family == 'siglip':
     width, depth, heads, mlp_dim, patch, image = _SIGLIP[name]
     cfg = _base(width, depth, heads, mlp_dim, patch)
@@ -315,6 +329,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.attn_bias must be 'qv', 'qkv' or 'none', got {cfg.attn_bias!r}.")
   if cfg.act not in ('gelu', 'quick_gelu', 'gelu_tanh'):
     raise ValueError(f"model.act must be 'gelu', 'quick_gelu' or 'gelu_tanh', got {cfg.act!r}.")
+  if cfg.get('norm', 'layernorm') not in ('layernorm', 'rmsnorm'):
+    raise ValueError(f"model.norm must be 'layernorm' or 'rmsnorm', got {cfg.norm!r}.")
   if cfg.get('pos_interp', 'bicubic') not in ('bicubic', 'bicubic_aa'):
     raise ValueError("model.pos_interp must be 'bicubic' or 'bicubic_aa', got "
                      f'{cfg.pos_interp!r}.')

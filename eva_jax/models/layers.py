@@ -79,6 +79,34 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...] + self.bias[...]).astype(dtype)
 
 
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32: x * rsqrt(mean(x^2) + eps) * scale; no mean, no bias.
+
+  EVA-CLIP-8B / -18B vision towers (baaivision/EVA EVA-CLIP-18B/shinji/eva_clip/model.py `RMSnorm`,
+  adapted from T5LayerNorm; `use_rms_norm` in their model configs). Parameter: `scale` [dim]
+  (torch `weight`).
+  """
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, axis_name: str = 'embed'):
+    self.eps = eps
+    self.scale = param(rngs, ones, (dim,), (axis_name,))
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(dtype)
+
+
+NORMS = {'layernorm': LayerNorm, 'rmsnorm': RMSNorm}
+
+
+def norm_layer(cfg, dim: int, *, rngs: nnx.Rngs, axis_name: str = 'embed'):
+  """The tower's norm (`cfg.norm`, 'layernorm' when absent: every student and every tower but
+  EVA-CLIP-8B/-18B) of width `dim` with eps `cfg.ln_eps`."""
+  return NORMS[cfg.get('norm', 'layernorm')](dim, cfg.ln_eps, rngs=rngs, axis_name=axis_name)
+
+
 class Dense(nnx.Module):
   """x @ kernel (+ bias) with kernel [in, out]; bias optional."""
 
@@ -137,7 +165,7 @@ class Attention(nnx.Module):
     self.k_bias = param(rngs, zeros, (h, hd), ('heads', 'kv')) if cfg.attn_bias == 'qkv' else None
     self.v_bias = param(rngs, zeros, (h, hd), ('heads', 'kv')) if cfg.attn_bias != 'none' else None
     # EVA-02 sub-LN: LayerNorm on the attention output before the projection.
-    self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) \
+    self.norm = norm_layer(cfg, d, rngs=rngs) \
         if cfg.sub_ln and cfg.get('sub_ln_attn', True) else None
     self.proj = param(rngs, init, (h, hd, d), ('heads', 'kv', 'embed'))
     self.proj_bias = param(rngs, zeros, (d,), ('embed',))
@@ -184,7 +212,7 @@ class Mlp(nnx.Module):
       self.fc1_x = Dense(d, f, ('embed', 'mlp'), init=init, bias=True, rngs=rngs)
     else:
       self.fc1 = Dense(d, f, ('embed', 'mlp'), init=init, bias=True, rngs=rngs)
-    self.norm = LayerNorm(f, cfg.ln_eps, rngs=rngs, axis_name='mlp') if cfg.sub_ln else None
+    self.norm = norm_layer(cfg, f, rngs=rngs, axis_name='mlp') if cfg.sub_ln else None
     self.fc2 = Dense(f, d, ('mlp', 'embed'), init=init, bias=True, rngs=rngs)
 
   def __call__(self, x):
@@ -215,13 +243,14 @@ class Block(nnx.Module):
   Teacher-tower options (cfg.get, off for every student): `layer_scale` multiplies each branch by
   a learned per-channel scale (DINOv2 `layer_scale{1,2}.lambda1`, timm `gamma_{1,2}`);
   `post_norm` normalizes the branch output instead of its input (EVA-CLIP E/14, timm
-  EvaBlockPostNorm): x + dp(norm1(attn(x))); x + dp(norm2(mlp(x))).
+  EvaBlockPostNorm): x + dp(norm1(attn(x))); x + dp(norm2(mlp(x))); `norm` 'rmsnorm' makes every
+  norm an RMSNorm (EVA-CLIP-8B/-18B).
   """
 
   def __init__(self, cfg, *, init: Initializer, rngs: nnx.Rngs):
-    self.norm1 = LayerNorm(cfg.width, cfg.ln_eps, rngs=rngs)
+    self.norm1 = norm_layer(cfg, cfg.width, rngs=rngs)
     self.attn = Attention(cfg, init=init, rngs=rngs)
-    self.norm2 = LayerNorm(cfg.width, cfg.ln_eps, rngs=rngs)
+    self.norm2 = norm_layer(cfg, cfg.width, rngs=rngs)
     self.mlp = Mlp(cfg, init=init, rngs=rngs)
     self.post_norm = bool(cfg.get('post_norm', False))
     if cfg.get('layer_scale', False):

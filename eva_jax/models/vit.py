@@ -9,7 +9,8 @@ Teacher towers (`targets()`: float32 [B, N, out_dim], prefix tokens dropped):
   DINOv2:                      cls [+ registers, no pos-embed] -> blocks with layer scale
                                -> layernorm (final norm), no projection
 Teacher-only fields (read with cfg.get, so student configs and checkpoints are unchanged):
-family, ln_post, proj, proj_bias, layer_scale, post_norm, registers, pos_interp.
+family, ln_post, proj, proj_bias, layer_scale, post_norm, registers, pos_interp, norm ('layernorm' |
+'rmsnorm': EVA-CLIP-8B/-18B).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.models import config as config_lib
-from eva_jax.models.layers import (Blocks, LayerNorm, param, resize_grid, rope_sincos,
+from eva_jax.models.layers import (Blocks, norm_layer, param, resize_grid, rope_sincos,
                                    trunc_normal, xavier_normal)
 from eva_jax.training.precision import DTYPES  # the one dtype table
 
@@ -83,7 +84,7 @@ class VisionTransformer(nnx.Module):
     self.pos_embed = param(rngs, tinit, (n + self.num_pos_prefix, d), (None, 'embed'))
     self.reg_tokens = param(rngs, tinit, (self.num_registers, d), (None, 'embed')) \
         if self.num_registers else None
-    self.ln_pre = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.ln_pre else None
+    self.ln_pre = norm_layer(cfg, d, rngs=rngs) if cfg.ln_pre else None
     self.blocks = Blocks(cfg, init=kinit, rngs=rngs)
     layers = self.blocks.layers
     if cfg.init == 'eva01':
@@ -100,12 +101,11 @@ class VisionTransformer(nnx.Module):
       for name in ('fc1_g', 'fc1_x', 'fc2') if cfg.swiglu else ('fc1', 'fc2'):
         dense = getattr(layers.mlp, name)
         dense.kernel[...] = dense.kernel[...] * g
-    self.norm = LayerNorm(d, cfg.ln_eps, rngs=rngs) if cfg.final_norm else None
+    self.norm = norm_layer(cfg, d, rngs=rngs) if cfg.final_norm else None
     out_dim = cfg.out_dim
     # Teacher heads. out_dim > 0 marks a teacher tower (out_dim = target dim); configs written
     # before the flags existed are CLIP towers: ln_post + projection without bias.
-    self.ln_post = LayerNorm(d, cfg.ln_eps, rngs=rngs) \
-        if out_dim and cfg.get('ln_post', True) else None
+    self.ln_post = norm_layer(cfg, d, rngs=rngs) if out_dim and cfg.get('ln_post', True) else None
     has_proj = bool(out_dim and cfg.get('proj', True))
     self.proj = param(rngs, jax.nn.initializers.normal(d ** -0.5), (d, out_dim), ('embed', 'out')) \
         if has_proj else None
@@ -134,6 +134,13 @@ class VisionTransformer(nnx.Module):
     x = x.reshape(b, gh * gw, -1)
     if self.patch_bias is not None:
       x = x + self.patch_bias[...].astype(dt)
+    if self.cfg.get('stop_grad_conv1', False):
+      # Official EVA-02 pretraining (asuka/modeling_pretrain.py, --stop_grad_conv1 in every
+      # pretraining script): x.detach() * 0.9 + x * 0.1, i.e. the patch embedding's gradient x0.1.
+      # Written as x + (g - g) with g = 0.1 x under stop_gradient once, so the forward is x bit for
+      # bit (0.9 x + 0.1 x is not always x in floating point) and the gradient 0.1 times x's.
+      g = x * jnp.asarray(0.1, dt)
+      x = jax.lax.stop_gradient(x) + (g - jax.lax.stop_gradient(g))
     if mask is not None:
       if self.mask_token is None:
         raise ValueError('This model has no mask token (model.mask_token=False); cannot apply a mask.')

@@ -249,6 +249,25 @@ def test_siglip_without_config_json_needs_act_and_heads(tmp_path):
     eva_jax.load_teacher(str(tmp_path / 'hf'), family='dinov2')
 
 
+def test_siglip2_naflex_is_refused_naming_what_to_use(tmp_path):
+  """SigLIP2 NaFlex (transformers Siglip2VisionModel: Linear patch embedding over flattened patches,
+  position embedding resized per image) is not read: refused with one line naming the fixed-
+  resolution SigLIP2 checkpoints (SiglipVisionModel), with and without its config.json."""
+  import shutil
+  import transformers as tr
+  m = tr.Siglip2VisionModel(tr.Siglip2VisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+      num_patches=16, patch_size=14))
+  m.save_pretrained(tmp_path / 'hf')
+  msg = r"SigLIP2 NaFlex(?s:.*)fixed-resolution SigLIP2(?s:.*)SiglipVisionModel"
+  with pytest.raises(CheckpointError, match=r"model_type='siglip2_vision_model'(?s:.*)" + msg):
+    eva_jax.load_teacher(str(tmp_path / 'hf'), family='siglip')
+  (tmp_path / 'bare').mkdir()
+  shutil.copy(tmp_path / 'hf' / 'model.safetensors', tmp_path / 'bare' / 'model.safetensors')
+  with pytest.raises(CheckpointError, match=r'is a Linear \(32, 588\)(?s:.*)' + msg):
+    eva_jax.load_teacher(str(tmp_path / 'bare'), family='siglip', arch='siglip-tiny')
+
+
 # -------------------------------------------------------------------------------------------------
 # DINOv2 (transformers)
 def _dinov2(registers=0, swiglu=False, seed=0):
