@@ -11,7 +11,10 @@ time (`compile_s` = lower + XLA compile, nothing executed), then runs it `benchm
 untimed and `benchmark.steps` times timed on a device-resident synthetic batch (random normalized
 images, BEiT block masks from the configured mask generator). Every timed step ends with
 `block_until_ready`; `step_s` is the median. `step_s_async` is the mean over the same number of
-steps dispatched back to back (what the training loop sees). With `benchmark.input=pipeline`, the
+steps dispatched back to back (what the training loop sees). `matmul_fraction` is the achieved
+TFLOP/s per device over the machine's matmul rate measured on the step's own shapes
+(`matmul_rate`: one block's weight matmuls at batch x tokens rows, compute dtype), so it says how
+close the step is to matmul-bound on any machine, CPU included. With `benchmark.input=pipeline`, the
 step is also timed fed by the real input pipeline (`build_pretrain_loader` + `host_to_global`, as
 in training), once synchronously and once through `eva_jax.training.prefetch`.
 `benchmark.compile_only=True` stops after the compile (compile time and XLA's memory analysis, no
@@ -261,23 +264,41 @@ def _type_bytes(types: str) -> int:
   return total
 
 
-def _group_size(line: str) -> int:
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)   # mesh['axis_0'=8] {'axis_0'}
+def _first_group(line: str) -> list[int]:
+  """Device ids of the replica group holding device 0 of a collective's HLO line, from the three
+  forms XLA prints: mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'} (axes of a
+  reshaped device mesh, possibly permuted), iota [groups,size]<=[n], or explicit {{0,1},{2,3}}."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]([^{]*)\{([^}]*)\}", line)
   if m:
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
-  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)                 # iota [groups,size]<=[n]
+    axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+    shape = [int(v) for _, v in axes]
+    ids = np.arange(math.prod(shape))
+    perm = re.search(r'device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\)', m.group(2))
+    if perm:
+      ids = ids.reshape([int(v) for v in perm.group(1).split(',')])
+      if perm.group(2):
+        ids = ids.transpose([int(v) for v in perm.group(2).split(',')])
+    ids = ids.reshape(shape)
+    in_group = set(re.findall(r"'(\w+)'", m.group(3)))
+    index = tuple(slice(None) if name in in_group else 0 for name, _ in axes)
+    return sorted(int(i) for i in np.ravel(ids[index]))
+  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', line)
   if m:
-    return int(m.group(2))
-  m = re.search(r'replica_groups=\{\{([\d,]*)\}', line)                    # explicit {{0,1,...},...}
-  return len(m.group(1).split(',')) if m and m.group(1) else 1
+    groups, size = int(m.group(1)), int(m.group(2))
+    ids = np.arange(groups * size).reshape([int(v) for v in m.group(3).split(',')])
+    if m.group(4):
+      ids = ids.transpose([int(v) for v in m.group(4).split(',')])
+    return sorted(int(i) for i in ids.reshape(groups, size)[0])
+  m = re.search(r'replica_groups=\{\{([\d,]*)\}', line)
+  return sorted(int(v) for v in m.group(1).split(',')) if m and m.group(1) else [0]
 
 
 def hlo_collectives(text: str) -> list[dict[str, Any]]:
   """The collectives of a compiled module (`compiled.as_text()`, after SPMD partitioning).
 
   One record per instruction: kind (all-gather, reduce-scatter, all-reduce, ...; the async
-  -start halves counted once), result bytes, group size, the computation holding it, and `trips`:
+  -start halves counted once), result bytes, group size and the device ids of the group holding
+  device 0 (which mesh axis it spans), the computation holding it, and `trips`:
   how many times it runs per step (the product of the known trip counts of the while loops around
   it: a scanned block's collectives run once per block), and jax's op_name (`transpose(jvp(...))`
   marks the backward pass). `full_bytes` is the unsharded size of the
@@ -317,12 +338,13 @@ def hlo_collectives(text: str) -> list[dict[str, Any]]:
       if not m:
         continue
       kind, size = m.group(2), _type_bytes(m.group(1))
-      group = _group_size(line)
+      ids = _first_group(line)
+      group = len(ids)
       if m.group(3) and kind in ('all-gather', 'all-reduce', 'reduce-scatter'):
         size = _type_bytes(m.group(1).rsplit('),', 1)[-1]) or size   # async: (operands), result
       full = size * group if kind == 'reduce-scatter' else size
       op_name = re.search(r'op_name="([^"]*)"', line)
-      out.append({'kind': kind, 'bytes': size, 'full_bytes': full, 'group': group,
+      out.append({'kind': kind, 'bytes': size, 'full_bytes': full, 'group': group, 'group_ids': ids,
                   'computation': n, 'trips': trips_of.get(n, 1),
                   'op_name': op_name.group(1) if op_name else ''})
   return out
@@ -340,6 +362,39 @@ def collective_bytes_per_step(text: str) -> dict[str, float]:
     if c['group'] > 1 or c['kind'] == 'collective-permute':
       out[c['kind']] += c['full_bytes'] * c['trips'] * factor[c['kind']](max(c['group'], 1))
   return dict(out)
+
+
+def matmul_rate(cfg, rows: int, dtype=None, repeats: int = 5) -> float:
+  """The machine's matmul rate in TFLOP/s on the step's own shapes: one block's weight matmuls
+  (q, k, v, attention output, MLP in and out) of encoder `cfg` on `rows` = batch x tokens rows, in
+  the compute dtype, jitted, median of `repeats` timed runs after one warm-up. The step's achieved
+  TFLOP/s divided by this is the fraction of matmul-bound time it reaches (issue 17: the step
+  cannot beat its own matmuls; the rest is attention, norms, elementwise work and the optimizer)."""
+  import jax.numpy as jnp
+  from eva_jax.training.precision import DTYPES
+  dt = DTYPES[cfg.dtype] if dtype is None else dtype
+  d, f = cfg.width, cfg.mlp_dim
+  mlp_in = 2 if cfg.get('swiglu', False) else 1
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], (rows, d), dt)
+  w = jax.random.normal(keys[1], (4, d, d), dt)
+  w1 = jax.random.normal(keys[2], (mlp_in, d, f), dt)
+  w2 = jax.random.normal(keys[3], (f, d), dt)
+
+  @jax.jit
+  def block(x, w, w1, w2):
+    outs = [x @ w[i] for i in range(4)]
+    h = [x @ w1[i] for i in range(mlp_in)]
+    return outs, [hi @ w2 for hi in h]
+
+  flops = 2.0 * rows * d * (4 * d + 2 * mlp_in * f)
+  jax.block_until_ready(block(x, w, w1, w2))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(block(x, w, w1, w2))
+    times.append(time.perf_counter() - t0)
+  return flops / statistics.median(times) / 1e12
 
 
 def synthetic_host_batch(cfg, patch_size: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -440,6 +495,8 @@ def run(cfg) -> dict[str, Any]:
 
   tflops_step = result['tflops_per_step']
   per_dev = tflops_step / step_s / num_devices
+  # The fraction of the machine's own matmul rate (measured on the step's shapes, per device).
+  rate = matmul_rate(scfg, cfg.batch_size // num_devices * tokens(scfg))
   peak = peak_tflops(device_kind)
   runtime_peak = [device_peak_bytes(d) for d in jax.local_devices()]
   runtime_peak = max((p for p in runtime_peak if p is not None), default=None)
@@ -452,6 +509,8 @@ def run(cfg) -> dict[str, Any]:
       'images_per_s': cfg.batch_size / step_s,
       'tflops_per_s_per_device': per_dev,
       'mfu': (per_dev / peak) if peak else None,
+      'matmul_tflops_per_s': rate,
+      'matmul_fraction': per_dev / rate,
       'peak_tflops_per_device': peak,
       'peak_bytes_per_device': runtime_peak if runtime_peak is not None else mem.get('peak_bytes'),
       'peak_bytes_source': 'device.memory_stats' if runtime_peak is not None else 'memory_analysis',
