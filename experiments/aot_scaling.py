@@ -103,8 +103,8 @@ def worker(data: int, fsdp: int, depth: int, batch: int, remat: str, precision: 
     if c['group'] <= 1:
       continue
     ids = c['group_ids']
-    role = ('all' if c['group'] == n else 'fsdp' if ids == list(range(fsdp)) else
-            'data' if ids == list(range(0, n, fsdp)) else f"group{c['group']}")
+    role = ('fsdp' if ids == list(range(fsdp)) else 'data' if ids == list(range(0, n, fsdp)) else
+            'all' if c['group'] == n else f"group{c['group']}")
     k = per_kind[f"{role} {c['kind']}"]
     k['count'] += c['trips']
     k['full_bytes'] += c['full_bytes'] * c['trips']
@@ -122,7 +122,7 @@ def worker(data: int, fsdp: int, depth: int, batch: int, remat: str, precision: 
 
 
 def predict(rec: dict, cluster: str, n_gpus: int, global_batch: int, mfu: float,
-            efficiency: float) -> dict:
+            efficiency: float, gather_scale: float = 1.0) -> dict:
   """The roofline of the module docstring for `n_gpus` of `cluster` on the layout of `rec` (same
   fsdp size; data = n_gpus / fsdp), from that compiled record."""
   name, peak, inter, per_node = CLUSTERS[cluster]
@@ -137,14 +137,19 @@ def predict(rec: dict, cluster: str, n_gpus: int, global_batch: int, mfu: float,
   bw_fsdp = nvlink if f <= per_node else ib
   # fsdp group: weights gathered, gradients reduced to shards. GPU runs the in-loop gradient
   # reduction as a reduce-scatter; XLA:CPU's all-reduce there is counted as one.
-  fsdp_loop = get('fsdp all-gather', 'in_loop_bytes') + get('fsdp all-reduce', 'in_loop_bytes') + \
-      get('fsdp reduce-scatter', 'in_loop_bytes')
-  fsdp_rest = get('fsdp all-gather') + get('fsdp reduce-scatter') + get('fsdp all-reduce') - fsdp_loop
+  # gather_scale: what if the weights were gathered in another dtype (0.5 = bf16 instead of f32).
+  fsdp_loop = gather_scale * get('fsdp all-gather', 'in_loop_bytes') + \
+      get('fsdp all-reduce', 'in_loop_bytes') + get('fsdp reduce-scatter', 'in_loop_bytes')
+  fsdp_rest = gather_scale * get('fsdp all-gather') + get('fsdp reduce-scatter') + \
+      get('fsdp all-reduce') - fsdp_loop
   t_fsdp = (fsdp_loop + fsdp_rest) * (f - 1) / f / bw_fsdp if f > 1 else 0.0
   # data axis: each device all-reduces its gradient shard across the d groups (inter-node); the
   # shard size scales with the compiled data size (the full bytes per device are params / fsdp).
   d_c = rec['mesh']['data']
-  data_bytes = (get('data all-reduce') + get('all all-reduce')) if d_c > 1 else get('all all-reduce')
+  if d_c > 1:
+    data_bytes = get('data all-reduce') + get('all all-reduce')
+  else:   # compiled without a data axis: the shard each device would all-reduce across groups
+    data_bytes = (get('fsdp all-reduce') + get('fsdp reduce-scatter')) / f
   t_data = 2 * data_bytes * (d - 1) / d / (ib if n_gpus > per_node else nvlink) if d > 1 else 0.0
   comm = t_fsdp + t_data
   exposed = (2 / rec['depth'] * fsdp_loop * (f - 1) / f / bw_fsdp if f > 1 else 0.0) + \
@@ -168,8 +173,12 @@ def main():
   ap.add_argument('--precision', default='bf16')
   ap.add_argument('--mfu', type=float, default=0.5, help='target MFU of the compute term')
   ap.add_argument('--efficiency', type=float, default=0.8, help='fraction of link bandwidth reached')
+  ap.add_argument('--gather_scale', type=float, default=1.0,
+                  help='scale the weight all-gather bytes (0.5: gathered in bf16 instead of f32)')
   ap.add_argument('--timeout', type=int, default=1500, help='seconds per device count')
   ap.add_argument('--out', default='')
+  ap.add_argument('--records', default='',
+                  help='a previous run\'s output (its last line): print the tables again, no compiling')
   ap.add_argument('--worker', type=int, default=0, help=argparse.SUPPRESS)
   ap.add_argument('--fsdp_of_worker', type=int, default=0, help=argparse.SUPPRESS)
   a = ap.parse_args()
@@ -177,7 +186,13 @@ def main():
     worker(a.worker // a.fsdp_of_worker, a.fsdp_of_worker, a.depth, a.batch, a.remat, a.precision)
     return
   records = []
-  for data, fsdp in parse_layouts(a.layouts):
+  if a.records:
+    with open(a.records) as f:
+      records = json.loads(f.read().strip().splitlines()[-1])
+    for r in records:   # runs before the role order was fixed: with data = 1, all = fsdp
+      if r['mesh']['data'] == 1:
+        r['collectives'] = {k.replace('all ', 'fsdp ', 1): v for k, v in r['collectives'].items()}
+  for data, fsdp in ([] if a.records else parse_layouts(a.layouts)):
     n = data * fsdp
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
                JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
@@ -212,14 +227,15 @@ def main():
   md += ['', 'GB = the full (unsharded) bytes of the collectives of one step, scanned-loop trips '
          'included; each device sends (g-1)/g of it (2(g-1)/g for an all-reduce).', '',
          f'Roofline (MFU {a.mfu:.0%} on the compute term, links at {a.efficiency:.0%}; global '
-         'batch 4096; each row from the compiled program with the same fsdp size):', '',
+         f'batch 4096; weight gathers x{a.gather_scale:g}; each row from the compiled program with '
+         'the same fsdp size):', '',
          '| cluster | GPUs | data x fsdp | batch/GPU | compute s | comm s | exposed s | '
          'predicted step s | bounds s | img/s/GPU | effective MFU | days, 150 epochs |',
          '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for cluster, n in (('a100', 128), ('h100', 64)):
     for rec in sorted({r['mesh']['fsdp']: r for r in records if n % r['mesh']['fsdp'] == 0
                        and r['mesh']['fsdp'] > 1}.values(), key=lambda r: r['mesh']['fsdp']):
-      p = predict(rec, cluster, n, 4096, a.mfu, a.efficiency)
+      p = predict(rec, cluster, n, 4096, a.mfu, a.efficiency, a.gather_scale)
       md.append(f"| {p['cluster']} | {n} | {p['layout']} | {p['per_device_batch']:.0f} | "
                 f"{p['compute_s']:.3f} | {p['comm_s']:.3f} | {p['exposed_s']:.3f} | "
                 f"{p['step_s']:.3f} | {p['bound_lo_s']:.3f}-{p['bound_hi_s']:.3f} | "
