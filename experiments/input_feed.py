@@ -3,7 +3,7 @@ RandomResizedCrop, flip, BEiT block mask, normalize; grain workers) against the 
 a device-resident synthetic batch, and what feeding one H100 at 50% MFU takes in CPU cores.
 
   python experiments/input_feed.py                       # bench_cpu step, workers 0 and 2, ~3 min
-  python experiments/input_feed.py --workers=0,2,4 --steps=20 --feed_image_size=224
+  python experiments/input_feed.py --workers=0,2,4 --steps=20 --source=folder:/data/imagenet/train
 
 1. Step: `eva_jax.benchmark.run` on `--config` (default configs/bench_cpu.py) with
    benchmark.input='pipeline': the median synthetic step, then the step fed through the training
@@ -30,10 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def step_record(config: str, workers: int, steps: int, warmup: int) -> dict:
+def step_record(config: str, workers: int, steps: int, warmup: int, source: str) -> dict:
   from eva_jax import benchmark, configs
   cfg = configs.get(config)
   cfg.data.workers = workers
+  cfg.data.source = source
   cfg.benchmark.input = 'pipeline'
   cfg.benchmark.steps, cfg.benchmark.warmup = steps, warmup
   r = benchmark.run(cfg)
@@ -46,10 +47,11 @@ def step_record(config: str, workers: int, steps: int, warmup: int) -> dict:
           'ratio_sync': r['pipeline_images_per_s'] / r['images_per_s']}
 
 
-def feed_record(image_size: int, workers: int, batches: int) -> dict:
+def feed_record(image_size: int, workers: int, batches: int, source: str) -> dict:
   from eva_jax import configs
   from eva_jax.data import benchmark as data_benchmark
   cfg = configs.get('data_bench')
+  cfg.data.source = source
   cfg.image_size, cfg.data.workers, cfg.num_batches = image_size, workers, batches
   cfg.batch_size = 32
   return data_benchmark.run(cfg, compare_tfdata=True)
@@ -59,6 +61,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default='bench_cpu')
   ap.add_argument('--workers', default='0,2')
+  ap.add_argument('--source', default='demo',
+                  help='demo (small crops: decoding is cheap) or folder:/path/to/train (real JPEGs)')
   ap.add_argument('--steps', type=int, default=10)
   ap.add_argument('--warmup', type=int, default=2)
   ap.add_argument('--feed_image_size', type=int, default=224)
@@ -74,7 +78,7 @@ def main():
   cores = os.cpu_count()
   print(f'{cores} cores on this machine; load average {os.getloadavg()[0]:.1f} '
         '(other jobs share them: figures are noisy)')
-  steps = [step_record(a.config, int(w), a.steps, a.warmup) for w in a.workers.split(',')]
+  steps = [step_record(a.config, int(w), a.steps, a.warmup, a.source) for w in a.workers.split(',')]
   print(f'\n1. {a.config} step fed by the real pipeline vs a synthetic batch')
   print('| workers | synthetic img/s | fed (prefetch thread) img/s | ratio | fed, no prefetch img/s '
         '| ratio | pipeline alone img/s |')
@@ -83,8 +87,8 @@ def main():
     print(f"| {s['workers']} | {s['synthetic_images_per_s']:.1f} | {s['fed_images_per_s']:.1f} | "
           f"{s['ratio']:.3f} | {s['fed_sync_images_per_s']:.1f} | {s['ratio_sync']:.3f} | "
           f"{s['data_alone_images_per_s']:.1f} |")
-  feeds = [feed_record(a.feed_image_size, int(w), a.feed_batches) for w in a.workers.split(',')]
-  print(f'\n2. Feed rate at {a.feed_image_size} px (pretraining transform, batch 32, demo photos)')
+  feeds = [feed_record(a.feed_image_size, int(w), a.feed_batches, a.source) for w in a.workers.split(',')]
+  print(f'\n2. Feed rate at {a.feed_image_size} px (pretraining transform, batch 32, {a.source})')
   print('| workers | ours img/s | ours img per CPU-s | tf.data img/s | tf.data img per CPU-s |')
   print('|---|---|---|---|---|')
   for f in feeds:
