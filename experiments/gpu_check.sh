@@ -118,7 +118,7 @@ if ours and ref and 'step_s' in (ref.get('eager') or {}):
 if ours and ref and 'step_s' in (ref.get('compile') or {}):
   print(f"ours / torch.compile images/s: {ours['images_per_s'] / ref['compile']['images_per_s']:.2f}x")
 if ours and ours.get('matmul_tflops_per_s'):
-  print(f"bf16 matmul rate on the step's block shapes {ours['matmul_tflops_per_s']:.0f} TFLOP/s; "
+  print(f"bf16 matmul rate on the step's block shapes {ours['matmul_tflops_per_s']:.3g} TFLOP/s; "
         f"the step runs at {ours['matmul_fraction']:.0%} of it")
 if ours:
   print(f"analytic {ours['tflops_per_image']:.4f} TFLOP/image; {ours['device_kind']}; "

@@ -33,17 +33,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _time(fn, args, steps: int, rounds: int) -> float:
+def _time(fn, args, steps: int, rounds: int) -> tuple[float, float]:
+  """(median wall seconds, median process CPU seconds) per call. CPU time (all threads) is the
+  steadier measure of work when other jobs share the cores."""
   import jax
   jax.block_until_ready(fn(*args))
-  times = []
+  times, cpu = [], []
   for _ in range(rounds):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(steps):
       out = fn(*args)
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / steps)
-  return statistics.median(times)
+    cpu.append((time.process_time() - c0) / steps)
+  return statistics.median(times), statistics.median(cpu)
 
 
 def main():
@@ -111,8 +114,8 @@ def main():
   ]
   rows = []
   for name, fn, args, fl in parts:
-    s = _time(fn, args, a.steps, a.rounds)
-    rows.append({'part': name, 'seconds': s, 'gflop': fl / 1e9,
+    s, c = _time(fn, args, a.steps, a.rounds)
+    rows.append({'part': name, 'seconds': s, 'cpu_seconds': c, 'gflop': fl / 1e9,
                  'matmul_bound_s': fl / (rate * 1e12), 'fraction': (fl / (rate * 1e12)) / s})
   if a.trace_dir:
     with jax.profiler.trace(a.trace_dir):
@@ -122,14 +125,17 @@ def main():
   print(f'{a.config}: batch {b}, {scfg.name} depth {scfg.depth} + {tcfg.name}, {cfg.precision}, '
         f'remat {scfg.remat}; matmul rate on the step\'s block shapes {rate * 1e3:.1f} GFLOP/s; '
         f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
-  print('| part | s | share of step | GFLOP | matmul-bound s | fraction |')
-  print('|---|---|---|---|---|---|')
-  total = rows[0]['seconds']
+  print('| part | s | share of step | CPU s | CPU share | GFLOP | matmul-bound s | fraction |')
+  print('|---|---|---|---|---|---|---|---|')
+  total, total_cpu = rows[0]['seconds'], rows[0]['cpu_seconds']
   for r in rows:
-    print(f"| {r['part']} | {r['seconds']:.3f} | {r['seconds'] / total:.0%} | {r['gflop']:.1f} | "
+    print(f"| {r['part']} | {r['seconds']:.3f} | {r['seconds'] / total:.0%} | "
+          f"{r['cpu_seconds']:.3f} | {r['cpu_seconds'] / total_cpu:.0%} | {r['gflop']:.1f} | "
           f"{r['matmul_bound_s']:.3f} | {r['fraction']:.0%} |")
   rest = total - sum(r['seconds'] for r in rows[1:])
-  print(f'| step - parts (fused away or overhead) | {rest:.3f} | {rest / total:.0%} | | | |')
+  rest_cpu = total_cpu - sum(r['cpu_seconds'] for r in rows[1:])
+  print(f'| step - parts (fused away or overhead) | {rest:.3f} | {rest / total:.0%} | '
+        f'{rest_cpu:.3f} | {rest_cpu / total_cpu:.0%} | | | |')
   print(json.dumps({'rows': rows, 'matmul_tflops_per_s': rate}))
 
 
