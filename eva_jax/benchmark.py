@@ -370,7 +370,6 @@ def matmul_rate(cfg, rows: int, dtype=None, repeats: int = 5) -> float:
   the compute dtype, jitted, median of `repeats` timed runs after one warm-up. The step's achieved
   TFLOP/s divided by this is the fraction of matmul-bound time it reaches (issue 17: the step
   cannot beat its own matmuls; the rest is attention, norms, elementwise work and the optimizer)."""
-  import jax.numpy as jnp
   from eva_jax.training.precision import DTYPES
   dt = DTYPES[cfg.dtype] if dtype is None else dtype
   d, f = cfg.width, cfg.mlp_dim

@@ -61,7 +61,6 @@ def main():
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={a.xla_dump}'
                                ' --xla_dump_hlo_as_text').strip()
   import jax
-  import jax.numpy as jnp
   import optax
   from flax import nnx
   from eva_jax import benchmark, configs, parallel
