@@ -90,6 +90,10 @@ def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
   teacher checkpoint (None = config.teacher.name). The step's consts are the teacher parameters."""
   scfg = student_config(cfg)
   tcfg = teacher_config(cfg) if teacher_cfg is None else teacher_cfg
+  # The attention implementation is a property of the run, not of the tower: the teacher's forward
+  # (more than half of an EVA-02 step) takes the fused kernel whenever the student does.
+  tcfg = ml_collections.ConfigDict(tcfg.to_dict())
+  tcfg.attention = scfg.attention
   t_graphdef, t_template = nnx.split(vit.abstract(tcfg), nnx.Param)
   teacher_sh = nnx.to_pure_dict(parallel.state_shardings(
       t_template, mesh, parallel.rules_from_config(cfg), replicate=cfg.teacher.shard == 'replicate'))

@@ -128,6 +128,9 @@ def differences(saved: Any, current: Any, prefix: str = '') -> list[tuple[str, A
   return [] if saved == current else [(prefix[:-1], saved, current)]
 
 
+EXECUTION_FIELDS = frozenset({'attention', 'remat', 'scan_unroll'})
+
+
 class _Missing:
   def __repr__(self):
     return '(not recorded)'
@@ -155,7 +158,11 @@ def check_meta(saved: dict, current: dict, step: int, step_dir: str, accept=()) 
     print(f'warning: checkpoint step {step} records no {", ".join(unrecorded)}; not checked.',
           flush=True)
   diffs = [d for d in diffs if d[1] is not MISSING]
-  refused = [d for d in diffs if not accepted(d[0], accept)]
+  # How a tower is executed (attention kernel, remat policy, scan unrolling) changes neither its
+  # parameters nor its function: resuming on a GPU with attention=cudnn, or with more remat to fit
+  # memory, is allowed and logged, never refused.
+  refused = [d for d in diffs if not accepted(d[0], accept)
+             and d[0].rsplit('.', 1)[-1] not in EXECUTION_FIELDS]
   if refused:
     field, was, now = refused[0]
     more = f' (and {len(refused) - 1} more: {", ".join(d[0] for d in refused[1:4])})' \

@@ -152,6 +152,14 @@ def test_bf16_and_fp16_track_fp32():
     assert diff < 2e-2
 
 
+def test_teacher_runs_with_the_students_attention_kernel():
+  # The teacher preset says 'xla'; the run's config.model.attention decides for both towers.
+  cfg = _small()
+  cfg.model.attention = 'auto'
+  _, scfg, tcfg = pretrain.build(cfg, parallel.make_mesh(cfg.mesh))
+  assert (scfg.attention, tcfg.attention) == ('auto', 'auto')
+
+
 def test_fp16_overflow_skips_update_and_lowers_scale():
   cfg = _small('fp16')
   mesh = parallel.make_mesh(cfg.mesh)

@@ -87,6 +87,21 @@ def test_mismatched_resume_is_refused_naming_the_field_and_changes_nothing(
   assert snapshot(run4) == before   # config.json included
 
 
+def test_execution_choices_do_not_block_a_resume():
+  # A run started on CPU (xla attention, no remat) resumes on a GPU with cudnn and remat: the
+  # parameters and the function are the same, so the difference is reported, not refused.
+  saved = {'student': {'depth': 2, 'attention': 'xla', 'remat': 'none', 'scan_unroll': 1},
+           'teacher': {'attention': 'xla'}}
+  current = {'student': {'depth': 2, 'attention': 'cudnn', 'remat': 'dots', 'scan_unroll': 2},
+             'teacher': {'attention': 'cudnn'}}
+  changed = resume.check_meta(saved, current, 4, '/w/4')
+  assert sorted(c.split(':')[0] for c in changed) == [
+      'student.attention', 'student.remat', 'student.scan_unroll', 'teacher.attention']
+  current['student']['depth'] = 3
+  with pytest.raises(ValueError, match='Resume refused: student.depth was 2'):
+    resume.check_meta(saved, current, 4, '/w/4')
+
+
 def test_accepting_a_field_still_checks_shapes(run4):
   before = snapshot(run4)
   with pytest.raises(ValueError, match=r'params/encoder/.* has shape .* in checkpoint step 4'):
