@@ -159,6 +159,9 @@ def load_encoder(cfg):
                                                      weights=cfg.get('weights', 'auto'))
     return encoder, meta['source']
   from eva_jax.models import config as model_config, vit
+  if not cfg.image_size:
+    raise ValueError("config.image_size=0 means the encoder's own size, but config.init_from is "
+                     "empty (a random-init encoder has none): set config.image_size (e.g. 112).")
   patch = cfg.model.get('patch_size') or model_config.encoder_config(
       cfg.model.get('name') or 'tiny').patch_size
   checks.image_grid(cfg.image_size, patch)   # before building: names the nearest valid sizes
