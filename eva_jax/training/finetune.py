@@ -211,6 +211,7 @@ class FinetuneProgram(trainer.Program):
     if not cfg.init_from:
       return state
     weights = self.init_weights()
+    self._init_weights = None   # the host copy is not kept for the whole run
     for field in ARCH_FIELDS:
       if field in weights.config and weights.config[field] != self.encoder_cfg[field]:
         raise ValueError(f'config.init_from has model.{field}={weights.config[field]} but the '

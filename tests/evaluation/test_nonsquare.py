@@ -11,8 +11,8 @@ from eva_jax import parallel
 from eva_jax.data.config import CLIP_MEAN, CLIP_STD
 from eva_jax.data.transforms import resize_center_crop
 from eva_jax.evaluation import linear_probe, visualize
-from eva_jax.models import teacher as teacher_lib, vit
-from eva_jax.training import finetune, pretrain, task as task_lib
+from eva_jax.models import teacher as teacher_lib
+from eva_jax.training import finetune, pretrain
 
 import support
 
@@ -91,10 +91,11 @@ def test_visualize_at_28x42(run56, demo_dir):
   mask[0, 1:] = True
   a = visualize.analyze(models, x, mask)
   assert a.cos.shape == (2, 3) and a.teacher_targets.shape == (6, 48)
-  ref = np.asarray(models.mim.encoder(x[None]))[0, 1:]
-  np.testing.assert_allclose(a.student_features, ref, atol=1e-5)
-  np.testing.assert_allclose(a.teacher_targets, np.asarray(models.teacher.targets(x[None]))[0],
-                             atol=1e-5)   # CLIP on CLIP-normalized input: no re-normalization
+  tokens, targets = nnx.jit(lambda m, t, im: (m.encoder(im), t.targets(im)))(
+      models.mim, models.teacher, x[None])
+  np.testing.assert_allclose(a.student_features, np.asarray(tokens)[0, 1:], atol=1e-5)
+  # CLIP on CLIP-normalized input: no re-normalization, the 2x3 grid as it is.
+  np.testing.assert_allclose(a.teacher_targets, np.asarray(targets)[0], atol=1e-5)
   with pytest.raises(ValueError, match=r"--image_size='28x40'.*width 40 \(nearest: 28 or 42\)"):
     visualize.load_models(str(run56), image_size='28x40')
 
@@ -108,15 +109,13 @@ def test_visualize_teacher_families(family, name, demo_dir):
   x = _photo(demo_dir, 56)
   mask = visualize.draw_mask(models.grid, models.mask, seed=0)
   a = visualize.analyze(models, x, mask)
-  # Independent: the trainer's teacher (its init, its seed) fed through the trainer's plan.
-  scfg, tcfg = pretrain.student_config(cfg), pretrain.teacher_config(cfg)
-  graphdef, template = nnx.split(vit.abstract(tcfg), nnx.Param)
-  teacher = task_lib.merge_pure(graphdef, template,
-                                pretrain.random_teacher(tcfg, None, cfg.seed + 1))
-  ref = np.asarray(teacher_lib.targets(teacher, x[None], pretrain.teacher_input(cfg, scfg, tcfg)))
-  assert a.teacher_targets.shape == (16, 64) == ref[0].shape   # no cls / registers in the targets
-  np.testing.assert_allclose(a.teacher_targets, ref[0], atol=1e-5)
-  # The family's normalization matters: the CLIP-normalized input straight in gives other targets.
-  naive = np.asarray(teacher.targets(x[None]))[0]
-  assert np.abs(naive - ref[0]).max() > 1e-2
+  # Independent: the teacher fed through the trainer's own plan (training.pretrain.teacher_input);
+  # the old CLIP-only path (targets of the CLIP-normalized input) alongside, in one compile.
+  plan = pretrain.teacher_input(cfg, pretrain.student_config(cfg), pretrain.teacher_config(cfg))
+  ref, naive = nnx.jit(lambda t, im: (teacher_lib.targets(t, im, plan), t.targets(im)))(
+      models.teacher, x[None])
+  ref, naive = np.asarray(ref)[0], np.asarray(naive)[0]
+  assert a.teacher_targets.shape == (16, 64) == ref.shape   # no cls / registers in the targets
+  np.testing.assert_allclose(a.teacher_targets, ref, atol=1e-5)
+  assert np.abs(naive - ref).max() > 1e-2    # the family's normalization matters
   assert np.isfinite(a.mean_masked_cos)

@@ -102,7 +102,7 @@ def test_probe_learns_above_chance_on_random_features():
 def test_seg_probe_command_end_to_end_non_square(tmp_path):
   proc = support.run_cli('seg_probe', '--config=seg_probe_demo', '--config.image_size=28x42',
                          '--config.task.train_images=8', '--config.task.test_images=4',
-                         '--config.epochs=2', f'--workdir={tmp_path}')
+                         '--config.epochs=1', f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out['image_size'] == '28x42' and out['grid'] == '2x3' and out['test_images'] == 4
