@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from eva_jax.data.config import default_data_config
+from eva_jax.data.config import default_data_config, image_size_field
 from eva_jax.models.config import model_section
 
 
@@ -16,7 +16,9 @@ def pretrain_defaults(model: str = 'tiny', teacher: str = 'clip-tiny') -> ml_col
   c.seed = 0
   c.total_steps = 100
   c.batch_size = 32            # global batch over all hosts
-  c.image_size = 224
+  # An int (square), or for fine-tuning and probes (height, width) / 'HxW' from the command line
+  # (--config.image_size=224x336); image_size_field lets the field take either form.
+  c.image_size = image_size_field(224)
   c.precision = 'fp32'         # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
   c.log_every = 10
   c.checkpoint_every = 1000
@@ -112,7 +114,7 @@ def linear_probe_defaults() -> ml_collections.ConfigDict:
       init_from='',          # pretraining / fine-tuning workdir or checkpoint folder
       weights='auto',        # auto = the EMA when init_from has one (the evaluated weights), raw, ema
       pool='mean',           # 'mean' of patch tokens or 'token' (cls)
-      image_size=0,          # 0 = the encoder's own
+      image_size=image_size_field(0),   # 0 = the encoder's own; int, (h, w) or 'HxW'
       batch_size=64, seed=0,
       eval_source='',        # '' = a stratified hold-out of config.data.source
       holdout=0.25,

@@ -1,7 +1,12 @@
-"""Input-pipeline settings (the `config.data` block) and the paper's merged-30M mixture."""
+"""Input-pipeline settings (the `config.data` block), image sizes and the paper's merged-30M
+mixture."""
 from __future__ import annotations
 
+import re
+
 import ml_collections
+from ml_collections import config_dict
+import numpy as np
 
 # OpenAI CLIP normalization: the student and the CLIP teacher see the same tensor (EVA-SPEC).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -19,6 +24,50 @@ MERGED30M_SIZES = {
     'ade20k_train': 20_210,
     'objects365_train': 608_606,
 }
+
+
+# `config.image_size`: an int S (S x S pixels), a (height, width) pair in Python or config.json, or
+# 'HxW' on the command line (--config.image_size=224x336; also '(224, 336)').
+_HW = re.compile(r'^\s*(\d+)\s*[xX]\s*(\d+)\s*$')
+
+
+def image_size_field(default):
+  """A config field holding an image size of any accepted form. ml_collections fixes a field's
+  type at its first value, so an int field could never take '224x336' from the command line; this
+  one is typed `object` (an int, a pair or an 'HxW' string may follow)."""
+  return config_dict.FieldReference(default, field_type=object)
+
+
+def image_hw(value, field: str = 'config.image_size') -> tuple[int, int]:
+  """(height, width) in pixels of an image-size setting: an int S (square S x S), a (height,
+  width) pair (tuple or list) or an 'HxW' string ('224x336' = 224 high, 336 wide).
+
+  Raises ValueError naming `field` and the accepted forms for anything else, or a size < 1."""
+  hw = None
+  if isinstance(value, str):
+    m = _HW.match(value)
+    if m:
+      hw = (int(m.group(1)), int(m.group(2)))
+    elif value.strip().isdigit():
+      hw = (int(value),) * 2
+  elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    hw = (int(value),) * 2
+  elif (isinstance(value, (tuple, list)) and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
+    hw = (int(value[0]), int(value[1]))
+  if hw is None:
+    raise ValueError(f'{field}={value!r} is not an image size: give an int (224: 224 x 224), '
+                     "'HxW' on the command line (--config.image_size=224x336: 224 high, 336 wide) "
+                     'or a (height, width) pair of ints in a config file.')
+  if min(hw) < 1:
+    raise ValueError(f'{field}={value!r}: height and width must be >= 1 pixel, got {hw[0]}x'
+                     f'{hw[1]}.')
+  return hw
+
+
+def format_hw(hw: tuple[int, int]) -> str:
+  """'224' for a square size, '224x336' (height x width) otherwise: for messages and records."""
+  return str(hw[0]) if hw[0] == hw[1] else f'{hw[0]}x{hw[1]}'
 
 
 def default_data_config() -> ml_collections.ConfigDict:

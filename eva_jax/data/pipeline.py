@@ -12,7 +12,8 @@ only on (seed, index). Batches are the same for a given (seed, process count, wo
 `workers` regroups examples into batches (grain batches inside each worker).
 
 Loaders yield `Batch`es: the device arrays apart from the host-side bookkeeping.
-  batch.arrays: 'image' float32 [B,H,W,3] (normalized NHWC), plus 'mask' bool [B,N] (pretraining)
+  batch.arrays: 'image' float32 [B,H,W,3] (normalized NHWC; image_size is an int S = S x S or a
+                (H, W) pair / 'HxW' string, data/config.py image_hw), plus 'mask' bool [B,N] (pretraining)
                 or 'label' int32 [B] / float32 [B,classes] with mixup/cutmix (classification);
   batch.valid:  bool [B], False only for evaluation padding;
   batch.skipped: records skipped as undecodable on this host since the start of training (restored
@@ -195,12 +196,12 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
-def build_pretrain_loader(data_cfg, *, image_size: int, patch_size: int, batch_size: int,
+def build_pretrain_loader(data_cfg, *, image_size, patch_size: int, batch_size: int,
                           seed: int, train: bool = True, process_index: int | None = None,
                           process_count: int | None = None,
                           num_epochs: int | None = None) -> LoaderIterator:
-  """Masked-image-modeling `Batch`es: arrays 'image', 'mask' [B, (image_size//patch_size)**2].
-  `batch_size` is per host. train=False: one ordered pass, no flip, resize + center
+  """Masked-image-modeling `Batch`es: arrays 'image' [B, H, W, 3], 'mask' [B, (H//patch_size) *
+  (W//patch_size)] for image_size (H, W) (an int S: S x S). `batch_size` is per host. train=False: one ordered pass, no flip, resize + center
   crop, the fixed eval mask, padded to full batches ('valid' marks real examples)."""
   pi, pc = _process(process_index, process_count)
   transform = PretrainTransform(data_cfg, image_size, patch_size, seed, train)
@@ -210,12 +211,13 @@ def build_pretrain_loader(data_cfg, *, image_size: int, patch_size: int, batch_s
   return _finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed, process_index=pi)
 
 
-def build_classification_loader(data_cfg, *, image_size: int, batch_size: int, seed: int,
+def build_classification_loader(data_cfg, *, image_size, batch_size: int, seed: int,
                                 train: bool, num_classes: int | None = None,
                                 process_index: int | None = None,
                                 process_count: int | None = None,
                                 num_epochs: int | None = None) -> LoaderIterator:
-  """Fine-tuning `Batch`es: arrays 'image', 'label'. Train: RRC(finetune_scale) + flip
+  """Fine-tuning `Batch`es: arrays 'image' [B, H, W, 3] for image_size (H, W) (an int S: S x S;
+  'HxW'), 'label'. Train: RRC(finetune_scale) + flip
   + RandAugment, and with mixup/cutmix > 0 soft float32 labels [B, num_classes] that include
   label smoothing (otherwise int labels: apply data_cfg.label_smoothing in the loss, e.g. with
   `eva_jax.data.mixup.smooth_one_hot`). Eval: resize + center crop (crop_pct), padded."""

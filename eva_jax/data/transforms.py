@@ -2,6 +2,10 @@
 
 Geometry follows torchvision/timm on PIL images (what the official EVA code ran): RandomResizedCrop
 = crop then bicubic resize; eval = resize shorter side to floor(size / crop_pct), center crop.
+Sizes are an int S (S x S) or a (height, width) pair (data/config.py `image_hw`); a non-square
+size follows timm's `transforms_imagenet_train/eval` with a tuple img_size: the random crop keeps
+its (scale, ratio) draw and is resized to h x w; eval resizes to cover floor(h / crop_pct) x
+floor(w / crop_pct) keeping the aspect (timm `ResizeKeepRatio`), then center-crops h x w.
 Transforms emit uint8 HWC images; `NormalizeBatch`, the batch_fn, normalizes whole batches.
 Each example draws all its randomness from np.random.default_rng([seed, index]) where `index` is
 its position in the global (all-host, all-epoch) stream, so augmentation depends only on
@@ -16,6 +20,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from eva_jax.data.config import image_hw
 from eva_jax.data.masking import BlockMaskGenerator, eval_mask
 from eva_jax.data.randaugment import RandAugment
 
@@ -45,25 +50,35 @@ def rrc_params(width: int, height: int, scale, ratio, rng: np.random.Generator):
   return (width - w) // 2, (height - h) // 2, w, h
 
 
-def resized_crop(img: Image.Image, box, size: int) -> Image.Image:
-  """Crop (left, top, w, h) then bicubic-resize to size x size (tiny images get upscaled)."""
+def resized_crop(img: Image.Image, box, size) -> Image.Image:
+  """Crop (left, top, w, h) then bicubic-resize to `size` (int S: S x S, or (height, width));
+  tiny images get upscaled."""
   left, top, w, h = box
-  return img.crop((left, top, left + w, top + h)).resize((size, size), BICUBIC)
+  out_h, out_w = image_hw(size, 'size')
+  return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), BICUBIC)
 
 
-def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 1.0) -> Image.Image:
-  """timm eval transform: Resize(floor(size / crop_pct)) on the shorter side, CenterCrop(size)."""
+def resize_center_crop(img: Image.Image, size, crop_pct: float = 1.0) -> Image.Image:
+  """timm eval transform. Square `size` S: Resize(floor(S / crop_pct)) on the shorter side,
+  CenterCrop(S). (height, width): timm `ResizeKeepRatio(floor(h / crop_pct), floor(w / crop_pct))`
+  (the smallest scale that covers both, aspect kept), then CenterCrop((h, w))."""
   if not 0 < crop_pct <= 1:
     raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
-  short_target = math.floor(size / crop_pct)
+  th, tw = image_hw(size, 'size')
   w, h = img.size
-  short, long = min(w, h), max(w, h)
-  new_long = int(short_target * long / short)
-  new_w, new_h = (short_target, new_long) if w <= h else (new_long, short_target)
+  if th == tw:
+    short_target = math.floor(th / crop_pct)
+    short, long = min(w, h), max(w, h)
+    new_long = int(short_target * long / short)
+    new_w, new_h = (short_target, new_long) if w <= h else (new_long, short_target)
+  else:
+    # timm ResizeKeepRatio (longest=0): ratio = min(source / target) over both sides.
+    ratio = min(h / math.floor(th / crop_pct), w / math.floor(tw / crop_pct))
+    new_h, new_w = round(h / ratio), round(w / ratio)
   if (new_w, new_h) != (w, h):
     img = img.resize((new_w, new_h), BICUBIC)
-  top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-  return img.crop((left, top, left + size, top + size))
+  top, left = int(round((new_h - th) / 2.0)), int(round((new_w - tw) / 2.0))
+  return img.crop((left, top, left + tw, top + th))
 
 
 class NormalizeBatch:
@@ -104,8 +119,9 @@ class NormalizeBatch:
 class _Transform:
   """Shared plumbing: padding elements, output fields, per-example rng."""
 
-  def __init__(self, data_cfg, image_size: int, seed: int, train: bool):
-    self.size, self.seed, self.train = int(image_size), int(seed), train
+  def __init__(self, data_cfg, image_size, seed: int, train: bool):
+    # (height, width); an int S is S x S (data/config.py image_hw).
+    self.size, self.seed, self.train = image_hw(image_size), int(seed), train
     self.hflip = float(data_cfg.get('hflip', 0.5))
     self.crop_pct = float(data_cfg.crop_pct)
 
@@ -113,7 +129,7 @@ class _Transform:
     return np.random.default_rng([self.seed, int(index)])
 
   def blank(self) -> np.ndarray:
-    return np.zeros((self.size, self.size, 3), np.uint8)
+    return np.zeros(self.size + (3,), np.uint8)
 
   @staticmethod
   def meta(element) -> dict[str, Any]:
@@ -125,10 +141,10 @@ class PretrainTransform(_Transform):
   plus the BEiT block mask of the patch grid (flattened row-major). Eval: resize + center crop
   and the fixed every-other-patch mask."""
 
-  def __init__(self, data_cfg, image_size: int, patch_size: int, seed: int, train: bool):
+  def __init__(self, data_cfg, image_size, patch_size: int, seed: int, train: bool):
     super().__init__(data_cfg, image_size, seed, train)
     self.scale, self.ratio = tuple(data_cfg.scale), tuple(data_cfg.ratio)
-    grid = (image_size // patch_size, image_size // patch_size)
+    grid = (self.size[0] // patch_size, self.size[1] // patch_size)   # BEiT masks any h x w grid
     m = data_cfg.mask
     if m.num_masking_patches > grid[0] * grid[1]:
       raise ValueError(
@@ -157,15 +173,16 @@ class ClassifyTransform(_Transform):
   """Fine-tuning (timm create_transform order): RandomResizedCrop(finetune_scale) -> flip ->
   RandAugment -> normalize. Eval: resize + center crop (crop_pct)."""
 
-  def __init__(self, data_cfg, image_size: int, seed: int, train: bool):
+  def __init__(self, data_cfg, image_size, seed: int, train: bool):
     super().__init__(data_cfg, image_size, seed, train)
     self.scale, self.ratio = tuple(data_cfg.finetune_scale), tuple(data_cfg.ratio)
     self.randaug = None
     if data_cfg.randaug:
-      # timm's hparams for RandAugment: translate 45% of the size, fill with the dataset mean.
+      # timm's hparams for RandAugment: translate 45% of the (shorter) size, fill with the
+      # dataset mean.
       fill = tuple(min(255, round(255 * x)) for x in data_cfg.mean)
       self.randaug = RandAugment(data_cfg.randaug, fill=fill, resample=BICUBIC,
-                                 translate_const=int(image_size * 0.45))
+                                 translate_const=int(min(self.size) * 0.45))
 
   def __call__(self, index: int, element) -> dict[str, Any]:
     out = {**self.meta(element), 'label': np.int32(element['label'])}

@@ -19,13 +19,16 @@ import optax
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax.data import pipeline as data_lib
+from eva_jax.data.config import format_hw, image_hw
 from eva_jax.training import checks
 
 
-def extract(encoder, data_cfg, *, image_size: int, batch_size: int, pool: str, seed: int = 0,
+def extract(encoder, data_cfg, *, image_size, batch_size: int, pool: str, seed: int = 0,
             limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(features [N, D] float32, labels [N]) of one ordered pass over `data_cfg.source`.
 
+  image_size: an int S (S x S) or (height, width) / 'HxW', each side a multiple of the patch; the
+  encoder interpolates its pos-embed (and RoPE) to that grid.
   pool: 'mean' of the patch tokens (the model's prefix tokens excluded) or 'token' (the cls token;
   ValueError for an encoder without one)."""
   prefix = encoder.num_prefix
@@ -110,8 +113,9 @@ def evaluate(cfg) -> dict:
   encoder, meta = ckpt_lib.encoder_from_checkpoint(cfg.init_from,
                                                    weights=cfg.get('weights', 'auto'))
   print(f"Linear probe / k-NN of {meta['source']}.", flush=True)
-  kw = dict(image_size=cfg.image_size or encoder.cfg.image_size, batch_size=cfg.batch_size,
-            pool=cfg.pool, seed=cfg.seed)
+  size = cfg.image_size or encoder.cfg.image_size
+  checks.image_grid(size, encoder.cfg.patch_size)   # a side off the patch grid: refused here
+  kw = dict(image_size=size, batch_size=cfg.batch_size, pool=cfg.pool, seed=cfg.seed)
   train_x, train_y = extract(encoder, cfg.data, **kw)
   if cfg.eval_source:
     eval_cfg = cfg.data.copy_and_resolve_references()
@@ -121,7 +125,8 @@ def evaluate(cfg) -> dict:
     train_x, train_y, test_x, test_y = split_holdout(train_x, train_y, cfg.holdout, cfg.seed)
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   out = {
-      'init_from': cfg.init_from, 'weights': meta['weights_used'], 'pool': cfg.pool, 'train_images': int(len(train_y)),
+      'init_from': cfg.init_from, 'weights': meta['weights_used'], 'pool': cfg.pool,
+      'image_size': format_hw(image_hw(size)), 'train_images': int(len(train_y)),
       'test_images': int(len(test_y)), 'num_classes': num_classes,
       'knn_top1': knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature,
                            num_classes),

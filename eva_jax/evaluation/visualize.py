@@ -4,11 +4,16 @@ r"""What a pretraining run learned, on one photo: mask, per-patch cosine to the 
       [--teacher=PATH_OR_NAME] [--mask_seed=0] [--num_masking_patches=N]
 
 Loads the student encoder + lm_head of the latest checkpoint in WORKDIR and the frozen teacher the
-run trained against: the checkpoint in config.json's teacher.checkpoint, or (random-init demo runs)
-the teacher architecture recorded in the checkpoint metadata re-initialized exactly as the trainer
-did (`training.pretrain.random_teacher(..., config.seed + 1)`). The photo is resized (shorter side) and center-cropped
-to the run's image size, CLIP-normalized, masked with the run's BEiT block-mask settings, and one
-PNG is written with five panels:
+run trained against, of any family (CLIP, EVA-CLIP, SigLIP, DINOv2): the checkpoint in
+config.json's teacher.checkpoint (read as the trainer reads it: family, arch, target), or
+(random-init demo runs) the teacher architecture recorded in the checkpoint metadata
+re-initialized exactly as the trainer did (`training.pretrain.random_teacher(..., config.seed +
+1)`). The teacher meets the student as in the train step (models/teacher.py `plan` / `targets`:
+the family's input normalization, registers and cls dropped, the run's config.teacher.grid rule).
+The photo is resized and center-cropped to the run's image size, or to --image_size (an int or
+HxW, e.g. 224x336: the encoders interpolate their pos-embed and RoPE to that grid),
+normalized as the run's data (config.data.mean/std), masked with the run's BEiT block-mask
+settings, and one PNG is written with five panels:
 
   photo | masked patches greyed | cos(student prediction, teacher target) per patch (masked
   patches outlined; visible ones faded) | PCA(3) of the student's patch features (unmasked
@@ -35,14 +40,15 @@ from flax import nnx
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import paths
-from eva_jax.data.config import CLIP_MEAN, CLIP_STD
+from eva_jax.data.config import CLIP_MEAN, CLIP_STD, format_hw, image_hw
 from eva_jax.data.decode import BadImageError, decode_image
 from eva_jax.data.masking import BlockMaskGenerator
 from eva_jax.data.transforms import resize_center_crop
 from eva_jax.models import TEACHER_NAMES, teacher_config, vit
 from eva_jax.models import mim as mim_lib
+from eva_jax.models import teacher as teacher_lib
 from eva_jax.evaluation.plot import save_figure
-from eva_jax.training import pretrain, task as task_lib
+from eva_jax.training import checks, pretrain, task as task_lib
 
 PANELS = ('photo', 'masked', 'cosine', 'pca_student', 'pca_teacher')
 
@@ -53,21 +59,27 @@ PANELS = ('photo', 'masked', 'cosine', 'pca_student', 'pca_teacher')
 class Models:
   """Student (encoder + lm_head) and frozen teacher of one pretraining run, ready to apply.
 
-  mim: eva_jax.models.mim.MIM (nnx); teacher: VisionTransformer with out_dim (CLIP tower).
+  mim: eva_jax.models.mim.MIM (nnx); teacher: VisionTransformer tower with out_dim (any family).
+  image_size: (height, width) in pixels the photo is cropped to.
+  plan: how the teacher meets the student (models/teacher.py TeacherInput, as in the train step).
   mask: the run's `config.data.mask` settings (num_masking_patches, min_num_patches, ...).
+  mean, std: the run's input normalization (config.data.mean/std).
   """
   mim: Any
   teacher: Any
-  image_size: int
+  image_size: tuple[int, int]
   patch_size: int
   mask: dict
+  plan: Any = None
   step: int | None = None
   source: str = ''
   teacher_source: str = ''
+  mean: tuple = CLIP_MEAN
+  std: tuple = CLIP_STD
 
   @property
   def grid(self) -> tuple[int, int]:
-    return (self.image_size // self.patch_size,) * 2
+    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
 
 
 @contextlib.contextmanager
@@ -99,6 +111,22 @@ def random_teacher(tcfg, seed: int):
   return task_lib.merge_pure(graphdef, template, pretrain.random_teacher(tcfg, None, seed))
 
 
+def teacher_plan(tcfg, run_cfg, patch_size: int, image_size) -> teacher_lib.TeacherInput:
+  """The train step's teacher input plan (models/teacher.py `plan`: grid rule, re-normalization)
+  at `image_size` (int or (h, w)). The rules act on each side separately, so a non-square size is
+  planned per side with the library's own checks and messages. run_cfg: the run's config
+  (config.json as a dict; its teacher.grid/mean/std and data.mean/std)."""
+  t, d = run_cfg.get('teacher') or {}, run_cfg.get('data') or {}
+  kw = dict(student_patch=int(patch_size), rule=t.get('grid') or 'same',
+            data_mean=tuple(d.get('mean') or CLIP_MEAN), data_std=tuple(d.get('std') or CLIP_STD),
+            mean=tuple(t.get('mean') or ()), std=tuple(t.get('std') or ()))
+  h, w = image_hw(image_size, 'image_size')
+  ph = teacher_lib.plan(tcfg, image_size=h, **kw)
+  pw = ph if w == h else teacher_lib.plan(tcfg, image_size=w, **kw)
+  return dataclasses.replace(ph, student_grid=(ph.student_grid[0], pw.student_grid[0]),
+                             teacher_size=(ph.teacher_size[0], pw.teacher_size[0]))
+
+
 def _mim_from_params(scfg, teacher_dim: int, params: dict):
   abstract = nnx.eval_shape(lambda: mim_lib.MIM(scfg, teacher_dim, rngs=nnx.Rngs(params=0)))
   graphdef, template = nnx.split(abstract, nnx.Param)
@@ -115,14 +143,17 @@ def _mask_settings(mask_cfg, grid) -> dict:
   return out
 
 
-def load_models(workdir: str, teacher: str | None = None, dtype: str = 'float32') -> Models:
+def load_models(workdir: str, teacher: str | None = None, dtype: str = 'float32',
+                image_size=None) -> Models:
   """Student (encoder + lm_head) of the latest checkpoint under `workdir` and its teacher.
 
-  teacher: None = what the run used (config.json teacher.checkpoint, else the random-init teacher
-  of meta['teacher'] with seed config.seed + 1, as the trainer); a path = that CLIP checkpoint
-  (eva_jax.load_teacher); a teacher name ('clip-tiny', ...) = a random-init teacher of that
-  architecture at the run's image size, seed config.seed + 1.
+  teacher: None = what the run used (config.json teacher.checkpoint read with its family / arch /
+  target, else the random-init teacher of meta['teacher'] with seed config.seed + 1, as the
+  trainer); a path = that checkpoint, of the run's teacher family; a teacher name ('clip-tiny',
+  'siglip-tiny', ...) = a random-init teacher of that architecture, seed config.seed + 1.
   dtype: compute dtype of both models (the parameters are float32 either way).
+  image_size: None = the run's; an int or (height, width) / 'HxW' (each side a multiple of the
+  patch: ValueError naming the nearest sizes otherwise).
   """
   workdir = os.fspath(workdir)
   if not paths.as_path(workdir).is_dir():
@@ -152,44 +183,68 @@ def load_models(workdir: str, teacher: str | None = None, dtype: str = 'float32'
     if teacher is None and not config_path:
       logging.warning('No config.json found above %s: assuming the random teacher of seed 0 + 1.',
                       workdir)
+  raw = scfg.image_size if image_size is None else image_size
+  size = image_hw(raw, '--image_size')
+  grid = checks.image_grid(raw, scfg.patch_size, '--image_size')
+  target = (run_cfg.get('teacher') or {}).get('target') or ''
   if teacher is None or (teacher in TEACHER_NAMES and not os.path.exists(teacher)):
     if teacher is not None:
       tcfg = teacher_config(teacher)
-      tcfg.image_size, tcfg.dtype = scfg.image_size, dtype
+      if tcfg.family in ('clip', 'eva_clip'):   # as training.pretrain.teacher_config
+        tcfg.image_size = scfg.image_size
+      tcfg.dtype = dtype
+      tcfg = teacher_lib.apply_target(tcfg, target)[0]
     teacher_model = random_teacher(tcfg, seed)
     teacher_source = f'random-init {tcfg.name} (seed {seed})'
   else:
-    from eva_jax.api import load_teacher
-    teacher_model = load_teacher(teacher, dtype=dtype).model
+    # The trainer's reader (training.pretrain.load_teacher): family, arch / heads / act, target.
+    t_cfg = ml_collections.ConfigDict({'precision': 'fp32', 'teacher': {
+        'family': tcfg.get('family', 'clip') or 'clip', 'checkpoint': os.fspath(teacher),
+        'arch': '', 'heads': 0, 'act': '', 'target': target, 'precision': ''}})
+    t_cfg.teacher.update({k: v for k, v in (run_cfg.get('teacher') or {}).items()
+                          if k in ('family', 'arch', 'heads', 'act') and v})
+    loaded_cfg, loaded = pretrain.load_teacher(t_cfg)
+    loaded_cfg.dtype = dtype
+    graphdef, template = nnx.split(vit.abstract(loaded_cfg), nnx.Param)
+    teacher_model = task_lib.merge_pure(graphdef, template, loaded)
     teacher_source = os.fspath(teacher)
-  if teacher_model.cfg.patch_size != scfg.patch_size or teacher_model.cfg.out_dim != \
-      params['lm_head']['kernel'].shape[1]:
-    raise ValueError(f'teacher {teacher_source} (patch {teacher_model.cfg.patch_size}, out_dim '
-                     f'{teacher_model.cfg.out_dim}) does not match the student (patch '
-                     f'{scfg.patch_size}, lm_head out {params["lm_head"]["kernel"].shape[1]}).')
+  if teacher_model.cfg.out_dim != params['lm_head']['kernel'].shape[1]:
+    raise ValueError(f'teacher {teacher_source} (out_dim {teacher_model.cfg.out_dim}) does not '
+                     'match the student (lm_head out '
+                     f'{params["lm_head"]["kernel"].shape[1]}).')
+  try:
+    plan = teacher_plan(teacher_model.cfg, run_cfg, scfg.patch_size, size)
+  except ValueError as e:
+    raise ValueError(f'teacher {teacher_source}: {e}') from None
   mim = _mim_from_params(scfg, params['lm_head']['kernel'].shape[1], params)
-  grid = (scfg.image_size // scfg.patch_size,) * 2
-  mask = _mask_settings((run_cfg.get('data') or {}).get('mask'), grid)
-  return Models(mim=mim, teacher=teacher_model, image_size=int(scfg.image_size),
-                patch_size=int(scfg.patch_size), mask=mask, step=step, source=workdir,
-                teacher_source=teacher_source)
+  data = run_cfg.get('data') or {}
+  mask = _mask_settings(data.get('mask'), grid)
+  return Models(mim=mim, teacher=teacher_model, image_size=size, patch_size=int(scfg.patch_size),
+                mask=mask, plan=plan, step=step, source=workdir, teacher_source=teacher_source,
+                mean=tuple(data.get('mean') or CLIP_MEAN), std=tuple(data.get('std') or CLIP_STD))
 
 
-def random_models(cfg=None) -> Models:
+def random_models(cfg=None, image_size=None) -> Models:
   """The models of a fresh pretraining run at step 0 (student init(seed), teacher seed + 1).
 
-  cfg: a pretraining config (default: configs/pretrain_demo.py's get_config()).
+  cfg: a pretraining config (default: configs/pretrain_demo.py's get_config()); any teacher
+  family. image_size: None = config.image_size; an int or (height, width) / 'HxW'.
   """
   if cfg is None:
     cfg = demo_config()
   scfg = pretrain.student_config(cfg)
   tcfg = pretrain.teacher_config(cfg)
+  raw = cfg.image_size if image_size is None else image_size
+  size = image_hw(raw, '--image_size')
+  grid = checks.image_grid(raw, scfg.patch_size, '--image_size')
+  plan = teacher_plan(tcfg, cfg.to_dict(), scfg.patch_size, size)
   mim = nnx.jit(lambda: mim_lib.MIM(scfg, tcfg.out_dim,
                                     rngs=nnx.Rngs(params=jax.random.key(cfg.seed))))()
-  grid = (scfg.image_size // scfg.patch_size,) * 2
-  return Models(mim=mim, teacher=random_teacher(tcfg, cfg.seed + 1), image_size=int(cfg.image_size),
-                patch_size=int(scfg.patch_size), mask=_mask_settings(cfg.data.mask, grid), step=0,
-                source='random init', teacher_source=f'random-init {tcfg.name} (seed {cfg.seed + 1})')
+  return Models(mim=mim, teacher=random_teacher(tcfg, cfg.seed + 1), image_size=size,
+                patch_size=int(scfg.patch_size), mask=_mask_settings(cfg.data.mask, grid),
+                plan=plan, step=0, source='random init',
+                teacher_source=f'random-init {tcfg.name} (seed {cfg.seed + 1})',
+                mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
 
 
 def demo_config():
@@ -213,24 +268,25 @@ def read_image(path: str):
     raise ValueError(f'--image {path!r} is not a readable image ({e}).') from None
 
 
-def preprocess(img, image_size: int, crop_pct: float = 1.0):
-  """PIL image or uint8 HWC array -> (uint8 RGB [S, S, 3], CLIP-normalized float32 [S, S, 3]):
-  resize of the shorter side + center crop, as the evaluation transform."""
+def preprocess(img, image_size, crop_pct: float = 1.0, mean=CLIP_MEAN, std=CLIP_STD):
+  """PIL image or uint8 HWC array -> (uint8 RGB [H, W, 3], normalized float32 [H, W, 3]) for
+  image_size S (S x S) or (H, W): resize + center crop, as the evaluation transform
+  (data/transforms.py resize_center_crop); (x / 255 - mean) / std, CLIP's by default."""
   from PIL import Image
   if isinstance(img, np.ndarray):
     img = Image.fromarray(np.asarray(img, np.uint8)).convert('RGB')
   rgb = np.asarray(resize_center_crop(img.convert('RGB'), image_size, crop_pct), np.uint8)
-  return rgb, normalize(rgb)
+  return rgb, normalize(rgb, mean, std)
 
 
-def load_image(path: str, image_size: int, crop_pct: float = 1.0):
-  """read_image + preprocess: (uint8 RGB [S, S, 3], CLIP-normalized float32 [S, S, 3])."""
-  return preprocess(read_image(path), image_size, crop_pct)
+def load_image(path: str, image_size, crop_pct: float = 1.0, mean=CLIP_MEAN, std=CLIP_STD):
+  """read_image + preprocess: (uint8 RGB [H, W, 3], normalized float32 [H, W, 3])."""
+  return preprocess(read_image(path), image_size, crop_pct, mean, std)
 
 
-def normalize(rgb: np.ndarray) -> np.ndarray:
-  return ((rgb.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32))
-          / np.asarray(CLIP_STD, np.float32)).astype(np.float32)
+def normalize(rgb: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+  return ((rgb.astype(np.float32) / 255.0 - np.asarray(mean, np.float32))
+          / np.asarray(std, np.float32)).astype(np.float32)
 
 
 def draw_mask(grid: tuple[int, int], mask_settings: dict | None = None, seed: int = 0) -> np.ndarray:
@@ -252,10 +308,10 @@ class Analysis:
   predictions: np.ndarray       # [N, Dt] lm_head on the masked forward
 
 
-def _forward(mim, teacher, images, mask):
+def _forward(mim, teacher, images, mask, plan):
   pred = mim(images, mask)                                       # masked forward, [B, N, Dt]
   feats = mim.encoder(images)[:, mim.encoder.num_prefix:]        # unmasked forward, [B, N, D]
-  return pred, feats.astype(jnp.float32), teacher.targets(images)
+  return pred, feats.astype(jnp.float32), teacher_lib.targets(teacher, images, plan)
 
 
 _forward_jit = None
@@ -264,16 +320,20 @@ _forward_jit = None
 def _apply(models: Models, images, mask):
   global _forward_jit
   if _forward_jit is None:   # one jitted function: compiled once per architecture and shape
-      _forward_jit = nnx.jit(_forward)
-  return _forward_jit(models.mim, models.teacher, images, mask)
+      _forward_jit = nnx.jit(_forward, static_argnames='plan')
+  plan = models.plan
+  if plan is None:   # Models built by hand: the CLIP identity plan at the student's grid
+    plan = teacher_lib.TeacherInput('same', models.grid, tuple(models.image_size), None, None)
+  return _forward_jit(models.mim, models.teacher, images, mask, plan=plan)
 
 
 def analyze(models: Models, image: np.ndarray, mask: np.ndarray) -> Analysis:
-  """image: CLIP-normalized [S, S, 3]; mask: bool [h, w] (True = masked)."""
+  """image: normalized [H, W, 3] at models.image_size; mask: bool [h, w] (True = masked)."""
   image = np.asarray(image, np.float32)
-  if image.shape != (models.image_size, models.image_size, 3):
-    raise ValueError(f'image must be [{models.image_size}, {models.image_size}, 3], got '
-                     f'{image.shape}; use load_image(path, models.image_size).')
+  h, w = models.image_size
+  if image.shape != (h, w, 3):
+    raise ValueError(f'image must be [{h}, {w}, 3], got {image.shape}; use '
+                     'load_image(path, models.image_size).')
   mask = np.asarray(mask, bool).reshape(models.grid)
   pred, feats, targets = _apply(models, jnp.asarray(image[None]),
                                 jnp.asarray(mask.reshape(1, -1)))
@@ -349,7 +409,7 @@ def render(models: Models, rgb: np.ndarray, analysis: Analysis, title: str = '')
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 4.6), layout='constrained')
   axes[0].imshow(rgb)
-  axes[0].set_title(f'photo ({models.image_size}px)')
+  axes[0].set_title(f'photo ({format_hw(models.image_size)}px)')
   axes[0].axis('off')
   plot_mask(axes[1], rgb, analysis.mask, models.patch_size)
   plot_cosine(axes[2], analysis, fig=fig)
@@ -361,13 +421,18 @@ def render(models: Models, rgb: np.ndarray, analysis: Analysis, title: str = '')
 
 
 def visualize(workdir: str, image: str, out: str, teacher: str | None = None, mask_seed: int = 0,
-              num_masking_patches: int = 0, dpi: int = 100) -> Analysis:
-  """CLI body: loads, analyzes, writes `out` (PNG); returns the Analysis."""
+              num_masking_patches: int = 0, dpi: int = 100, image_size=None) -> Analysis:
+  """CLI body: loads, analyzes, writes `out` (PNG); returns the Analysis. image_size: None (or
+  '' / 0) = the run's; an int or (height, width) / 'HxW'."""
   if not paths.as_path(workdir).is_dir():
     raise FileNotFoundError(f'--workdir {workdir!r} does not exist or is not a directory.')
+  if image_size in ('', 0):
+    image_size = None
+  if image_size is not None:
+    image_hw(image_size, '--image_size')   # a malformed size fails before any model is loaded
   photo = read_image(image)     # bad input fails before any model is loaded
-  models = load_models(workdir, teacher=teacher)
-  rgb, x = preprocess(photo, models.image_size)
+  models = load_models(workdir, teacher=teacher, image_size=image_size)
+  rgb, x = preprocess(photo, models.image_size, mean=models.mean, std=models.std)
   settings = dict(models.mask)
   if num_masking_patches:
     settings['num_masking_patches'] = int(num_masking_patches)

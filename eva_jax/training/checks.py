@@ -13,10 +13,50 @@ from __future__ import annotations
 
 import logging
 
+import dataclasses
+
 from eva_jax import ranges
+from eva_jax.data.config import image_hw
 from eva_jax.models import config as model_config
 from eva_jax.ranges import Range, count, fraction, nonneg, positive
 from eva_jax.training import precision
+
+@dataclasses.dataclass(frozen=True)
+class ImageSize(Range):
+  """The rule of `config.image_size`: an int S (S x S), a (height, width) pair or an 'HxW' string
+  (data/config.py image_hw). `square`: the program runs at square sizes only (pretraining: the
+  teacher grid plan, models/teacher.py, is square); `zero`: 0 means "the encoder's own". As a
+  Range it reads as an integer >= 1 (>= 0 with `zero`) for the table's generic tests."""
+  lo: float = 1
+  integer: bool = True
+  square: bool = False
+  zero: bool = False
+
+  def check(self, name: str, v) -> None:
+    if self.zero and not isinstance(v, bool) and v == 0:
+      return
+    h, w = image_hw(v, name)
+    if self.square and h != w:
+      raise ValueError(f'{name}={v!r} ({h} high, {w} wide) is not square: {self.why} Use one int '
+                       '(e.g. 224); fine-tuning, the linear and segmentation probes and '
+                       'eva-visualize take HxW.')
+
+
+_SQUARE = ImageSize(square=True, why='this program runs at square sizes only.')
+
+
+def image_grid(value, patch_size: int, field: str = 'config.image_size') -> tuple[int, int]:
+  """The (rows, cols) patch grid of an image size (int, (h, w) or 'HxW'). Raises ValueError naming
+  `field`, the size and the nearest valid sizes when a side is not a multiple of the patch."""
+  h, w = image_hw(value, field)
+  p = int(patch_size)
+  bad = [(side, n) for side, n in (('height', h), ('width', w)) if n % p]
+  if bad:
+    near = lambda n: sorted({max(p, n // p * p), (n // p + 1) * p})
+    what = '; '.join(f'{side} {n} (nearest: {" or ".join(map(str, near(n)))})' for side, n in bad)
+    raise ValueError(f'{field}={value!r}: every side must be a multiple of the patch size {p}; '
+                     f'{what}.')
+  return h // p, w // p
 
 # ------------------------------------------------------------------------------------------------
 # Single fields. Keys are dotted paths inside the config. Ranges say what the run can honour;
@@ -52,7 +92,7 @@ _RUN = {
     'seed': count(0),
     'total_steps': count(1),
     'batch_size': count(1),
-    'image_size': count(1),
+    'image_size': _SQUARE,
     'log_every': count(1),
     'checkpoint_every': count(1),
     'keep_checkpoints': count(1, why='0 would delete every checkpoint, the last one included'),
@@ -97,17 +137,20 @@ RULES = {
         **_RUN,
         'eval_batches': count(0, why='validation batches per evaluation; 0 = no validation'),
         'teacher.heads': count(0, why='0 = from the file'),
+        'image_size': ImageSize(square=True, why='pretraining runs at square sizes only (the '
+                                'teacher grid plan, models/teacher.py, is square).'),
     },
     'finetune': {
         **_RUN,
         'eval_batches': count(0, why='0 = the whole eval split'),
         'num_classes': count(0, why='0 = from the labeled source'),
+        'image_size': ImageSize(),
         'head_init_scale': nonneg(),
         'ema_decay': fraction(hi_open=True, why='0 = no EMA; 1 would never update it'),
     },
     'linear_probe': {
         'seed': count(0),
-        'image_size': count(0, why="0 = the encoder's own"),
+        'image_size': ImageSize(lo=0, zero=True),    # 0 = the encoder's own
         'batch_size': count(1),
         'holdout': fraction(lo_open=True, hi_open=True,
                             why='the held-out share of each class'),
@@ -118,6 +161,21 @@ RULES = {
         'knn_k': count(1),
         'knn_temperature': positive(),
         **_DATA,
+    },
+    'seg_probe': {     # evaluation/seg_probe.py
+        'seed': count(0),
+        'image_size': ImageSize(lo=0, zero=True),    # 0 = the encoder's own
+        'batch_size': count(1),
+        'mean': Range(length=3),
+        'std': Range(0.0, lo_open=True, length=3, why='images are divided by it'),
+        'epochs': count(1),
+        'lr': Range(0.0, 1.0, lo_open=True),
+        'weight_decay': nonneg(),
+        'probe_batch_size': count(1),
+        'task.train_images': count(1),
+        'task.test_images': count(1),
+        'task.area': Range(0.0, 1.0, lo_open=True, length=2, ordered=True,
+                           why='(min, max) share of the image the pasted shape covers'),
     },
     'data_bench': {
         'seed': count(0),
@@ -138,6 +196,7 @@ CHOICES = {
     'init_from_weights': ('auto', 'model', 'model_ema'),
     'mode': ('pretrain', 'classify'),
     'benchmark.input': ('synthetic', 'pipeline'),
+    'task.shape': ('ellipse', 'box'),
 }
 
 
@@ -149,12 +208,15 @@ def config_kind(cfg) -> str:
     return 'finetune'
   if 'knn_k' in cfg:
     return 'linear_probe'
+  if 'task' in cfg and 'probe_batch_size' in cfg:
+    return 'seg_probe'
   if 'num_batches' in cfg:
     return 'data_bench'
   if 'total_steps' in cfg:
     return 'train'
-  raise ValueError('This config is not a pretraining, fine-tuning, linear-probe or data-benchmark '
-                   'config (none of config.teacher, num_classes, knn_k, num_batches).')
+  raise ValueError('This config is not a pretraining, fine-tuning, linear-probe, segmentation-probe '
+                   'or data-benchmark config (none of config.teacher, num_classes, knn_k, task, '
+                   'num_batches).')
 
 
 def numeric_leaves(cfg, prefix: str = ''):
@@ -280,6 +342,9 @@ def check_config(cfg, kind: str | None = None) -> str:
       unchecked.append(path)
       continue
     rule.check(f'config.{path}', value)
+  if isinstance(cfg.get('image_size'), str) and 'image_size' in rules:
+    # 'HxW' from the command line: not a number, so the walk above does not see it.
+    rules['image_size'].check('config.image_size', cfg.image_size)
   if unchecked:
     # A field the table does not know (a custom config's own field): say so instead of passing it.
     logging.warning('No range rule for config field(s) %s: not checked.', ', '.join(unchecked))

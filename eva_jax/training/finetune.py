@@ -5,6 +5,12 @@ smoothing arrive as soft labels from the loader, or hard labels are smoothed her
 embedding, layer-wise lr decay, and an EMA of the weights that evaluation uses when kept.
 `config.init_from`: anything checkpoint.read_encoder reads (an eva_jax workdir or checkpoint, a
 timm or official EVA file); '' = random init.
+`config.image_size`: an int S, or (height, width) / 'HxW' (--config.image_size=224x336). At a
+square size the model is built at S (the pretrained pos-embed is resized bicubically once, 224 ->
+336). At a non-square size the model keeps a square native pos-embed -- the init_from checkpoint's
+own (the larger side for a random init) -- and the encoder interpolates it (and RoPE) to the
+h x w patch grid in every forward, as timm's `dynamic_img_size=True` does; exported weights then
+run in timm at the same size.
 
 Everything else (mesh, restore-or-init, loop, checkpoints, SIGTERM, logging) is the trainer
 skeleton's: this module is the whole of what a new trainer has to write.
@@ -13,16 +19,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from eva_jax import checkpoint as ckpt_lib
-from eva_jax import parallel
+from eva_jax import parallel, paths
 from eva_jax.data import pipeline as data_lib
+from eva_jax.data.config import format_hw, image_hw
 from eva_jax.models import classifier as clf_lib
-from eva_jax.training import task as task_lib, trainer
-from eva_jax.training.pretrain import student_config
+from eva_jax.models import config as model_config
+from eva_jax.training import checks, precision, task as task_lib, trainer
 
 PATCH_EMBED = ('patch_kernel', 'patch_bias')
 ARCH_FIELDS = ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'swiglu', 'sub_ln',
@@ -45,9 +53,20 @@ def trainable(params, freeze_patch_embed: bool):
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def build(cfg, mesh, num_classes: int):
-  """(Task, encoder ConfigDict): a Classifier trained with soft-label cross-entropy."""
-  ecfg = student_config(cfg)
+def encoder_config(cfg, native: int | None = None) -> ml_collections.ConfigDict:
+  """The resolved encoder: config.model at its native (pos-embed) image size, which is
+  config.image_size when square, else `native` (the init_from checkpoint's size; None = the larger
+  side, for a random init)."""
+  h, w = image_hw(cfg.image_size)
+  size = h if h == w else int(native or max(h, w))
+  return model_config.resolve_encoder(cfg.model, image_size=size,
+                                      dtype=precision.compute_dtype(cfg.precision))
+
+
+def build(cfg, mesh, num_classes: int, native: int | None = None):
+  """(Task, encoder ConfigDict): a Classifier trained with soft-label cross-entropy; `native`:
+  see encoder_config."""
+  ecfg = encoder_config(cfg, native)
   smoothing = float(cfg.data.label_smoothing)
 
   def make_model(seed):
@@ -139,13 +158,39 @@ class FinetuneProgram(trainer.Program):
                          f'{cfg.num_classes}: the head would have no logit for labels '
                          f'{self.num_classes}..{n - 1}. Set config.num_classes to 0 (= the '
                          f'source\'s {found}) or at least {n}.')
-    ecfg = student_config(cfg)
+    # Each side a multiple of the patch, before anything is read or compiled.
+    checks.image_grid(cfg.image_size, cfg.model.get('patch_size') or model_config.encoder_config(
+        cfg.model.get('name') or 'tiny').patch_size)
+    ecfg = encoder_config(cfg)
     if cfg.pool == 'token' and not ecfg.class_token:
       raise ValueError("config.pool='token' pools the class token, but config.model.class_token "
                        "is False: use config.pool='mean' (all patch tokens) or a class token.")
 
+  def native_image_size(self) -> int | None:
+    """The square pos-embed size of a non-square run: the init_from checkpoint's (its metadata for
+    an eva_jax checkpoint; a PyTorch file is read once, kept for init_state); None otherwise."""
+    cfg = self.cfg
+    h, w = image_hw(cfg.image_size)
+    if h == w or not cfg.init_from:
+      return None
+    if paths.as_path(cfg.init_from).is_dir():
+      return int(ckpt_lib.read_meta(ckpt_lib.resolve(cfg.init_from)[0])['student']['image_size'])
+    return int(self.init_weights().config.get('image_size', 224))
+
+  def init_weights(self):
+    """checkpoint.read_encoder of config.init_from, read once."""
+    if getattr(self, '_init_weights', None) is None:
+      from eva_jax.convert.eva_torch import FACT_FIELDS
+      # A PyTorch file may not record every architecture fact: the fine-tuning config states them
+      # (and a file that records other values is refused, naming the field).
+      ecfg = getattr(self, 'encoder_cfg', None) or encoder_config(self.cfg)
+      self._init_weights = ckpt_lib.read_encoder(
+          self.cfg.init_from, weights=self.cfg.get('init_from_weights', 'auto'),
+          facts={k: ecfg[k] for k in FACT_FIELDS})
+    return self._init_weights
+
   def build(self, mesh):
-    task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes)
+    task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes, self.native_image_size())
     return task
 
   def loader(self, train: bool, source: str = ''):
@@ -165,12 +210,8 @@ class FinetuneProgram(trainer.Program):
     state = task.init(cfg.seed)
     if not cfg.init_from:
       return state
-    from eva_jax.convert.eva_torch import FACT_FIELDS
-    # A PyTorch file may not record every architecture fact: the fine-tuning config states them
-    # (and a file that records other values is refused, naming the field).
-    weights = ckpt_lib.read_encoder(
-        cfg.init_from, weights=cfg.get('init_from_weights', 'auto'),
-        facts={k: self.encoder_cfg[k] for k in FACT_FIELDS})
+    weights = self.init_weights()
+    self._init_weights = None   # the host copy is not kept for the whole run
     for field in ARCH_FIELDS:
       if field in weights.config and weights.config[field] != self.encoder_cfg[field]:
         raise ValueError(f'config.init_from has model.{field}={weights.config[field]} but the '
@@ -187,8 +228,10 @@ class FinetuneProgram(trainer.Program):
       # timm's checkpoint_filter_fn: the MIM `norm` becomes the classifier's `fc_norm`.
       params['fc_norm'] = {k: np.asarray(v, np.float32) for k, v in weights.params['norm'].items()}
       dropped = [d for d in dropped if not d.startswith('norm/')] + ['norm -> fc_norm']
+    run_grid = checks.image_grid(cfg.image_size, p)
+    resampled = '' if run_grid == grid_to else f', interpolated to {run_grid} in each forward'
     print(f'Initialized the encoder from {weights.source} (pos-embed grid {grid_from} -> '
-          f'{grid_to}; not used: {", ".join(dropped) or "nothing"}).', flush=True)
+          f'{grid_to}{resampled}; not used: {", ".join(dropped) or "nothing"}).', flush=True)
     return task.with_params(state, jax.tree.map(jax.device_put, params, task.param_shardings))
 
   def evaluate(self, task, state, consts, step):
@@ -220,7 +263,8 @@ class FinetuneProgram(trainer.Program):
             'student': clf_lib.finetune_encoder_config(self.encoder_cfg).to_dict()}
 
   def resolved(self, task):
-    return {'encoder': self.encoder_cfg.to_dict(), 'num_classes': self.num_classes}
+    return {'encoder': self.encoder_cfg.to_dict(), 'num_classes': self.num_classes,
+            'image_size': format_hw(image_hw(self.cfg.image_size))}
 
 
 def train(cfg, workdir: str) -> dict:
