@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import clip_support
 from eva_jax.convert import clip_text
 from eva_jax.convert.common import CheckpointError
 from eva_jax.models import clip
@@ -29,7 +30,8 @@ def _tokens(b=4, seed=0):
 
 
 def _features(weights, tokens):
-  tower = clip.TextTransformer(weights.config, weights.embed_dim, rngs=nnx.Rngs(0))
+  tower = nnx.eval_shape(lambda: clip.TextTransformer(weights.config, weights.embed_dim,
+                                                      rngs=nnx.Rngs(0)))
   clip_text._set_params(tower, weights.params, weights.source)
   return np.asarray(jax.jit(lambda m, t: m(t))(tower, tokens.astype(np.int32)))
 
@@ -113,7 +115,7 @@ def test_open_clip_and_openai_layouts(tmp_path, caplog):
 
 
 def test_load_into_model_and_width_mismatch(tmp_path):
-  model = clip.create(clip.clip_config('eva-clip-tiny', image_size=28))
+  model = clip_support.random_clip(clip.clip_config('eva-clip-tiny', image_size=28))
   oc, cfg = _open_clip_model(quick_gelu=False, custom_text=True)
   tokens = _tokens(seed=2)
   with torch.no_grad():

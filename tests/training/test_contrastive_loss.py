@@ -57,8 +57,8 @@ def test_small_batch_warns(caplog):
 
 
 def test_eight_device_mesh_equals_one_device():
-  """Loss and gradients on 8 fake CPU devices (meshes 2x4x1, 1x2x4 and a sharded tiny EVA-CLIP
-  model on 2x2x2) equal the single-device ones (tests/contrastive_worker.py)."""
+  """Loss and gradients on 8 fake CPU devices (mesh 2x4x1, and a tiny EVA-CLIP model sharded
+  on 2x2x2 by the student's rules) equal the single-device ones (tests/contrastive_worker.py)."""
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'contrastive_worker.py')],
                        env=ENV8, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -67,7 +67,7 @@ def test_eight_device_mesh_equals_one_device():
     if k.endswith(('_loss', '_grad')) and not k.startswith('model'):
       assert v < 1e-5, (k, v)
   assert r['model_loss'] < 1e-5, r
-  # Model gradients reach ~15 in size: compare relative to the largest (float32 summation order).
-  assert r['model_grad'] < 1e-5 * max(1.0, r['model_grad_scale']), r
+  # Model gradients reach a few units in size: compare relative to the largest (float32 summation order).
+  assert r["model_grad"] < 1e-5 * max(1.0, r["model_grad_scale"]), r
   assert 'fsdp' in r['qkv_spec'] and 'tensor' in r['qkv_spec'], r['qkv_spec']
   assert r['loss_values']['clip'] > 0 and r['loss_values']['siglip'] > 0
