@@ -100,3 +100,25 @@ def test_image_tower_from_official_mim_file(tmp_path, caplog):
   wide.vision.mlp_dim = 128
   with pytest.raises(CheckpointError, match='vision.mlp_dim: file 256 vs config 128'):
     clip_text.load_image_tower(clip.abstract(wide), str(f), facts={'heads': 4, 'rope': False})
+
+
+def test_contrastive_step_flops():
+  """EVA-CLIP g/14 without patch dropout: the vision part is the spec's g/14 training (1.60 TFLOP
+  per image, blocks 3x forward) plus patch embedding and head; 50% FLIP halves the patch tokens."""
+  from eva_jax import benchmark
+  cfg = clip.clip_config('eva01-clip-g/14')
+  v, t = cfg.vision, cfg.text
+  full = benchmark.clip_step_flops_per_pair(cfg, patch_dropout=0.0)
+  blocks = benchmark.forward_flops(v, with_embed=False)
+  assert abs(3 * blocks / 1e12 - 1.60) < 0.01
+  embed_head = 2 * 256 * 14 * 14 * 3 * 1408 + 2 * 1408 * 1024
+  assert abs(full['vision_train'] - 3 * (blocks + embed_head)) < 1
+  d, f, T = 768, 3072, 77
+  assert abs(full['text_train'] - 3 * (12 * (8 * T * d * d + 4 * T * d * f + 4 * T * T * d)
+                                       + 2 * d * 1024)) < 1
+  half = benchmark.clip_step_flops_per_pair(cfg, patch_dropout=0.5, global_batch=1000)
+  T2 = 1 + 128
+  assert abs(half['vision_train'] - 3 * (40 * (8 * T2 * 1408 ** 2 + 4 * T2 * 1408 * 6144
+                                               + 4 * T2 * T2 * 1408) + embed_head)) < 1
+  assert half['loss_train'] == 3 * 2 * 2 * 1000 * 1024
+  assert half['total'] == sum(half[k] for k in ('vision_train', 'text_train', 'loss_train'))
