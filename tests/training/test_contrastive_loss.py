@@ -57,17 +57,16 @@ def test_small_batch_warns(caplog):
 
 
 def test_eight_device_mesh_equals_one_device():
-  """Loss and gradients on 8 fake CPU devices (mesh 2x4x1, and a tiny EVA-CLIP model sharded
-  on 2x2x2 by the student's rules) equal the single-device ones (tests/contrastive_worker.py)."""
+  """CLIP + SigLIP losses of a tiny EVA-CLIP model sharded on 8 fake CPU devices (data 2 x fsdp 2
+  x tensor 2) equal the single-device ones, and so do the gradients of every parameter
+  (tests/contrastive_worker.py)."""
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'contrastive_worker.py')],
                        env=ENV8, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   r = json.loads(out.stdout.strip().splitlines()[-1])
-  for k, v in r.items():
-    if k.endswith(('_loss', '_grad')) and not k.startswith('model'):
-      assert v < 1e-5, (k, v)
-  assert r['model_loss'] < 1e-5, r
-  # Model gradients reach a few units in size: compare relative to the largest (float32 summation order).
-  assert r["model_grad"] < 1e-5 * max(1.0, r["model_grad_scale"]), r
+  assert r['clip_loss'] < 1e-5 and r['siglip_loss'] < 1e-5, r
+  # Gradients reach a few units: compare relative to the largest (float32 summation order).
+  assert r['grad'] < 1e-5 * max(1.0, r['grad_scale']), r
+  assert all(abs(v) > 0 for v in r['logit_grads']), r     # both logit parameters are trained
   assert 'fsdp' in r['qkv_spec'] and 'tensor' in r['qkv_spec'], r['qkv_spec']
-  assert r['loss_values']['clip'] > 0 and r['loss_values']['siglip'] > 0
+  assert min(r['loss_values']) > 0
