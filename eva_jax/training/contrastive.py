@@ -35,7 +35,7 @@ MIN_MEANINGFUL_BATCH = 64
 _warned: set = set()
 
 
-def check_batch(global_batch: int, what: str = 'contrastive loss') -> None:
+def warn_if_small_batch(global_batch: int, what: str = 'contrastive loss') -> None:
   """Logs a warning (once per size) when the global batch is too small for the loss to mean much
   (< MIN_MEANINGFUL_BATCH); with 1 pair the CLIP loss is identically 0."""
   if global_batch >= MIN_MEANINGFUL_BATCH or global_batch in _warned:
@@ -99,7 +99,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *,
     the world_size=1 loss on the whole batch.
   """
   b = image_features.shape[0]
-  check_batch(b, 'CLIP loss')
+  warn_if_small_batch(b, 'CLIP loss')
   img, txt = image_features.astype(jnp.float32), text_features.astype(jnp.float32)
   scale = jnp.asarray(logit_scale, jnp.float32)
   bias = None if logit_bias is None else jnp.asarray(logit_bias, jnp.float32)
@@ -127,7 +127,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *,
   + b)) / B with z = 1 on matching pairs, -1 elsewhere.
   """
   b = image_features.shape[0]
-  check_batch(b, 'SigLIP loss')
+  warn_if_small_batch(b, 'SigLIP loss')
   img, txt = image_features.astype(jnp.float32), text_features.astype(jnp.float32)
   scale = jnp.asarray(logit_scale, jnp.float32)
   bias = jnp.asarray(logit_bias, jnp.float32)
