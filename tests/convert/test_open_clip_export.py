@@ -58,8 +58,9 @@ def test_export_loads_strictly_and_matches(tmp_path, name, pool, bias):
   assert abs(oc.logit_scale.item() - float(model.logit_scale[...])) < 1e-6
   if bias:
     assert abs(oc.logit_bias.item() - float(model.logit_bias[...])) < 1e-6
-  else:   # the same weights computing in bfloat16 (with remat): features within bf16 rounding
-    cfg16 = clip.clip_config(name, image_size=28, pool=pool, dtype='bfloat16', remat='full')
+    # The same weights computing in bfloat16 (with remat): features within bf16 rounding.
+    cfg16 = clip.clip_config(name, image_size=28, pool=pool, logit_bias=bias, dtype='bfloat16',
+                             remat='full')
     m16 = clip_support.random_clip(cfg16)
     i16, t16 = jax.jit(lambda m, x, t: (m.encode_image(x), m.encode_text(t)))(
         m16, images, jnp.asarray(tokens, jnp.int32))
