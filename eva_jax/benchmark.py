@@ -572,6 +572,46 @@ def _pipeline(cfg, scfg, compiled, state, teacher, mesh, steps, warmup) -> dict[
   return out
 
 
+
+# ------------------------------------------------------------------------------------------------
+# EVA-CLIP contrastive step (issue 15)
+def _blocks_flops(t: int, d: int, f: int, depth: int, swiglu: bool) -> float:
+  mlp = 6 * t * d * f if swiglu else 4 * t * d * f
+  return float(depth * (8 * t * d * d + mlp + 4 * t * t * d))
+
+
+def clip_step_flops_per_pair(clip_cfg, *, image_size: int | None = None,
+                             patch_dropout: float | None = None, text_length: int | None = None,
+                             global_batch: int = 0) -> dict[str, float]:
+  """FLOPs per image-text pair of one EVA-CLIP training step (both towers trained: 3x forward).
+
+  clip_cfg: eva_jax.models.clip config. image_size: default clip_cfg.vision.image_size.
+  patch_dropout: fraction of patch tokens dropped before the blocks (FLIP; default the config's):
+    the blocks see prefix + max(1, int(N (1 - rate))) tokens, the patch embedding all N.
+  text_length: tokens per caption (default the context length, 77: the text tower runs on the
+    padded sequence). Causal attention is counted in full (4 T^2 d): the XLA attention computes
+    the whole T x T product and masks it.
+  global_batch: > 0 adds the logits of the loss (each pair scored against all B in both
+    directions, 2 x 2 B E per pair forward, x3); 0 leaves them out (tiny at B << width x depth).
+  Returns {'vision_train', 'text_train', 'loss_train', 'total'} in FLOPs (formula: module docstring,
+  EVA-SPEC "Compute per image"); remat recomputation not counted.
+  """
+  v, t, e = clip_cfg.vision, clip_cfg.text, clip_cfg.embed_dim
+  size = image_size or v.image_size
+  n = (size // v.patch_size) ** 2
+  rate = clip_cfg.patch_dropout if patch_dropout is None else patch_dropout
+  kept = max(1, int(n * (1.0 - rate))) if rate > 0 else n
+  prefix = (1 if v.get('class_token', True) else 0) + int(v.get('registers', 0))
+  vis = _blocks_flops(prefix + kept, v.width, v.mlp_dim, v.depth, v.get('swiglu', False))
+  vis += 2 * n * v.patch_size ** 2 * v.get('in_chans', 3) * v.width + 2 * v.width * e
+  tl = text_length or t.context_length
+  txt = _blocks_flops(tl, t.width, t.mlp_dim, t.depth, False) + 2 * t.width * e
+  loss = 2.0 * 2 * global_batch * e
+  out = {'vision_train': 3.0 * vis, 'text_train': 3.0 * txt, 'loss_train': 3.0 * loss}
+  out['total'] = sum(out.values())
+  return out
+
+
 if __name__ == '__main__':   # `python -m eva_jax.benchmark` = eva-benchmark
   from eva_jax.cli.benchmark import run as main
   main()
