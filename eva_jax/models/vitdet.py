@@ -1,0 +1,228 @@
+"""ViTDet backbone on an EVA encoder: window / global attention blocks and a simple feature pyramid.
+
+Li et al. 2022, "Exploring Plain Vision Transformer Backbones for Object Detection"; the EVA-01 and
+EVA-02 detection code (baaivision/EVA EVA-0{1,2}/det/detectron2/modeling/backbone/vit.py):
+- patch tokens only (no cls token in the sequence); the absolute pos-embed is resized to the input
+  grid with the official bicubic (get_abs_pos: F.interpolate(bicubic, align_corners=False));
+- blocks at `global_blocks` attend globally, the others inside non-overlapping `window_size`
+  windows (window_partition / window_unpartition; the MLP stays per token);
+- EVA-02 RoPE: one table for the window grid (rope_win) and one for the whole grid (rope_glb),
+  both with coordinates rescaled to the pretraining grid (pt_hw_seq_len = model.rope_ref_grid);
+- no final norm: the last block's output [B, H/p, W/p, D] feeds SimpleFeaturePyramid
+  (scale factors 4, 2, 1, 0.5: deconvs / identity / max-pool, then 1x1 and 3x3 convs with
+  channel LayerNorm; strides 4, 8, 16, 32 at patch 16), plus p6 = stride-2 subsample of the last
+  level (detectron2's LastLevelMaxPool) when `top_block`.
+
+Per-block attention kinds vs stacked params: the encoder keeps its stacked `Blocks` (one param tree,
+the same as pretraining, so weights load unchanged). The depth is split into maximal runs of blocks
+of one kind (e.g. 0-4 window, 5 global, 6-10 window, ... for EVA-02-L's global 5, 11, 17, 23) and
+each run is one `lax.scan` over its slice of the stacked params (Blocks.run): the graph grows with
+the number of global blocks (4 -> 8 scans), not with depth, and the window/global choice stays
+static (no lax.cond computing both attentions).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from eva_jax.models import vit as vit_lib
+from eva_jax.models.layers import LayerNorm, Window, param, rope_sincos, zeros
+
+
+def vitdet_config(**overrides) -> ml_collections.ConfigDict:
+  """Detection-backbone settings (EVA-02-L COCO: window 16, global blocks 5, 11, 17, 23, 1024^2).
+
+  global_blocks: block indices with global attention (negative = from the end).
+  window_pad: False = a window that does not tile the grid is an error; True = ViTDet's zero
+    padding (the official code pads; needed e.g. for L/14 at 1024: a 73x73 grid).
+  fpn_dim: pyramid channels (detectron2 out_channels=256); scale_factors: SimpleFeaturePyramid's.
+  top_block: add p6 (LastLevelMaxPool). image_size: the detection input size (square_pad).
+  """
+  cfg = ml_collections.ConfigDict(dict(
+      image_size=1024, window_size=16, global_blocks=(5, 11, 17, 23), window_pad=False,
+      fpn_dim=256, scale_factors=(4.0, 2.0, 1.0, 0.5), top_block=True, fpn_eps=1e-6))
+  cfg.update(overrides)
+  return cfg
+
+
+def _encoder_cfg(cfg):
+  enc = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
+  # ViTDet keeps the pretraining pos-embed (with its cls row) and resizes it with the official
+  # bicubic; it has no [MASK] token and no final norm.
+  enc.mask_token, enc.final_norm, enc.pos_interp = False, False, 'bicubic'
+  if enc.get('ln_pre') or enc.get('out_dim') or enc.get('registers') or enc.get('post_norm'):
+    raise ValueError('ViTDetBackbone takes EVA encoder configs (no ln_pre / out_dim / registers / '
+                     'post_norm).')
+  return enc
+
+
+class Deconv2x2(nnx.Module):
+  """ConvTranspose2d(kernel 2, stride 2): each input pixel becomes a 2x2 block; kernel [2, 2, in,
+  out] (torch's [in, out, 2, 2] transposed (2, 3, 0, 1)). With stride = kernel the outputs do not
+  overlap, so it is one einsum."""
+
+  def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.variance_scaling(1.0 / 3, 'fan_in', 'uniform', in_axis=(0, 1, 2))
+    self.kernel = param(rngs, init, (2, 2, din, dout), (None, None, 'embed', None))
+    self.bias = param(rngs, zeros, (dout,), (None,))
+
+  def __call__(self, x):
+    b, h, w, _ = x.shape
+    y = jnp.einsum('bhwi,acio->bhawco', x, self.kernel[...].astype(x.dtype))
+    return y.reshape(b, 2 * h, 2 * w, -1) + self.bias[...].astype(x.dtype)
+
+
+class ConvNorm(nnx.Module):
+  """detectron2 Conv2d(bias=False, norm='LN'): k x k conv ('same' padding) then channel LayerNorm."""
+
+  def __init__(self, din: int, dout: int, k: int, eps: float, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.he_normal(in_axis=(0, 1, 2))   # detectron2 c2_msra_fill
+    self.kernel = param(rngs, init, (k, k, din, dout), (None, None, None, None))
+    self.norm = LayerNorm(dout, eps, rngs=rngs, axis_name=None)
+    self.k = k
+
+  def __call__(self, x):
+    p = self.k // 2
+    y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), (1, 1),
+                                     [(p, p), (p, p)], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return self.norm(y)
+
+
+class SimpleFeaturePyramid(nnx.Module):
+  """ViTDet's SimpleFeaturePyramid on a [B, H, W, D] map of stride `patch`: one stage per scale
+  factor (4: deconv, LN, GELU, deconv; 2: deconv; 1: -; 0.5: 2x2 max-pool), each followed by 1x1
+  and 3x3 ConvNorm to `fpn_dim`. Output dict 'p{round(log2 stride)}' -> [B, H', W', fpn_dim]
+  (p2..p5 at strides 4..32 for patch 16; patch 14 gives strides 3.5..28 under the same names),
+  plus 'p6' with `top_block`. Raises ValueError for an unsupported scale factor."""
+
+  def __init__(self, dim: int, patch: int, fpn_dim: int = 256,
+               scale_factors=(4.0, 2.0, 1.0, 0.5), top_block: bool = True, eps: float = 1e-6, *,
+               rngs: nnx.Rngs):
+    self.scale_factors = tuple(float(s) for s in scale_factors)
+    self.top_block = top_block
+    self.strides = tuple(patch / s for s in self.scale_factors)
+    self.names = tuple(f'p{round(math.log2(s))}' for s in self.strides)
+    stages = []
+    for s in self.scale_factors:
+      if s == 4.0:
+        pre = nnx.List([Deconv2x2(dim, dim // 2, rngs=rngs), LayerNorm(dim // 2, eps, rngs=rngs,
+                                                                       axis_name=None),
+                        Deconv2x2(dim // 2, dim // 4, rngs=rngs)])
+        d = dim // 4
+      elif s == 2.0:
+        pre, d = nnx.List([Deconv2x2(dim, dim // 2, rngs=rngs)]), dim // 2
+      elif s in (1.0, 0.5):
+        pre, d = nnx.List([]), dim
+      else:
+        raise ValueError(f'scale factor {s} is not supported; choose from 4.0, 2.0, 1.0, 0.5 '
+                         '(ViTDet SimpleFeaturePyramid).')
+      stages.append(nnx.Dict(pre=pre, lateral=ConvNorm(d, fpn_dim, 1, eps, rngs=rngs),
+                             output=ConvNorm(fpn_dim, fpn_dim, 3, eps, rngs=rngs)))
+    self.stages = nnx.List(stages)
+
+  def __call__(self, x):
+    out = {}
+    for s, name, stage in zip(self.scale_factors, self.names, self.stages):
+      y = x
+      if s == 4.0:
+        d1, ln, d2 = stage['pre']
+        y = d2(jax.nn.gelu(ln(d1(y)), approximate=False))
+      elif s == 2.0:
+        y = stage['pre'][0](y)
+      elif s == 0.5:
+        y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+      out[name] = stage['output'](stage['lateral'](y))
+    if self.top_block:   # LastLevelMaxPool: max_pool2d(kernel 1, stride 2) = subsampling
+      last = out[self.names[-1]]
+      out[f'p{round(math.log2(self.strides[-1])) + 1}'] = last[:, ::2, ::2]
+    return out
+
+
+class ViTDetBackbone(nnx.Module):
+  """EVA encoder as a ViTDet backbone; see the module docstring.
+
+  encoder_cfg: an EVA encoder config (models/config.py; EVA-01: no RoPE, EVA-02: RoPE); its
+    `image_size` is the pretraining size whose pos-embed is stored. det_cfg: vitdet_config().
+  `features(images)`: last block output [B, H/p, W/p, D] (float32 maps in the compute dtype);
+  `__call__(images)`: the pyramid dict (SimpleFeaturePyramid). Images are NHWC, H and W multiples
+  of the patch size. Raises ValueError for a global block index out of range, a window that does
+  not tile the grid (unless det_cfg.window_pad) or a bad image size, naming the valid choices.
+  """
+
+  def __init__(self, encoder_cfg, det_cfg, *, rngs: nnx.Rngs):
+    ecfg = _encoder_cfg(encoder_cfg)
+    try:   # checked before anything is built
+      self.global_blocks = tuple(vit_lib.take_indices(ecfg.depth, list(det_cfg.global_blocks)))
+    except ValueError as e:
+      raise ValueError(f'det.global_blocks={tuple(det_cfg.global_blocks)}: {e}') from None
+    if det_cfg.window_size < 1:
+      raise ValueError(f'det.window_size={det_cfg.window_size} must be >= 1.')
+    # Static attributes (part of the graphdef): the window may be changed between calls.
+    self.window_size, self.window_pad = int(det_cfg.window_size), bool(det_cfg.window_pad)
+    self.encoder = vit_lib.VisionTransformer(ecfg, rngs=rngs)
+    ecfg = self.encoder.cfg
+    self.fpn = SimpleFeaturePyramid(ecfg.width, ecfg.patch_size, det_cfg.fpn_dim,
+                                    det_cfg.scale_factors, det_cfg.top_block, det_cfg.fpn_eps,
+                                    rngs=rngs)
+
+  def runs(self) -> list[tuple[int, int, bool]]:
+    """Maximal (start, stop, is_global) runs of blocks sharing one attention kind."""
+    out, depth = [], self.encoder.cfg.depth
+    for i in range(depth):
+      g = i in self.global_blocks
+      if out and out[-1][2] == g:
+        out[-1] = (out[-1][0], i + 1, g)
+      else:
+        out.append((i, i + 1, g))
+    return out
+
+  def _rope(self, grid):
+    ecfg = self.encoder.cfg
+    if not ecfg.rope:
+      return None
+    sin, cos = rope_sincos(grid, ecfg.width // ecfg.heads, ecfg.rope_theta, ecfg.rope_ref_grid)
+    return jnp.asarray(sin), jnp.asarray(cos)
+
+  def features(self, images):
+    enc = self.encoder
+    x, grid = enc.embed(images)
+    x = x[:, enc.num_prefix:]          # ViTDet: patch tokens only (the cls row of pos is unused)
+    ws = self.window_size
+    window = Window(grid, ws, self.window_pad)
+    rope_glb, rope_win = self._rope(grid), self._rope((ws, ws))
+    for start, stop, is_global in self.runs():
+      x = enc.blocks.run(x, start, stop, rope_glb if is_global else rope_win, 0,
+                         window=None if is_global else window)
+    return x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
+
+  def __call__(self, images):
+    return self.fpn(self.features(images))
+
+
+def create(encoder_cfg, det_cfg, seed: int = 0) -> ViTDetBackbone:
+  """A randomly initialized backbone (one compiled init)."""
+  return nnx.jit(lambda: ViTDetBackbone(encoder_cfg, det_cfg, rngs=nnx.Rngs(params=seed)))()
+
+
+def load_encoder_params(backbone: ViTDetBackbone, encoder_params: dict) -> list[str]:
+  """Copies pretrained encoder params (nested numpy, VisionTransformer layout) into the backbone;
+  returns the names not used (mask_token, the final norm). Shapes must match (resample another
+  patch size first with models.resample). Raises ValueError naming a missing or misshaped key."""
+  from eva_jax.convert import common
+  target = common.flatten(nnx.to_pure_dict(nnx.state(backbone.encoder, nnx.Param)))
+  got = common.flatten(encoder_params)
+  missing = sorted(k for k in target if k not in got)
+  if missing:
+    raise ValueError(f'pretrained encoder lacks {missing}.')
+  for k, v in target.items():
+    if tuple(np.shape(got[k])) != tuple(v.shape):
+      raise ValueError(f'pretrained {k} has shape {np.shape(got[k])}, the backbone wants '
+                       f'{tuple(v.shape)} (another patch size? see models.resample).')
+  new = common.unflatten({k: jnp.asarray(got[k], jnp.float32) for k in target})
+  nnx.update(backbone.encoder, new)
+  return sorted(k for k in got if k not in target)
