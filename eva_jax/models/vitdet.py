@@ -209,20 +209,41 @@ def create(encoder_cfg, det_cfg, seed: int = 0) -> ViTDetBackbone:
   return nnx.jit(lambda: ViTDetBackbone(encoder_cfg, det_cfg, rngs=nnx.Rngs(params=seed)))()
 
 
-def load_encoder_params(backbone: ViTDetBackbone, encoder_params: dict) -> list[str]:
-  """Copies pretrained encoder params (nested numpy, VisionTransformer layout) into the backbone;
-  returns the names not used (mask_token, the final norm). Shapes must match (resample another
-  patch size first with models.resample). Raises ValueError naming a missing or misshaped key."""
+def from_pretrained(encoder_cfg, det_cfg, encoder_params: dict, seed: int = 0):
+  """(backbone, unused names): the encoder part from pretrained params (nested numpy,
+  VisionTransformer layout, e.g. checkpoint.read_encoder(...).params), the pyramid initialized as
+  detectron2 does (convs: c2_msra_fill = He normal over fan_out, no bias; deconvs: PyTorch's
+  default uniform +-1/sqrt(fan_in); LayerNorms 1/0). Built from host arrays: no random-init
+  program is compiled. Unused: mask_token and the final norm (ViTDet has neither). Raises
+  ValueError naming a missing or misshaped key (another patch size: models.resample first)."""
   from eva_jax.convert import common
-  target = common.flatten(nnx.to_pure_dict(nnx.state(backbone.encoder, nnx.Param)))
+  model = nnx.eval_shape(lambda: ViTDetBackbone(encoder_cfg, det_cfg, rngs=nnx.Rngs(params=0)))
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+  want = common.flatten(nnx.to_pure_dict(state))
   got = common.flatten(encoder_params)
-  missing = sorted(k for k in target if k not in got)
-  if missing:
-    raise ValueError(f'pretrained encoder lacks {missing}.')
-  for k, v in target.items():
-    if tuple(np.shape(got[k])) != tuple(v.shape):
-      raise ValueError(f'pretrained {k} has shape {np.shape(got[k])}, the backbone wants '
-                       f'{tuple(v.shape)} (another patch size? see models.resample).')
-  new = common.unflatten({k: jnp.asarray(got[k], jnp.float32) for k in target})
-  nnx.update(backbone.encoder, new)
-  return sorted(k for k in got if k not in target)
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for k, a in want.items():
+    shape = tuple(a.shape)
+    if k.startswith('encoder/'):
+      name = k[len('encoder/'):]
+      if name not in got:
+        raise ValueError(f'pretrained encoder lacks {name!r} (has {len(got)} tensors).')
+      v = np.asarray(got[name], np.float32)
+      if v.shape != shape:
+        raise ValueError(f'pretrained {name} has shape {v.shape}, the backbone wants {shape} '
+                         '(another patch size? see models.resample).')
+    elif k.endswith('/scale'):
+      v = np.ones(shape, np.float32)
+    elif k.endswith('/bias'):
+      v = np.zeros(shape, np.float32)
+    elif len(shape) == 4 and shape[:2] == (2, 2) and 'pre' in k.split('/'):   # deconv [2,2,in,out]
+      bound = 1.0 / np.sqrt(shape[3] * 4)   # torch ConvTranspose2d: fan_in = out * k * k
+      v = rng.uniform(-bound, bound, shape).astype(np.float32)
+    else:                                                      # conv [k, k, in, out]
+      v = (rng.standard_normal(shape) * np.sqrt(2.0 / (shape[0] * shape[1] * shape[3])))
+      v = v.astype(np.float32)
+    flat[k] = jnp.asarray(v)
+  nnx.replace_by_pure_dict(state, common.unflatten(flat))
+  unused = sorted(k for k in got if 'encoder/' + k not in want)
+  return nnx.merge(graphdef, state, rest), unused

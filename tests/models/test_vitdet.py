@@ -213,8 +213,7 @@ def torch_pyramid(dim, out, scales):
 def _ours(family):
   cfg = _cfg(family)
   det = vitdet.vitdet_config(image_size=DET, window_size=4, global_blocks=GLOBAL, fpn_dim=32)
-  ours = vitdet.create(cfg, det)
-  unused = vitdet.load_encoder_params(ours, common.unflatten(random_params(cfg)))
+  ours, unused = vitdet.from_pretrained(cfg, det, common.unflatten(random_params(cfg)))
   assert unused == ['mask_token', 'norm/bias', 'norm/scale']
   return cfg, ours
 
@@ -283,7 +282,7 @@ def test_padded_windows_match_official_padding():
 
 def test_pyramid_matches_detectron2_simple_feature_pyramid():
   cfg, ours = _ours('eva02')
-  x = _images(DET, DET, 1)
+  x = _images(DET, DET)
   feats = _features(ours, x)
   got = nnx.jit(lambda m, f: m.fpn(f))(ours, feats)
   assert {k: v.shape[1:3] for k, v in got.items()} == {
