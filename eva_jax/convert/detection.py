@@ -107,8 +107,9 @@ def export_state_dict(params_flat, cfg, *, image_size: int, window_size: int, gl
   range) or an image size that is not a multiple of the patch size."""
   from eva_jax.models.vit import take_indices
   if image_size % cfg.patch_size:
+    lo = max(cfg.patch_size, image_size // cfg.patch_size * cfg.patch_size)
     raise ValueError(f'detection image size {image_size} is not a multiple of the patch size '
-                     f'{cfg.patch_size}.')
+                     f'{cfg.patch_size}; use {lo} or {lo + cfg.patch_size}.')
   try:
     take_indices(cfg.depth, list(global_blocks))
   except ValueError as e:

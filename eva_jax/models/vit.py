@@ -121,7 +121,10 @@ class VisionTransformer(nnx.Module):
                        'x.transpose(0, 2, 3, 1).')
     h, w = images.shape[1:3]
     if h % cfg.patch_size or w % cfg.patch_size:
-      raise ValueError(f'Image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}.')
+      p = cfg.patch_size
+      near = lambda n: f'{max(p, n // p * p)} or {max(p, n // p * p) + p}'  # noqa: E731
+      raise ValueError(f'Image size {h}x{w} is not a multiple of the patch size {p}: resize or pad '
+                       f'to multiples of {p} (height {near(h)}, width {near(w)}).')
     return h // cfg.patch_size, w // cfg.patch_size
 
   def embed(self, images, mask=None):

@@ -132,5 +132,6 @@ def test_intermediates_bad_input():
     ours.forward_intermediates(x, 4)
   with pytest.raises(ValueError, match="output_fmt must be 'NHWC' or 'NLC', got 'NCHW'"):
     ours.forward_intermediates(x, output_fmt='NCHW')
-  with pytest.raises(ValueError, match=r'Image size 56x50 is not a multiple of the patch size 14'):
+  with pytest.raises(ValueError, match=r'Image size 56x50 is not a multiple of the patch size 14: '
+                     r'resize or pad to multiples of 14 \(height 56 or 70, width 42 or 56\)'):
     ours.forward_intermediates(_images(56, 50, 1))
