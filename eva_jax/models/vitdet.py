@@ -14,11 +14,12 @@ EVA-02 detection code (baaivision/EVA EVA-0{1,2}/det/detectron2/modeling/backbon
   level (detectron2's LastLevelMaxPool) when `top_block`.
 
 Per-block attention kinds vs stacked params: the encoder keeps its stacked `Blocks` (one param tree,
-the same as pretraining, so weights load unchanged). The depth is split into maximal runs of blocks
-of one kind (e.g. 0-4 window, 5 global, 6-10 window, ... for EVA-02-L's global 5, 11, 17, 23) and
-each run is one `lax.scan` over its slice of the stacked params (Blocks.run): the graph grows with
-the number of global blocks (4 -> 8 scans), not with depth, and the window/global choice stays
-static (no lax.cond computing both attentions).
+the same as pretraining, so weights load unchanged) and runs them as ONE `lax.scan` whose body
+picks global or window attention per layer with `lax.cond` on a static per-layer flag
+(Blocks.run(global_mask=...)): one compiled body holding both kinds, only one executed per layer.
+The first version split the depth into scans over runs of one kind (0-4 window, 5 global, ...:
+8 scans for EVA-02-L); XLA gave each loop its own temporaries, and L/14 at 1022 needed 29.5 GiB
+of temporaries against 8.5 GiB for an all-global single scan (docs/memory_plan.md).
 """
 from __future__ import annotations
 
@@ -170,17 +171,6 @@ class ViTDetBackbone(nnx.Module):
                                     det_cfg.scale_factors, det_cfg.top_block, det_cfg.fpn_eps,
                                     rngs=rngs)
 
-  def runs(self) -> list[tuple[int, int, bool]]:
-    """Maximal (start, stop, is_global) runs of blocks sharing one attention kind."""
-    out, depth = [], self.encoder.cfg.depth
-    for i in range(depth):
-      g = i in self.global_blocks
-      if out and out[-1][2] == g:
-        out[-1] = (out[-1][0], i + 1, g)
-      else:
-        out.append((i, i + 1, g))
-    return out
-
   def _rope(self, grid):
     ecfg = self.encoder.cfg
     if not ecfg.rope:
@@ -195,9 +185,13 @@ class ViTDetBackbone(nnx.Module):
     ws = self.window_size
     window = Window(grid, ws, self.window_pad)
     rope_glb, rope_win = self._rope(grid), self._rope((ws, ws))
-    for start, stop, is_global in self.runs():
-      x = enc.blocks.run(x, start, stop, rope_glb if is_global else rope_win, 0,
-                         window=None if is_global else window)
+    depth = enc.cfg.depth
+    mask = np.array([i in self.global_blocks for i in range(depth)])
+    if mask.all():
+      x = enc.blocks.run(x, 0, depth, rope_glb, 0)
+    else:
+      x = enc.blocks.run(x, 0, depth, rope_win, 0, window=window, global_mask=mask,
+                         rope_global=rope_glb)
     return x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
 
   def __call__(self, images):

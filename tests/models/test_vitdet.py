@@ -309,7 +309,7 @@ def test_pyramid_matches_detectron2_simple_feature_pyramid():
         ln = lns_t.pop(0)
         ln.weight.data, ln.bias.data = torch.tensor(s).float(), torch.tensor(b).float()
   got = nnx.jit(lambda m, f: m.fpn(f))(ours, feats)
-  xt = torch.from_numpy(np.asarray(feats).transpose(0, 3, 1, 2))
+  xt = torch.from_numpy(np.array(feats).transpose(0, 3, 1, 2))
   with torch.no_grad():
     for name, stage in zip(('p2', 'p3', 'p4', 'p5'), stages):
       _report(f'pyramid {name}', got[name], stage(xt).numpy().transpose(0, 2, 3, 1))
