@@ -4,7 +4,7 @@ Random weights with non-trivial affines go through eva_torch.to_torch_state_dict
 (strict); timm is built with dynamic_img_size=True, the kwargs eva_jax.export records, and our
 model uses pos_interp='bicubic_aa' (timm's run-time resample_abs_pos_embed antialiases).
 Sizes are the issue's 224 -> 224x336 / 448x448 scaled down: model 56 (4x4 grid, patch 14) run at
-56x84 (non-square, 4x6), 84x56 (6x4) and 112x112 (8x8). Run with -s for the measured errors.
+56x84 (non-square, 4x6) and 112x112 (8x8). Run with -s for the measured errors.
 """
 import functools
 
@@ -87,7 +87,7 @@ _fwd = nnx.jit(lambda m, x: m(x))
 
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('family', ['eva01', 'eva02'])
-@pytest.mark.parametrize('hw', [(56, 84), (84, 56), (112, 112)])
+@pytest.mark.parametrize('hw', [(56, 84), (112, 112)])
 def test_any_size_matches_timm_dynamic_img_size(family, hw):
   ours, tm = _pair(family)
   x = _images(*hw)
