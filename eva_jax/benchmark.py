@@ -51,6 +51,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -88,6 +89,14 @@ def benchmark_defaults() -> ml_collections.ConfigDict:
       warmup=2,            # untimed steps after compilation
       input='synthetic',   # 'synthetic' | 'pipeline' (also time the step fed by the input pipeline)
       compile_only=False,  # True: AOT lower + compile and memory analysis only, nothing executed
+      # 'vitdet': time the ViTDet detection backbone (models/vitdet.py) of config.model instead of
+      # the pretraining step: forward + backward of backbone + pyramid at det_image_size (L/14 at
+      # 1024: 73x73 = 5,329 tokens; window 16 needs window_pad there), one device, batch_size.
+      backbone='',
+      det_image_size=1024,
+      window_size=16,
+      window_pad=True,
+      global_blocks='',    # comma-separated; '' = every 6th block from block 5 (EVA-02-L: 5,11,17,23)
   ))
 
 
@@ -419,12 +428,109 @@ def _time_steps(fn, state, n):
   return state, metrics, times, cpu
 
 
+def vitdet_config_from(cfg):
+  """(student encoder config, vitdet config) of a pretraining config's config.benchmark fields."""
+  from eva_jax.models import vitdet
+  from eva_jax.training import pretrain
+  b = cfg.benchmark
+  scfg = pretrain.student_config(cfg)
+  size, p = int(b.det_image_size), scfg.patch_size
+  if size % p:
+    lo = size // p * p
+    raise ValueError(f'config.benchmark.det_image_size={size} is not a multiple of the patch size '
+                     f'{p}; use {lo} or {lo + p} (detectron2 pads to 1024 and a stride-{p} conv '
+                     f'drops the remainder: {lo // p}x{lo // p} tokens).')
+  glb = [int(i) for i in str(b.global_blocks).split(',') if i.strip()] or \
+      (list(range(5, scfg.depth, 6)) or [scfg.depth - 1])
+  det = vitdet.vitdet_config(image_size=int(b.det_image_size), window_size=int(b.window_size),
+                             window_pad=bool(b.window_pad), global_blocks=tuple(glb))
+  return scfg, det
+
+
+def vitdet_forward_flops(scfg, det) -> float:
+  """Backbone forward FLOPs per image (module docstring formula per block with the attention term
+  4*T*T_attn*d: T_attn = T for global blocks, window^2 over the padded grid for windowed ones;
+  patch embedding included, the pyramid not)."""
+  g = det.image_size // scfg.patch_size
+  t, d, f = g * g, scfg.width, scfg.mlp_dim
+  ws = det.window_size
+  tp = (-(-g // ws) * ws) ** 2
+  mlp = (6 if scfg.swiglu else 4) * d * f
+  n_glb = len(set(int(i) % scfg.depth for i in det.global_blocks))
+  per_glb = 8 * t * d * d + t * mlp + 4 * t * t * d
+  per_win = 8 * tp * d * d + tp * mlp + 4 * tp * ws * ws * d
+  embed = 2 * t * scfg.patch_size ** 2 * scfg.in_chans * d
+  return float(embed + n_glb * per_glb + (scfg.depth - n_glb) * per_win)
+
+
+def backbone_step(cfg, batch_size: int):
+  """(jitted fwd+bwd of the ViTDet backbone + pyramid, abstract params, abstract images, scfg,
+  det): the loss is the mean square of every pyramid level, enough to time and size a detection
+  training step's backbone part (one device, params replicated)."""
+  from flax import nnx
+  from eva_jax.models import vitdet
+  scfg, det = vitdet_config_from(cfg)
+  graphdef, params = nnx.split(nnx.eval_shape(
+      lambda: vitdet.ViTDetBackbone(scfg, det, rngs=nnx.Rngs(params=0))))
+
+  def loss(params, images):
+    feats = nnx.merge(graphdef, params)(images)
+    return sum(jnp.mean(jnp.square(v.astype(jnp.float32))) for v in feats.values())
+
+  images = jax.ShapeDtypeStruct((batch_size, det.image_size, det.image_size, 3), jnp.float32)
+  return jax.jit(jax.value_and_grad(loss)), params, images, scfg, det
+
+
+def run_backbone(cfg) -> dict[str, Any]:
+  """config.benchmark.backbone='vitdet': compile (and unless compile_only, time) backbone_step."""
+  from flax import nnx
+  from eva_jax.models import vitdet
+  b = cfg.benchmark
+  fn, params_abstract, images_abstract, scfg, det = backbone_step(cfg, cfg.batch_size)
+  t0 = time.perf_counter()
+  compiled = fn.lower(params_abstract, images_abstract).compile()
+  compile_s = time.perf_counter() - t0
+  mem = memory_stats(compiled)
+  device = jax.devices()[0]
+  g = det.image_size // scfg.patch_size
+  tflops_step = 3 * vitdet_forward_flops(scfg, det) * cfg.batch_size / 1e12
+  result = {'config': {'student': scfg.name, 'backbone': 'vitdet', 'image_size': det.image_size,
+                       'tokens': g * g, 'window_size': det.window_size,
+                       'global_blocks': list(det.global_blocks), 'batch_size': cfg.batch_size,
+                       'remat': scfg.remat, 'attention': scfg.attention},
+            'tflops_per_step': tflops_step, 'compile_s': compile_s, 'memory_analysis': mem,
+            'device_kind': device.device_kind, 'num_devices': 1, 'precision': cfg.precision}
+  if b.compile_only:
+    result['peak_bytes_per_device'] = mem.get('peak_bytes')
+    return result
+  _, params = nnx.split(vitdet.create(scfg, det, seed=cfg.seed))
+  images = jnp.asarray(np.random.default_rng(cfg.seed).standard_normal(
+      images_abstract.shape, dtype=np.float32))
+  step = lambda s: (s, compiled(params, images))
+  _, _, _, _ = _time_steps(step, None, max(int(b.warmup), 1))
+  _, _, times, _ = _time_steps(step, None, int(b.steps))
+  step_s = statistics.median(times)
+  peak = peak_tflops(device.device_kind)
+  per_dev = tflops_step / step_s
+  result.update({'step_s': step_s, 'images_per_s': cfg.batch_size / step_s,
+                 'tflops_per_s_per_device': per_dev, 'mfu': per_dev / peak if peak else None,
+                 'peak_bytes_per_device': device_peak_bytes(device) or mem.get('peak_bytes'),
+                 'steps': int(b.steps)})
+  return result
+
+
 def run(cfg) -> dict[str, Any]:
-  """Builds, compiles and times the pretraining step; returns the result record."""
+  """Builds, compiles and times the pretraining step (or, with config.benchmark.backbone='vitdet',
+  the detection backbone: run_backbone); returns the result record."""
   from eva_jax import parallel
   from eva_jax.training import pretrain
 
   cfg = add_benchmark_defaults(cfg)
+  if cfg.benchmark.backbone:
+    if cfg.benchmark.backbone != 'vitdet':
+      raise ValueError(f"config.benchmark.backbone must be '' or 'vitdet', got "
+                       f'{cfg.benchmark.backbone!r}.')
+    return run_backbone(cfg)
   from eva_jax.training import checks
   checks.check_config(cfg)   # every field range-checked before anything is built, as in training
   b = cfg.benchmark

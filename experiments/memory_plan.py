@@ -8,6 +8,15 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N).
   python experiments/memory_plan.py --devices=8 --precisions=bf16 --remats=full --batches=32
   python experiments/memory_plan.py --config=eva02_l14_pretrain.py --devices=8,128 --precisions=bf16
 
+Detection backbone (--vitdet): bytes of one device's forward + backward of the ViTDet backbone +
+simple feature pyramid (eva_jax.benchmark.backbone_step: models/vitdet.py on config.model, params
+replicated, batch per device) at --det_image_size. L/14 at 1022 (what a stride-14 conv sees of
+detectron2's 1024 input): 73x73 = 5,329 tokens, window 16 zero-padded to 80x80. Windowed with
+--global_blocks (';'-separated sets) or all-global ('all'):
+
+  python experiments/memory_plan.py --vitdet --config=eva02_l14_pretrain.py --precisions=bf16 \
+      --remats=full,dots_no_batch --batches=1,2 --global_blocks=";all" --det_image_size=1022
+
 It compiles the step exactly as `eva_jax.training.pretrain.build` makes it, block activations pinned to
 the batch sharding by `parallel.constrain_batch` (before commit 3f512fb they were not, and the FSDP
 step computed the global batch on every device: docs/memory_plan.md, section 1). Results and their
@@ -76,6 +85,53 @@ def worker(n, precisions, remats, batches, teacher_shard, config='eva01_g14_pret
         print('RESULT ' + json.dumps(rec), flush=True)
 
 
+def vitdet_records(precisions, remats, batches, config, det_image_size, window_size, glbs):
+  """Compile-only memory of benchmark.backbone_step per (precision, remat, batch, global set)."""
+  sys.path.insert(0, ROOT)
+  from eva_jax import benchmark
+  out = []
+  for precision in precisions:
+    for remat in remats:
+      for per_dev in batches:
+        for glb in glbs:
+          cfg = benchmark.add_benchmark_defaults(_load_config(precision, config))
+          cfg.model.remat = remat
+          cfg.benchmark.det_image_size, cfg.benchmark.window_size = det_image_size, window_size
+          cfg.benchmark.window_pad = True
+          t0 = time.perf_counter()
+          fn, params, images, scfg, det = benchmark.backbone_step(cfg, per_dev)
+          if glb == 'all':
+            cfg.benchmark.global_blocks = ','.join(map(str, range(scfg.depth)))
+            fn, params, images, scfg, det = benchmark.backbone_step(cfg, per_dev)
+          elif glb:
+            cfg.benchmark.global_blocks = glb
+            fn, params, images, scfg, det = benchmark.backbone_step(cfg, per_dev)
+          mem = benchmark.memory_stats(fn.lower(params, images).compile())
+          g = det_image_size // scfg.patch_size
+          rec = {'student': scfg.name, 'precision': precision, 'remat': remat,
+                 'per_device_batch': per_dev, 'image': det_image_size, 'tokens': g * g,
+                 'attention': ('global x%d' % scfg.depth if glb == 'all' else
+                               f'window {window_size} + global {list(det.global_blocks)}'),
+                 'compile_s': time.perf_counter() - t0, **mem}
+          print('RESULT ' + json.dumps(rec), flush=True)
+          out.append(rec)
+  return out
+
+
+def vitdet_table(records, budget_gib, headroom_gib):
+  usable = (budget_gib - headroom_gib) * GiB
+  lines = ['| model | image (tokens) | attention | precision | remat | batch/device | arguments GiB | '
+           'temporaries GiB | total GiB | fits 40 GB? | compile s |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in records:
+    lines.append(f"| {r['student']} | {r['image']} ({r['tokens']:,}) | {r['attention']} | "
+                 f"{r['precision']} | {r['remat']} | {r['per_device_batch']} | "
+                 f"{fmt(r['argument_size_in_bytes'])} | {fmt(r['temp_size_in_bytes'])} | "
+                 f"{fmt(r['peak_bytes'])} | {'yes' if r['peak_bytes'] <= usable else 'no'} | "
+                 f"{r['compile_s']:.0f} |")
+  return '\n'.join(lines)
+
+
 def fmt(b):
   return f'{b / GiB:.2f}'
 
@@ -138,10 +194,29 @@ def main():
   ap.add_argument('--out', default='', help='write the markdown tables here (else stdout)')
   ap.add_argument('--jsonl', default='', help='also write the raw records here')
   ap.add_argument('--worker', type=int, default=0, help=argparse.SUPPRESS)
+  ap.add_argument('--vitdet', action='store_true', help='the ViTDet backbone rows (see docstring)')
+  ap.add_argument('--det_image_size', type=int, default=1024)
+  ap.add_argument('--window_size', type=int, default=16)
+  ap.add_argument('--global_blocks', default='',
+                  help="';'-separated sets: '' = every 6th from block 5, 'all', or '5,11,17,23'")
   args = ap.parse_args()
   precisions = args.precisions.split(',')
   remats = args.remats.split(',')
   batches = [int(b) for b in args.batches.split(',')]
+  if args.vitdet:
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+    t0 = time.perf_counter()
+    glbs = args.global_blocks.split(';')
+    records = vitdet_records(precisions, remats, batches, args.config, args.det_image_size,
+                             args.window_size, glbs)
+    text = (f'## ViTDet backbone fwd+bwd bytes per device ({args.config}; XLA:CPU compiled memory '
+            'analysis, one device)\n\n' + vitdet_table(records, args.budget_gib, args.headroom_gib)
+            + f'\n\n{len(records)} compiles in {time.perf_counter() - t0:.0f} s.')
+    if args.out:
+      with open(args.out, 'w') as f:
+        f.write(text + '\n')
+    print(text)
+    return
   if args.worker:
     worker(args.worker, precisions, remats, batches, args.teacher_shard, args.config)
     return

@@ -121,7 +121,10 @@ class VisionTransformer(nnx.Module):
                        'x.transpose(0, 2, 3, 1).')
     h, w = images.shape[1:3]
     if h % cfg.patch_size or w % cfg.patch_size:
-      raise ValueError(f'Image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}.')
+      p = cfg.patch_size
+      near = lambda n: f'{max(p, n // p * p)} or {max(p, n // p * p) + p}'  # noqa: E731
+      raise ValueError(f'Image size {h}x{w} is not a multiple of the patch size {p}: resize or pad '
+                       f'to multiples of {p} (height {near(h)}, width {near(w)}).')
     return h // cfg.patch_size, w // cfg.patch_size
 
   def embed(self, images, mask=None):
@@ -192,6 +195,50 @@ class VisionTransformer(nnx.Module):
       x = self.norm(x)
     return x
 
+  def forward_intermediates(self, images, indices=None, *, norm: bool = False,
+                            output_fmt: str = 'NHWC', return_prefix_tokens: bool = False,
+                            intermediates_only: bool = False):
+    """Features of chosen blocks, as timm's `Eva.forward_intermediates` (deterministic).
+
+    images: float [B, H, W, C] NHWC, H and W multiples of the patch size (any other size than
+      the configured one: pos-embed resized by `model.pos_interp`, RoPE built for the grid).
+    indices: None (every block), an int n (the last n blocks) or a sequence of block indices
+      (negative ones count from the end); features come in block order, each block once.
+    norm: apply the final `norm` to each feature (identity for a model without one, as in timm).
+    output_fmt: 'NHWC' -> [B, gh, gw, D] patch-token maps (timm's 'NCHW' transposed; JAX is
+      channels-last) or 'NLC' -> [B, gh*gw, D] tokens.
+    return_prefix_tokens: each feature becomes (patch features, prefix tokens [B, P, D]) with the
+      cls token (and registers) split off; without it they are dropped.
+    intermediates_only: return only the list and stop after the last chosen block (timm's
+      stop_early); otherwise returns (final tokens [B, P + N, D] after the final norm, list).
+    Blocks run as scans between the chosen indices (Blocks.run), so features are not stacked
+    for every block. Raises ValueError for an index out of range or an unknown output_fmt.
+    Source: timm.models.eva.Eva.forward_intermediates (timm 1.0).
+    """
+    if output_fmt not in ('NHWC', 'NLC'):
+      raise ValueError(f"output_fmt must be 'NHWC' or 'NLC', got {output_fmt!r}.")
+    take = take_indices(self.cfg.depth, indices)
+    x, grid = self.embed(images)
+    rope = self._rope(grid)
+    feats, start = [], 0
+    for i in take:
+      x = self.blocks.run(x, start, i + 1, rope, self.num_prefix)
+      start = i + 1
+      feats.append(self.norm(x) if norm and self.norm is not None else x)
+    out = []
+    for f in feats:
+      prefix, patches = f[:, :self.num_prefix], f[:, self.num_prefix:]
+      if output_fmt == 'NHWC':
+        patches = patches.reshape(patches.shape[0], grid[0], grid[1], patches.shape[-1])
+      out.append((patches, prefix) if return_prefix_tokens else patches)
+    if intermediates_only:
+      return out
+    if start < self.cfg.depth:
+      x = self.blocks.run(x, start, self.cfg.depth, rope, self.num_prefix)
+    if self.norm is not None:
+      x = self.norm(x)
+    return x, out
+
   def targets(self, images):
     """Teacher targets, float32 [B, N, out_dim]: the patch tokens (cls and registers dropped) after
     the tower's final norm (`norm` or CLIP's `ln_post`), then its projection where it has one
@@ -229,6 +276,29 @@ def keep_patches(x, rope, keep_indices, num_prefix: int):
   if rope is not None:
     rope = tuple(t[idx] for t in rope)
   return x, rope
+
+
+def take_indices(depth: int, indices=None) -> list[int]:
+  """Sorted distinct block indices from None (all), an int n (the last n) or a sequence (negative
+  = from the end), as timm's feature_take_indices. Raises ValueError naming the bad value and the
+  valid range."""
+  if indices is None:
+    indices = depth
+  if isinstance(indices, (int, np.integer)) and not isinstance(indices, bool):
+    if not 0 < indices <= depth:
+      raise ValueError(f'indices={indices} (last n blocks) must be in 1..{depth} for a '
+                       f'{depth}-block model.')
+    return list(range(depth - int(indices), depth))
+  out = set()
+  for i in indices:
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -depth <= i < depth:
+      raise ValueError(f'block index {i!r} is out of range for a {depth}-block model; valid: '
+                       f'0..{depth - 1} or -{depth}..-1.')
+    out.add(int(i) % depth)
+  if not out:
+    raise ValueError('indices is empty; pass None (every block), an int n (the last n blocks) or '
+                     'block indices.')
+  return sorted(out)
 
 
 def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> VisionTransformer:

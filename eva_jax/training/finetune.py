@@ -17,6 +17,8 @@ skeleton's: this module is the whole of what a new trainer has to write.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -97,6 +99,20 @@ def build(cfg, mesh, num_classes: int, native: int | None = None):
       eval_batch_ndims={'image': 4, 'label': 1, 'valid': 1}, depth=ecfg.depth,
       trainable=trainable(nnx.to_pure_dict(template), cfg.freeze_patch_embed))
   return task, ecfg
+
+
+def resample_patch_size(encoder_params: dict, patch_size: int, method: str) -> dict:
+  """Pretrained encoder params (nested, numpy) with the patch kernel resampled to `patch_size`
+  (models.resample: 'pinv' = FlexiViT / timm resample_patch_embed, 'bicubic' = the official
+  interpolate_patch_14to16.py), logged; pretrained_into then re-grids the pos-embed (official
+  bicubic). EVA-02-CLIP-B/16 starts this way from EVA-02-B/14."""
+  from eva_jax.models import resample
+  old = np.asarray(encoder_params['patch_kernel'])
+  out = dict(encoder_params)
+  out['patch_kernel'] = resample.resample_patch_kernel(old, patch_size, method)
+  print(f'Resampled the pretrained patch kernel {old.shape[0]}x{old.shape[1]} -> '
+        f'{patch_size}x{patch_size} ({method}; config.patch_resample).', flush=True)
+  return out
 
 
 def pretrained_into(abstract_params: dict, encoder_params: dict, *, grid_from: tuple[int, int],
@@ -213,12 +229,18 @@ class FinetuneProgram(trainer.Program):
     weights = self.init_weights()
     self._init_weights = None   # the host copy is not kept for the whole run
     for field in ARCH_FIELDS:
+      if field == 'patch_size':   # another patch size is resampled below, not refused
+        continue
       if field in weights.config and weights.config[field] != self.encoder_cfg[field]:
         raise ValueError(f'config.init_from has model.{field}={weights.config[field]} but the '
                          f'fine-tuning config has {self.encoder_cfg[field]}; set '
                          '--config.model.name (and overrides) to match the checkpoint.')
     p = self.encoder_cfg.patch_size
-    grid_from = (weights.config.get('image_size', 224) // p,) * 2
+    p_from = int(weights.config.get('patch_size', p))
+    grid_from = (weights.config.get('image_size', 224) // p_from,) * 2
+    if p_from != p:
+      weights = dataclasses.replace(weights, params=resample_patch_size(
+          weights.params, p, cfg.get('patch_resample', 'pinv')))
     grid_to = (self.encoder_cfg.image_size // p,) * 2
     params = jax.tree.map(np.asarray, jax.device_get(state.params))
     params['encoder'], dropped = pretrained_into(
