@@ -9,7 +9,7 @@
 #   BATCH=96 REMAT=dots STEPS=20 bash experiments/gpu_check.sh
 #
 # Knobs (environment): PYTHON, BATCH (per GPU, default 64), REMAT (none|dots|dots_no_batch|full,
-# default none), ATTN (xla|cudnn, default xla; cudnn falls back to xla if it fails), STEPS (10),
+# default none), ATTN (cudnn|xla, default cudnn; falls back to xla if it fails), STEPS (10),
 # T_OURS/T_TORCH (seconds per part), SKIP_TORCH=1, OUT (folder for the JSON/logs).
 # Sized for a 15-minute device lease (machine start-up included): typically 3-4 minutes, at most
 # T_OURS x 2 + T_TORCH + 90 s = 8.5 minutes with every retry and timeout.
@@ -21,10 +21,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 BATCH=${BATCH:-64}
 REMAT=${REMAT:-none}
-# XLA attention by default: jax 0.10.2 refuses cuDNN attention in training for an odd sequence
-# length, and every EVA recipe at 224 has 257 tokens (tests/training/test_lowering.py
-# test_cudnn_attention_needs_even_tokens); ATTN=cudnn would only spend a failed try of the lease.
-ATTN=${ATTN:-xla}
+# cuDNN fused attention by default: 257 tokens (odd, which jax 0.10.2 refuses for cuDNN training)
+# are padded to 258 with the extra key masked (models/layers.py attend; lowering proven by
+# tests/training/test_lowering.py test_cudnn_attention_with_odd_tokens); falls back to xla.
+ATTN=${ATTN:-cudnn}
 STEPS=${STEPS:-10}
 CONFIG=${CONFIG:-configs/eva01_l14_pretrain.py}
 PRESET=${PRESET:-l14}

@@ -156,6 +156,29 @@ def apply_rope(x, sin, cos):
   return (x32 * cos + rot * sin).astype(x.dtype)
 
 
+def attend(q, k, v, *, scale: float, causal: bool = False, implementation=None,
+           pad_to_even: bool | None = None):
+  """jax.nn.dot_product_attention on [B, T, H, D] q/k/v, returning [B, T, H, D].
+
+  cuDNN's fused attention trains only on even sequence lengths (jax 0.10.2 raises
+  NotImplementedError "Unsupported sequence length Q 257, KV 257": every EVA recipe at 224 is
+  16x16 + cls). With pad_to_even (default: implementation == 'cudnn') an odd T gets one zero token
+  that is masked out as a key (seq lengths) and whose query row is sliced off, so values and
+  gradients equal the unpadded ones."""
+  t = q.shape[1]
+  if pad_to_even is None:
+    pad_to_even = implementation == 'cudnn'
+  lengths = None
+  if pad_to_even and t % 2:
+    pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+    lengths = jnp.full((q.shape[0],), t, jnp.int32)
+  o = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                   query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                   implementation=implementation)
+  return o[:, :t]
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with EVA's bias options, optional sub-LN and RoPE on patch tokens."""
 
@@ -200,8 +223,8 @@ class Attention(nnx.Module):
     if dt == jnp.float16 and jax.default_backend() == 'cpu':
       # XLA:CPU has no f16 x f16 -> f32 dot; upcast there (CPU fp16 runs are for tests only).
       q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, is_causal=self.causal,
-                                     implementation=impl).astype(dt)
+    o = attend(q, k, v, scale=self.head_dim ** -0.5, causal=self.causal,
+               implementation=impl).astype(dt)
     if self.norm is not None:
       b, t = o.shape[:2]
       o = self.norm(o.reshape(b, t, -1)).reshape(o.shape)

@@ -158,8 +158,7 @@ def _worker() -> dict:
     if name == 'pretrain_clip':
       traced_clip = traced
 
-  # (a) cuDNN attention. 42 px = 3x3 patches + cls = 10 tokens: jax 0.10.2 trains cuDNN attention
-  # only on even sequence lengths (see test_cudnn_attention_needs_even_tokens).
+  # (a) cuDNN attention. 42 px = 3x3 patches + cls = 10 tokens (even: no padding token).
   cudnn = {}
   one = jax.devices()[:1]
   for attention in ('cudnn', 'auto'):
@@ -170,13 +169,12 @@ def _worker() -> dict:
   task, args = pretrain_step('clip', 'clip-tiny', image_size=42, **{'model.attention': 'cudnn'})
   text = task.train_step.trace(*args).lower(lowering_platforms=('cuda',)).as_text()
   cudnn['cudnn_fsdp8'] = benchmark.stablehlo_summary(text)
-  try:
-    task, args = pretrain_step('clip', 'clip-tiny', devices=one,
-                               **{'mesh.fsdp': 1, 'model.attention': 'cudnn'})
-    task.train_step.trace(*args)
-    cudnn['odd_tokens_error'] = None
-  except NotImplementedError as e:
-    cudnn['odd_tokens_error'] = str(e)
+  # 56 px = 4x4 patches + cls = 17 tokens, odd like every recipe at 224 (257): layers.Attention
+  # pads one masked token for cuDNN, so this lowers to the fused call too.
+  task, args = pretrain_step('clip', 'clip-tiny', devices=one,
+                             **{'mesh.fsdp': 1, 'model.attention': 'cudnn'})
+  cudnn['cudnn_odd_tokens'] = _targets(
+      task.train_step.trace(*args).lower(lowering_platforms=('cuda',)).as_text())
   out['cudnn'] = cudnn
 
   # (d) The FSDP program after SPMD partitioning: compiled for CPU, backend codegen at -O0 (the
@@ -283,13 +281,12 @@ def test_cudnn_attention_on_cuda(lowered):
   _golden('pretrain_clip_cudnn_cuda', _summary_lines(s))
 
 
-def test_cudnn_attention_needs_even_tokens(lowered):
-  """jax 0.10.2 refuses cuDNN attention in training for an odd sequence length (it counts an
-  absent bias as a bias): 17 tokens here, and 257 for every EVA recipe at 224 (16x16 + cls). The
-  recipes therefore run XLA attention; a cuDNN run needs the sequence padded to an even length
-  (models/layers.py). When that lands, this test flips."""
-  err = lowered['cudnn']['odd_tokens_error']
-  assert err and 'Unsupported sequence length Q 17, KV 17' in err, err
+def test_cudnn_attention_with_odd_tokens(lowered):
+  """jax 0.10.2 refuses cuDNN attention in training for an odd sequence length (17 here, 257 for
+  every EVA recipe at 224); layers.Attention pads one masked token, so the fused forward and
+  backward calls are there all the same."""
+  fmha = [t for t in lowered['cudnn']['cudnn_odd_tokens'] if t.startswith('__cudnn$fmha')]
+  assert any('Backward' in t for t in fmha) and any('Backward' not in t for t in fmha), fmha
 
 
 def _backward(c) -> bool:
