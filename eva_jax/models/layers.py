@@ -116,10 +116,15 @@ def rope_sincos(grid: tuple[int, int], head_dim: int, theta: float, ref_grid: in
 
 
 def apply_rope(x, sin, cos):
-  """Rotates interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x [B, N, H, D]."""
+  """Rotates interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x [B, N, H, D].
+
+  sin/cos: [N, D] shared by the batch, or [B, N, D] per example (the tables of the patch tokens
+  FLIP patch dropout kept, as timm's apply_keep_indices_nlc gathers them)."""
   x32 = x.astype(jnp.float32)
   rot = jnp.stack([-x32[..., 1::2], x32[..., ::2]], -1).reshape(x.shape)
-  sin, cos = sin[None, :, None, :], cos[None, :, None, :]
+  if sin.ndim == 2:
+    sin, cos = sin[None], cos[None]
+  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
   return (x32 * cos + rot * sin).astype(x.dtype)
 
 
@@ -131,6 +136,8 @@ class Attention(nnx.Module):
     hd = d // h
     self.heads, self.head_dim = h, hd
     self.attention = cfg.attention
+    # CLIP text tower: causal self-attention (token t attends to tokens <= t).
+    self.causal = bool(cfg.get('causal', False))
     self.qkv = param(rngs, init, (d, 3, h, hd), ('embed', 'qkv', 'heads', 'kv'))
     # EVA/BEiT: q and v biases, no k bias (a k bias only shifts each query's logits by a constant).
     self.q_bias = param(rngs, zeros, (h, hd), ('heads', 'kv')) if cfg.attn_bias != 'none' else None
@@ -165,7 +172,7 @@ class Attention(nnx.Module):
     if dt == jnp.float16 and jax.default_backend() == 'cpu':
       # XLA:CPU has no f16 x f16 -> f32 dot; upcast there (CPU fp16 runs are for tests only).
       q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
+    o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, is_causal=self.causal,
                                      implementation=impl).astype(dt)
     if self.norm is not None:
       b, t = o.shape[:2]

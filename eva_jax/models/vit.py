@@ -164,17 +164,23 @@ class VisionTransformer(nnx.Module):
     sin, cos = rope_sincos(grid, hd, self.cfg.rope_theta, self.cfg.rope_ref_grid)
     return jnp.asarray(sin), jnp.asarray(cos)
 
-  def __call__(self, images, mask=None, *, dropout_key=None):
+  def __call__(self, images, mask=None, *, dropout_key=None, keep_indices=None):
     """Tokens [B, 1+N, D] after the final norm (student) or the last block (teacher).
 
     mask: optional bool [B, N], True = replace that patch by the [MASK] token.
     dropout_key: PRNG key enabling drop path (training); None = deterministic.
+    keep_indices: optional int [B, K] patch indices (FLIP patch dropout, `patch_dropout_indices`):
+      only those patch tokens (after pos-embed) enter the blocks, with their RoPE rows; prefix
+      tokens are always kept. Output then [B, prefix + K, D].
     """
     x, grid = self.embed(images, mask)
+    rope = self._rope(grid)
+    if keep_indices is not None:
+      x, rope = keep_patches(x, rope, keep_indices, self.num_prefix)
     rates = np.linspace(0.0, self.cfg.drop_path, self.cfg.depth) if dropout_key is not None else None
     if dropout_key is not None and self.cfg.drop_path == 0.0:
       dropout_key = None
-    x = self.blocks(x, self._rope(grid), self.num_prefix, rates, dropout_key)
+    x = self.blocks(x, rope, self.num_prefix, rates, dropout_key)
     if self.norm is not None:
       x = self.norm(x)
     return x
@@ -193,6 +199,29 @@ class VisionTransformer(nnx.Module):
       if self.proj_bias is not None:
         x = x + self.proj_bias[...].astype(x.dtype)
     return x.astype(jnp.float32)
+
+
+def patch_dropout_indices(key, batch: int, num_patches: int, rate: float):
+  """FLIP patch dropout (arXiv 2212.00794): int32 [batch, K] random patch indices to keep, K =
+  max(1, int(num_patches * (1 - rate))), a fresh uniform subset per example in random order (timm
+  PatchDropoutWithIndices(ordered=False): argsort of noise, first K; EVA-CLIP's PatchDropout takes
+  the top-K of noise, the same distribution). Raises ValueError for a rate outside [0, 1)."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'patch dropout rate must be in [0, 1), got {rate}.')
+  keep = max(1, int(num_patches * (1.0 - rate)))
+  noise = jax.random.uniform(key, (batch, num_patches))
+  return jnp.argsort(noise, axis=-1)[:, :keep].astype(jnp.int32)
+
+
+def keep_patches(x, rope, keep_indices, num_prefix: int):
+  """Gathers the kept patch tokens of x [B, prefix + N, D] (prefix tokens always kept) and the
+  matching RoPE rows ([N, hd] tables -> [B, K, hd], timm apply_keep_indices_nlc)."""
+  idx = keep_indices.astype(jnp.int32)
+  patches = jnp.take_along_axis(x[:, num_prefix:], idx[..., None], axis=1)
+  x = jnp.concatenate([x[:, :num_prefix], patches], axis=1)
+  if rope is not None:
+    rope = tuple(t[idx] for t in rope)
+  return x, rope
 
 
 def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> VisionTransformer:
