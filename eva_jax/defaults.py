@@ -167,3 +167,54 @@ def finetune_recipe(model: str, *, images: int, image_size: int, batch_size: int
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.data.workers = 16
   return c
+
+
+def clip_defaults(model: str = 'eva-clip-tiny') -> ml_collections.ConfigDict:
+  """Fields of every contrastive image-text (EVA-CLIP) config (eva_jax.training.clip).
+
+  config.model: the CLIP model name (models/clip.py CLIP_NAMES) and CLIP-level fields;
+  config.vision / config.text: overrides of the named towers' fields (None = the named model's;
+  image size and dtype are the run's: config.image_size, config.precision).
+  """
+  from ml_collections import config_dict
+  from eva_jax.models import clip as clip_lib
+  c = pretrain_defaults()
+  del c.teacher
+  c.model = ml_collections.ConfigDict(dict(
+      name=model,
+      pool='token',            # 'token' (EVA-CLIP: head(norm(x)[:, 0])) | 'avg'
+      patch_dropout=0.0,       # FLIP: share of patch tokens dropped in training (EVA-CLIP g: 0.5)
+      remat='none'))           # none | full | dots | dots_no_batch (both towers)
+  template = clip_lib.clip_config(model)
+  c.vision = ml_collections.ConfigDict(
+      {k: config_dict.placeholder(type(v)) for k, v in template.vision.items()
+       if k not in ('name', 'image_size', 'dtype', 'remat') and v is not None
+       and not isinstance(v, (tuple, list, dict, ml_collections.ConfigDict))})
+  c.text = ml_collections.ConfigDict(
+      {k: config_dict.placeholder(type(v)) for k, v in template.text.items()
+       if k not in ('name', 'dtype', 'remat')})
+  c.loss = 'clip'              # clip (InfoNCE, gather-with-grad + local loss) | siglip
+  c.init = ml_collections.ConfigDict(dict(
+      image='',                # eva_jax MIM / fine-tuning workdir or checkpoint, timm / official EVA
+                               #   file ('' = random init); lm_head, mask_token, head skipped
+      image_weights='auto',    # auto (EMA if kept) | raw | ema
+      text='',                 # transformers CLIP dir, OpenAI .pt, open_clip file ('' = random)
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      name='lamb', lr=5e-4, min_lr=0.0, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6,
+      weight_decay=0.05, clip_norm=5.0, layer_decay=1.0,
+      towers=ml_collections.ConfigDict(dict(
+          visual=ml_collections.ConfigDict(dict(lr=4e-4, weight_decay=0.05, layer_decay=0.85)),
+          text=ml_collections.ConfigDict(dict(lr=4e-5, weight_decay=0.05, layer_decay=0.75))))))
+  c.eval = ml_collections.ConfigDict(dict(
+      zero_shot='demo:val',    # labelled image folder (class sub-folders): folder:DIR, demo:val; '' = off
+      classnames='',           # '' = the demo's names (demo) or the folder names; 'imagenet'
+      templates='demo',        # demo | openai | simple (open_clip's ImageNet prompts)
+      retrieval='demo:val',    # image-text pairs (a caption file's lines = that image's captions); '' = off
+      batch_size=32,           # images / prompts per encoder call
+      limit=0,                 # > 0: at most this many retrieval pairs
+  ))
+  c.eval_every = 0             # 0 = only at the end
+  c.data.source = 'demo:train'
+  c.data.workers = 0
+  return c
