@@ -86,7 +86,8 @@ def build(cfg, mesh):
 
 def encoders(task, params, batch_size: int):
   """(encode_image, encode_text): host numpy in, float32 numpy [N, E] out (not normalized), any N.
-  Inputs are zero-padded to multiples of `batch_size` so each encoder compiles once."""
+  Inputs are zero-padded to multiples of `batch_size` so each encoder compiles once. `task`: a
+  Task, or anything with its graphdef, template and mesh (eval_model)."""
   graphdef, template, mesh = task.graphdef, task.template, task.mesh
 
   def image_fn(p, x):
@@ -169,6 +170,30 @@ def templates(eval_cfg) -> tuple[str, ...]:
                    "format strings with one '{}'.")
 
 
+def eval_model(mcfg, mesh=None):
+  """What `encoders` needs of a Task (graphdef, template, mesh) for a ClipModel config, without an
+  optimizer: for evaluating a checkpoint (eva-zero-shot)."""
+  import types
+  from eva_jax import parallel
+  graphdef, template = task_lib.split_abstract(
+      lambda seed: clip_lib.ClipModel(mcfg, rngs=nnx.Rngs(params=seed)))
+  mesh = mesh or parallel.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  return types.SimpleNamespace(graphdef=graphdef, template=template, mesh=mesh)
+
+
+def load_checkpoint(path: str, weights: str = 'auto') -> tuple[ml_collections.ConfigDict, dict, str]:
+  """(ClipModel config, host params, description) of an eva_jax CLIP run (workdir or checkpoint
+  folder; its metadata records the model). Raises FileNotFoundError, or ValueError for a
+  checkpoint of another kind (pretraining, fine-tuning)."""
+  from eva_jax import checkpoint as ckpt_lib
+  params, meta, step = ckpt_lib.restore_params(path, weights=weights)
+  if meta.get('kind') != ClipProgram.kind or 'clip' not in meta:
+    raise ValueError(f'{path} is a {meta.get("kind") or "unknown"!r} checkpoint, not an EVA-CLIP '
+                     'run (eva-clip); zero-shot evaluation needs both towers.')
+  mcfg = ml_collections.ConfigDict(meta['clip'])
+  return mcfg, params, f'{path} (step {step})'
+
+
 def evaluate_params(task, params, cfg, mcfg) -> dict:
   """Zero-shot top-1/5 and retrieval recall@1/5/10 of `params` as one flat dict (empty sections
   skipped): 'zero_shot/top1', 'zero_shot/top5', 'retrieval/image_to_text_R@k', ..."""
@@ -220,13 +245,19 @@ class ClipProgram(trainer.Program):
                                          t.layer_decay)
     if cfg.optim.get('name', 'adamw') not in ('lamb', 'adamw'):
       raise ValueError(f"config.optim.name={cfg.optim.name!r} must be 'lamb' or 'adamw'.")
-    ranges.count(1).check('config.eval.batch_size', cfg.eval.batch_size)
-    if cfg.eval.templates not in TEMPLATES and not isinstance(cfg.eval.templates, (tuple, list)):
-      raise ValueError(f'config.eval.templates={cfg.eval.templates!r} must be one of '
-                       f'{", ".join(TEMPLATES)} or a tuple of format strings.')
+    self.validate_eval()
     self.model_cfg = clip_model_config(cfg)   # a bad model name / override fails here
     contrastive.check_batch(int(cfg.batch_size), f'config.batch_size={cfg.batch_size}: the '
                             f'{cfg.loss} loss')
+
+  def validate_eval(self):
+    """Checks of config.eval (also used by eva-zero-shot). Raises ValueError naming the field."""
+    ev = self.cfg.eval
+    ranges.count(1).check('config.eval.batch_size', ev.batch_size)
+    ranges.count(0).check('config.eval.limit', ev.limit)
+    if not isinstance(ev.templates, (tuple, list)) and ev.templates not in TEMPLATES:
+      raise ValueError(f'config.eval.templates={ev.templates!r} must be one of '
+                       f'{", ".join(TEMPLATES)} or a tuple of format strings.')
 
   def build(self, mesh):
     task, self.model_cfg = build(self.cfg, mesh)
