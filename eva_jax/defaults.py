@@ -218,3 +218,40 @@ def clip_defaults(model: str = 'eva-clip-tiny') -> ml_collections.ConfigDict:
   c.data.source = 'demo:train'
   c.data.workers = 0
   return c
+
+
+def eva_clip_recipe(model: str, *, batch_size: int, samples: float, lr: float, visual_lr: float,
+                    text_lr: float, visual_ld: float, text_ld: float, patch_dropout: float,
+                    warmup_steps: int = 2000, weight_decay: float = 0.05, clip_norm: float = 5.0,
+                    precision: str = 'fp16') -> ml_collections.ConfigDict:
+  """The shape of the official EVA-CLIP pre-training runs (EVA-SPEC "EVA-CLIP"; baaivision/EVA
+  EVA-CLIP/README.md "Pre-training" scripts, rei/training/main.py): LAMB, betas (0.9, 0.98), eps
+  1e-6 (open_clip's ViT defaults), per-tower lr / wd / layer decay, grad clip 5.0, 2000 warmup
+  steps then cosine to 0, fp16, grad checkpointing, gather-with-grad + local loss, FSDP over every
+  chip (the official DeepSpeed ZeRO stage 1). `samples`: images seen (total_steps = samples /
+  batch_size, rounded)."""
+  c = clip_defaults(model=model)
+  c.precision = precision
+  c.image_size = 224
+  c.batch_size = batch_size
+  c.total_steps = int(round(samples / batch_size))
+  c.loss = 'clip'
+  c.model.patch_dropout = patch_dropout
+  c.model.remat = 'full'                  # --grad-checkpointing
+  c.optim.update(dict(name='lamb', lr=lr, min_lr=0.0, warmup_steps=warmup_steps, b1=0.9,
+                      b2=0.98, eps=1e-6, weight_decay=weight_decay, clip_norm=clip_norm))
+  c.optim.towers.visual.update(dict(lr=visual_lr, weight_decay=weight_decay,
+                                    layer_decay=visual_ld))
+  c.optim.towers.text.update(dict(lr=text_lr, weight_decay=weight_decay, layer_decay=text_ld))
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.data.source = ''                      # set: webdataset:/path/{000000..164090}.tar, or a mixture
+  c.data.workers = 8                      # --workers=8
+  c.log_every, c.checkpoint_every = 100, 2000
+  c.eval_every = 5000
+  c.eval.zero_shot = ''                   # set: folder:/path/to/imagenet/val (class folders)
+  c.eval.classnames = 'imagenet'
+  c.eval.templates = 'openai'             # open_clip's 80 ImageNet prompts, as EVA-CLIP evaluates
+  c.eval.retrieval = ''                   # e.g. webdataset:/path/to/coco_5k_test.tar
+  c.eval.batch_size = 256
+  c.seed = 4096                           # --seed 4096
+  return c
