@@ -22,5 +22,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.define_config('eva-clip config.')
+  from eva_jax import benchmark as _bench
+  common.define_config('eva-clip config.', post=_bench.add_benchmark_defaults)
   common.run(main, __doc__, ['config'])
