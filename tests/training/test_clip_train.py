@@ -91,12 +91,18 @@ def _records(workdir):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-def test_towers_start_from_their_files(mim_checkpoint, text_tower):
+@pytest.fixture(scope='module')
+def built(mim_checkpoint, text_tower):
+  """(program, task) initialized from the MIM checkpoint and the transformers text tower."""
   cfg = tiny_cfg()
   cfg.init.image, cfg.init.text = str(mim_checkpoint), str(text_tower[0])
   program = clip.ClipProgram(cfg)
   program.validate()
-  task = program.build(parallel.make_mesh(cfg.mesh))
+  return program, program.build(parallel.make_mesh(cfg.mesh))
+
+
+def test_towers_start_from_their_files(built, mim_checkpoint, text_tower):
+  program, task = built
   params = jax.device_get(program.init_state(task).params)
   enc, _, _ = ckpt_lib.restore_params(str(mim_checkpoint))
   enc = enc['encoder']
@@ -148,7 +154,7 @@ def test_zero_shot_command_repeats_the_run_eval(runs):
     assert got[k] == pytest.approx(last[k], abs=1e-6), k
 
 
-def test_bad_inputs(tmp_path, caplog):
+def test_bad_inputs(tmp_path, caplog, built):
   # A global batch too small for the contrastive loss: a warning naming the batch.
   with caplog.at_level(logging.WARNING):
     clip.ClipProgram(tiny_cfg(batch_size=6)).validate()
@@ -159,9 +165,8 @@ def test_bad_inputs(tmp_path, caplog):
   cfg.init.text = str(tmp_path)
   program = clip.ClipProgram(cfg)
   program.validate()
-  task = program.build(parallel.make_mesh(cfg.mesh))
-  with pytest.raises(CheckpointError) as e:
-    program.init_state(task)
+  with pytest.raises(CheckpointError) as e:   # the same model as `built`: reuse its task
+    program.init_state(built[1])
   msg = common.known_error_message(e.value)
   assert msg is not None and '\n' not in msg
   assert 'text.width: file 48 vs config 32' in msg
@@ -182,7 +187,8 @@ def test_per_tower_learning_rates(name):
   tx, _ = optim.make_optimizer(ocfg, params, total_steps=10)
   zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float32), params)
   ones = jax.tree.map(lambda p: np.ones(p.shape, np.float32), params)
-  lr = jax.tree.map(lambda u: -np.asarray(u), tx.update(ones, tx.init(zeros), zeros)[0])
+  update = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])
+  lr = jax.tree.map(lambda u: -np.asarray(u), update(ones, zeros))
   dv, dt = mcfg.vision.depth, mcfg.text.depth
   vis = lr['visual']['blocks']['layers']['mlp']['fc1']['kernel']
   txt = lr['text']['blocks']['layers']['mlp']['fc1']['kernel']
@@ -198,7 +204,7 @@ def test_per_tower_learning_rates(name):
   if name == 'lamb':   # the trust ratio rescales a pure-decay update to ||w||: AdamW only
     return
   # Decoupled weight decay (Adam part is 0 with zero gradients): lr x wd on matrices only.
-  wd = jax.tree.map(lambda u: -np.asarray(u), tx.update(zeros, tx.init(ones), ones)[0])
+  wd = jax.tree.map(lambda u: -np.asarray(u), update(zeros, ones))
   vk = wd['visual']['blocks']['layers']['mlp']['fc1']
   np.testing.assert_allclose(vk['kernel'][0], 4e-4 * 0.85 ** dv * 0.05, rtol=1e-4)
   np.testing.assert_array_equal(vk['bias'], 0.0)
