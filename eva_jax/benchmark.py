@@ -721,3 +721,97 @@ def clip_step_flops_per_pair(clip_cfg, *, image_size: int | None = None,
 if __name__ == '__main__':   # `python -m eva_jax.benchmark` = eva-benchmark
   from eva_jax.cli.benchmark import run as main
   main()
+
+
+# ------------------------------------------------------------------------------------------------
+# Contrastive (EVA-CLIP) step
+def text_forward_flops(text_cfg, embed_dim: int = 0, length: int | None = None) -> float:
+  """Forward FLOPs per caption of a CLIP text tower: the block formula above at T = context
+  length (causal attention still computes the full T x T scores in XLA: counted in full), plus
+  the EOT projection 2·d·embed_dim. Token embedding is a gather: 0 FLOPs."""
+  t, d, f = int(length or text_cfg.context_length), text_cfg.width, text_cfg.mlp_dim
+  return float(text_cfg.depth * (8 * t * d * d + 4 * t * d * f + 4 * t * t * d)
+               + 2 * d * embed_dim)
+
+
+def clip_step_flops_per_pair(clip_cfg, global_batch: int = 0) -> dict[str, float]:
+  """FLOPs per image-text pair of one contrastive training step: 3 x (image tower forward with
+  FLIP patch dropout: only the kept patches + cls enter the blocks; patch embedding over all
+  patches; pooled head) + 3 x text tower forward + 3 x the B x B logits of the loss (2 matmuls
+  of 2·B·E per pair; `global_batch` = 0 leaves them out)."""
+  v = clip_cfg.vision
+  n = (v.image_size // v.patch_size) ** 2
+  kept = n - int(n * clip_cfg.patch_dropout)
+  t = kept + (1 if v.get('class_token', True) else 0)
+  mlp = 6 * t * v.width * v.mlp_dim if v.get('swiglu', False) else 4 * t * v.width * v.mlp_dim
+  image = (v.depth * (8 * t * v.width ** 2 + mlp + 4 * t * t * v.width)
+           + 2 * n * v.patch_size ** 2 * v.get('in_chans', 3) * v.width
+           + 2 * v.width * clip_cfg.embed_dim)
+  text = text_forward_flops(clip_cfg.text, clip_cfg.embed_dim)
+  loss = 2 * 2 * global_batch * clip_cfg.embed_dim
+  total = 3.0 * (image + text + loss)
+  return {'image_train': 3.0 * image, 'text_train': 3.0 * text, 'loss_train': 3.0 * loss,
+          'total': total}
+
+
+def run_clip(cfg) -> dict[str, Any]:
+  """Builds, compiles and times the contrastive training step of an eva-clip config (exactly what
+  eva-clip runs: eva_jax.training.clip.build) on a synthetic device-resident batch (random
+  normalized images, random CLIP token rows ending in EOT); returns pairs/s, TFLOP/s, MFU and
+  memory like `run`. Reads config.benchmark (steps, warmup, compile_only)."""
+  from eva_jax import parallel
+  from eva_jax.training import clip as clip_train
+
+  cfg = add_benchmark_defaults(cfg)
+  b = cfg.benchmark
+  program = clip_train.ClipProgram(cfg)
+  program.validate()
+  mesh = parallel.make_mesh(cfg.mesh)
+  parallel.check_batch(cfg.batch_size, mesh)
+  task, mcfg = clip_train.build(cfg, mesh)
+  rng = np.random.default_rng(cfg.seed)
+  local = cfg.batch_size // jax.process_count()
+  ctx = mcfg.text.context_length
+  tokens = np.zeros((local, ctx), np.int32)
+  tokens[:, 0] = 49406
+  lengths = rng.integers(4, ctx - 1, size=local)
+  for i, n in enumerate(lengths):
+    tokens[i, 1:n] = rng.integers(1, 49405, size=n - 1)
+    tokens[i, n] = 49407
+  host = {'image': rng.standard_normal((local, cfg.image_size, cfg.image_size, 3),
+                                       dtype=np.float32), 'text': tokens}
+  abstract = {k: jax.ShapeDtypeStruct((cfg.batch_size,) + v.shape[1:], v.dtype)
+              for k, v in host.items()}
+  t0 = time.perf_counter()
+  compiled = task.train_step.lower(task.abstract_state, {}, abstract).compile()
+  compile_s = time.perf_counter() - t0
+  mem = memory_stats(compiled)
+  flops = clip_step_flops_per_pair(mcfg, cfg.batch_size)
+  devices = mesh.devices.reshape(-1)
+  result = {
+      'config': {'model': mcfg.name, 'image_size': cfg.image_size, 'batch_size': cfg.batch_size,
+                 'patch_dropout': mcfg.patch_dropout, 'loss': cfg.loss, 'remat': mcfg.vision.remat,
+                 'mesh': dict(mesh.shape), 'precision': cfg.precision},
+      'tflops_per_pair': flops['total'] / 1e12,
+      'tflops_per_step': flops['total'] * cfg.batch_size / 1e12,
+      'compile_s': compile_s, 'memory_analysis': mem, 'device_kind': devices[0].device_kind,
+      'num_devices': int(mesh.size)}
+  if b.compile_only:
+    return result
+  state = task.init(cfg.seed)
+  batch = parallel.host_to_global(host, mesh)
+  step = lambda s: compiled(s, {}, batch)   # noqa: E731
+  state, metrics, _, _ = _time_steps(step, state, max(int(b.warmup), 0))
+  state, metrics, times, cpu = _time_steps(step, state, int(b.steps))
+  step_s = statistics.median(times)
+  per_dev = result['tflops_per_step'] / step_s / int(mesh.size)
+  peak = peak_tflops(devices[0].device_kind)
+  runtime_peak = max((p for p in (device_peak_bytes(d) for d in jax.local_devices())
+                      if p is not None), default=None)
+  result.update({
+      'step_s': step_s, 'step_cpu_s': statistics.median(cpu),
+      'pairs_per_s': cfg.batch_size / step_s, 'tflops_per_s_per_device': per_dev,
+      'mfu': (per_dev / peak) if peak else None, 'peak_tflops_per_device': peak,
+      'peak_bytes_per_device': runtime_peak if runtime_peak is not None else mem.get('peak_bytes'),
+      'loss': float(metrics['loss']), 'steps': int(b.steps)})
+  return result

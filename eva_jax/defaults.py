@@ -169,3 +169,91 @@ def finetune_recipe(model: str, *, images: int, image_size: int, batch_size: int
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.data.workers = 16
   return c
+
+
+def clip_defaults(model: str = 'eva-clip-tiny') -> ml_collections.ConfigDict:
+  """Fields of every contrastive image-text (EVA-CLIP) config (eva_jax.training.clip).
+
+  config.model: the CLIP model name (models/clip.py CLIP_NAMES) and CLIP-level fields;
+  config.vision / config.text: overrides of the named towers' fields (None = the named model's;
+  image size and dtype are the run's: config.image_size, config.precision).
+  """
+  from ml_collections import config_dict
+  from eva_jax.models import clip as clip_lib
+  c = pretrain_defaults()
+  del c.teacher
+  c.model = ml_collections.ConfigDict(dict(
+      name=model,
+      pool='token',            # 'token' (EVA-CLIP: head(norm(x)[:, 0])) | 'avg'
+      patch_dropout=0.0,       # FLIP: share of patch tokens dropped in training (EVA-CLIP g: 0.5)
+      remat='none'))           # none | full | dots | dots_no_batch (both towers)
+  template = clip_lib.clip_config(model)
+  c.vision = ml_collections.ConfigDict(
+      {k: config_dict.placeholder(type(v)) for k, v in template.vision.items()
+       if k not in ('name', 'image_size', 'dtype', 'remat') and v is not None
+       and not isinstance(v, (tuple, list, dict, ml_collections.ConfigDict))})
+  c.text = ml_collections.ConfigDict(
+      {k: config_dict.placeholder(type(v)) for k, v in template.text.items()
+       if k not in ('name', 'dtype', 'remat')})
+  c.loss = 'clip'              # clip (InfoNCE, gather-with-grad + local loss) | siglip
+  c.init = ml_collections.ConfigDict(dict(
+      image='',                # eva_jax MIM / fine-tuning workdir or checkpoint, timm / official EVA
+                               #   file ('' = random init); lm_head, mask_token, head skipped
+      image_weights='auto',    # auto (EMA if kept) | raw | ema
+      text='',                 # transformers CLIP dir, OpenAI .pt, open_clip file ('' = random)
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      name='lamb', lr=5e-4, min_lr=0.0, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6,
+      weight_decay=0.05, clip_norm=5.0, layer_decay=1.0,
+      towers=ml_collections.ConfigDict(dict(
+          visual=ml_collections.ConfigDict(dict(lr=4e-4, weight_decay=0.05, layer_decay=0.85)),
+          text=ml_collections.ConfigDict(dict(lr=4e-5, weight_decay=0.05, layer_decay=0.75))))))
+  c.eval = ml_collections.ConfigDict(dict(
+      zero_shot='demo:val',    # labelled image folder (class sub-folders): folder:DIR, demo:val; '' = off
+      classnames='',           # '' = the demo's names (demo) or the folder names; 'imagenet'
+      templates='demo',        # demo | openai | simple (open_clip's ImageNet prompts)
+      retrieval='demo:val',    # image-text pairs (a caption file's lines = that image's captions); '' = off
+      batch_size=32,           # images / prompts per encoder call
+      limit=0,                 # > 0: at most this many retrieval pairs
+  ))
+  c.eval_every = 0             # 0 = only at the end
+  c.data.source = 'demo:train'
+  c.data.workers = 0
+  return c
+
+
+def eva_clip_recipe(model: str, *, batch_size: int, samples: float, lr: float, visual_lr: float,
+                    text_lr: float, visual_ld: float, text_ld: float, patch_dropout: float,
+                    warmup_steps: int = 2000, weight_decay: float = 0.05, clip_norm: float = 5.0,
+                    precision: str = 'fp16') -> ml_collections.ConfigDict:
+  """The shape of the official EVA-CLIP pre-training runs (EVA-SPEC "EVA-CLIP"; baaivision/EVA
+  EVA-CLIP/README.md "Pre-training" scripts, rei/training/main.py): LAMB, betas (0.9, 0.98), eps
+  1e-6 (open_clip's ViT defaults), per-tower lr / wd / layer decay, grad clip 5.0, 2000 warmup
+  steps then cosine to 0, fp16, grad checkpointing, gather-with-grad + local loss, FSDP over every
+  chip (the official DeepSpeed ZeRO stage 1). `samples`: images seen (total_steps = samples /
+  batch_size, rounded)."""
+  c = clip_defaults(model=model)
+  c.precision = precision
+  c.image_size = 224
+  c.batch_size = batch_size
+  c.total_steps = int(round(samples / batch_size))
+  c.loss = 'clip'
+  c.model.patch_dropout = patch_dropout
+  c.model.remat = 'full'                  # --grad-checkpointing
+  c.optim.update(dict(name='lamb', lr=lr, min_lr=0.0, warmup_steps=warmup_steps, b1=0.9,
+                      b2=0.98, eps=1e-6, weight_decay=weight_decay, clip_norm=clip_norm))
+  c.optim.towers.visual.update(dict(lr=visual_lr, weight_decay=weight_decay,
+                                    layer_decay=visual_ld))
+  c.optim.towers.text.update(dict(lr=text_lr, weight_decay=weight_decay, layer_decay=text_ld))
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.data.source = ''                      # set: webdataset:/path/{000000..164090}.tar, or a mixture
+  c.data.workers = 8                      # --workers=8
+  c.log_every, c.checkpoint_every = 100, 2000
+  c.eval_every = 5000
+  c.eval.zero_shot = ''                   # set: folder:/path/to/imagenet/val (class folders)
+  c.eval.classnames = 'imagenet'
+  c.eval.templates = 'openai'             # open_clip's 80 ImageNet prompts, as EVA-CLIP evaluates
+  c.eval.retrieval = ''                   # e.g. webdataset:/path/to/coco_5k_test.tar
+  c.eval.batch_size = 256
+  c.seed = 4096                           # --seed 4096
+  return c
