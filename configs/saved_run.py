@@ -24,5 +24,10 @@ def get_config(arg: str):
     # empty: repeating them keeps doing so (the banner still says it).
     teacher.setdefault('allow_random_init', not teacher.get('checkpoint'))
   c = ml_collections.ConfigDict(saved)
-  c.model = model_section(**model)
+  if 'text' in saved and 'loss' in saved:
+    # A contrastive (EVA-CLIP) run: config.model is the CLIP model's name and CLIP-level fields;
+    # the towers' overrides are config.vision / config.text.
+    c.model = ml_collections.ConfigDict(model)
+  else:
+    c.model = model_section(**model)
   return c

@@ -127,6 +127,8 @@ _RUN = {
     'divergence.max_norm_growth': nonneg('0 = off, else > 1'),
     'benchmark.steps': count(1),
     'benchmark.warmup': count(0),
+    'benchmark.det_image_size': count(1, why='ViTDet backbone input side (benchmark.backbone=vitdet)'),
+    'benchmark.window_size': count(1, why='ViTDet window side in patches'),
     **_DATA,
 }
 
@@ -177,6 +179,17 @@ RULES = {
         'task.area': Range(0.0, 1.0, lo_open=True, length=2, ordered=True,
                            why='(min, max) share of the image the pasted shape covers'),
     },
+    'clip': {          # training/clip.py: contrastive image-text (EVA-CLIP)
+        **_RUN,
+        'image_size': ImageSize(),
+        'eval_batches': count(0),
+        'model.patch_dropout': fraction(hi_open=True, why='1 would drop every patch'),
+        'eval.batch_size': count(1),
+        'eval.limit': count(0, why='0 = every pair'),
+        **{f'optim.towers.{t}.{k}': rule for t in ('visual', 'text') for k, rule in (
+            ('lr', Range(0.0, 1.0, lo_open=True)), ('weight_decay', nonneg()),
+            ('layer_decay', fraction(lo_open=True, why='1 = off')))},
+    },
     'data_bench': {
         'seed': count(0),
         'image_size': count(1),
@@ -210,6 +223,8 @@ def config_kind(cfg) -> str:
     return 'linear_probe'
   if 'task' in cfg and 'probe_batch_size' in cfg:
     return 'seg_probe'
+  if 'loss' in cfg and 'init' in cfg and 'text' in cfg:
+    return 'clip'
   if 'num_batches' in cfg:
     return 'data_bench'
   if 'total_steps' in cfg:
@@ -342,6 +357,11 @@ def check_config(cfg, kind: str | None = None) -> str:
       unchecked.append(path)
       continue
     rule.check(f'config.{path}', value)
+  for path, rule in rules.items():
+    # config.model is skipped by the walk (encoder fields: MODEL_RULES); a kind's own model-level
+    # fields (the CLIP model's patch_dropout) are named in its table.
+    if path.startswith('model.') and _has(cfg, path):
+      rule.check(f'config.{path}', _get(cfg, path))
   if isinstance(cfg.get('image_size'), str) and 'image_size' in rules:
     # 'HxW' from the command line: not a number, so the walk above does not see it.
     rules['image_size'].check('config.image_size', cfg.image_size)

@@ -24,29 +24,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from eva_jax import ranges
 from eva_jax.models import clip as clip_lib
-from eva_jax.training import contrastive, precision
+from eva_jax.training import checks, contrastive, precision
 from eva_jax.training import task as task_lib, trainer
 
 LOSSES = ('clip', 'siglip')
 # Range rules of the numeric fields only contrastive configs have (training/checks.py's table
 # format; checks.RULES has no 'clip' kind yet, so ClipProgram.validate applies these itself).
-CLIP_RULES = {
-    'model.patch_dropout': ranges.fraction(hi_open=True, why='1 would drop every patch'),
-    'eval.batch_size': ranges.count(1),
-    'eval.limit': ranges.count(0, why='0 = every pair'),
-    **{f'optim.towers.{t}.{k}': rule for t in ('visual', 'text') for k, rule in (
-        ('lr', ranges.Range(0.0, 1.0, lo_open=True)), ('weight_decay', ranges.nonneg()),
-        ('layer_decay', ranges.fraction(lo_open=True, why='1 = off')))},
-}
 TEMPLATES = ('demo', 'openai', 'simple')
-
-
-def checks_get(cfg, path: str):
-  for part in path.split('.'):
-    cfg = cfg[part]
-  return cfg
 
 
 def clip_model_config(cfg) -> ml_collections.ConfigDict:
@@ -252,21 +237,18 @@ class ClipProgram(trainer.Program):
     cfg = self.cfg
     if cfg.loss not in LOSSES:
       raise ValueError(f'config.loss={cfg.loss!r} must be one of {", ".join(LOSSES)}.')
-    for path, rule in CLIP_RULES.items():
-      if not path.startswith('eval.'):
-        rule.check(f'config.{path}', checks_get(cfg, path))
     if cfg.optim.get('name', 'adamw') not in ('lamb', 'adamw'):
       raise ValueError(f"config.optim.name={cfg.optim.name!r} must be 'lamb' or 'adamw'.")
     self.validate_eval()
     self.model_cfg = clip_model_config(cfg)   # a bad model name / override fails here
-    contrastive.check_batch(int(cfg.batch_size), f'config.batch_size={cfg.batch_size}: the '
+    contrastive.warn_if_small_batch(int(cfg.batch_size), f'config.batch_size={cfg.batch_size}: the '
                             f'{cfg.loss} loss')
 
   def validate_eval(self):
     """Checks of config.eval (also used by eva-zero-shot). Raises ValueError naming the field."""
     ev = self.cfg.eval
     for path in ('eval.batch_size', 'eval.limit'):
-      CLIP_RULES[path].check(f'config.{path}', checks_get(self.cfg, path))
+      checks.RULES['clip'][path].check(f'config.{path}', self.cfg.eval[path.split('.')[1]])
     if not isinstance(ev.templates, (tuple, list)) and ev.templates not in TEMPLATES:
       raise ValueError(f'config.eval.templates={ev.templates!r} must be one of '
                        f'{", ".join(TEMPLATES)} or a tuple of format strings.')

@@ -213,3 +213,16 @@ def test_per_tower_learning_rates(name):
   np.testing.assert_allclose(tk[0], 4e-5 * 0.75 ** dt * 0.2, rtol=1e-4)
   np.testing.assert_array_equal(wd['text']['positional_embedding'], 0.0)
   np.testing.assert_array_equal(wd['logit_scale'], 0.0)
+
+
+def test_saved_clip_run_is_a_config(runs):
+  # --config=WORKDIR repeats a contrastive run: the CLIP model section, its own range table.
+  from eva_jax import configs
+  from eva_jax.training import checks
+  full, _, _ = runs
+  cfg = configs.get(str(full))
+  assert checks.check_config(cfg) == 'clip'
+  assert clip.clip_model_config(cfg).to_dict() == clip.clip_model_config(tiny_cfg()).to_dict()
+  cfg.model.patch_dropout = 1.0
+  with pytest.raises(ValueError, match='config.model.patch_dropout=1.0 is out of range'):
+    checks.check_config(cfg)
