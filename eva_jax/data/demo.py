@@ -84,3 +84,106 @@ def ensure_demo_set(cache_dir: str = '') -> str:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Video demo: a set where only time carries the label (issue 16)
+
+VIDEO_VERSION = 'v1'     # bump when the clip recipe below changes
+VIDEO_CLASSES = ('starts_right', 'starts_down', 'starts_left', 'starts_up')
+VIDEO_FRAMES = 16        # 4 per edge of the square path
+VIDEO_SIZE = 64          # frame side written to the files (pixels)
+
+
+def pan_clip(photo: np.ndarray, label: int, rng: np.random.Generator, *,
+             frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE) -> np.ndarray:
+  """uint8 [frames, size, size, 3]: a camera window panning clockwise once around a square
+  path over `photo`, starting at the corner whose first pan goes VIDEO_CLASSES[label]
+  (right from the top-left, down from the top-right, left from the bottom-right, up from the
+  bottom-left).
+
+  Why a loop: the set of frames of the four classes is the same (the same loop, started at
+  another corner), so any model that ignores frame order -- a frame-averaged image model --
+  is at chance (25%) by construction; only the order of the frames says where the pan starts.
+  A straight pan would not do: its frames' unordered set shows the axis of motion (50%)."""
+  img = Image.fromarray(photo)
+  short = 2 * size * 3 // 2                       # photo short side: the window is 2/3 of it
+  scale = short / min(img.size)
+  img = img.resize((max(short, round(img.width * scale)), max(short, round(img.height * scale))),
+                   Image.Resampling.BICUBIC)
+  window, side = size * 3 // 2, size * 3 // 4     # window and loop side in photo pixels
+  x0 = int(rng.integers(0, img.width - window - side + 1))
+  y0 = int(rng.integers(0, img.height - window - side + 1))
+  per_edge = frames // 4
+  corners = [(0, 0), (side, 0), (side, side), (0, side)]   # clockwise from the top-left
+  path = []
+  for e in range(4):
+    (ax, ay), (bx, by) = corners[(label + e) % 4], corners[(label + e + 1) % 4]
+    path += [(ax + (bx - ax) * k / per_edge, ay + (by - ay) * k / per_edge)
+             for k in range(per_edge)]
+  out = []
+  for dx, dy in path:
+    left, top = x0 + dx, y0 + dy
+    crop = img.resize((size, size), Image.Resampling.BICUBIC,
+                      box=(left, top, left + window, top + window))
+    out.append(np.asarray(crop))
+  return np.stack(out)
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 8) -> None:
+  """uint8 [T, H, W, 3] -> a video file through PyAV (MPEG-4 part 2, FFmpeg's built-in encoder,
+  at a bit rate high enough for tiny frames to stay near-lossless, so the motion survives)."""
+  import av   # pylint: disable=g-import-not-at-top
+  with av.open(path, 'w') as container:
+    stream = container.add_stream('mpeg4', rate=fps)
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = 'yuv420p'
+    stream.bit_rate = 20_000_000
+    for f in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(f, format='rgb24')):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+def build_video_demo_set(out_dir: str, clips_per_class: dict | None = None, seed: int = 0) -> int:
+  """Writes <out_dir>/{train,val}/<class>/<i>.mp4 (pan_clip over the bundled photos, photo and
+  loop position random per clip); returns the number of photos used."""
+  clips_per_class = clips_per_class or {'train': 48, 'val': 16}
+  photos = []
+  for name in PHOTOS:
+    try:
+      photos.append(np.asarray(Image.fromarray(_load_photo(name)).convert('RGB')))
+    except Exception:  # pylint: disable=broad-except
+      continue    # as build_demo_set: a photo this skimage build lacks
+  if len(photos) < 2:
+    raise RuntimeError(f'scikit-image ships fewer than 2 of the demo photos {PHOTOS}.')
+  for s, (split, n) in enumerate(sorted(clips_per_class.items())):
+    for c, cls in enumerate(VIDEO_CLASSES):
+      os.makedirs(os.path.join(out_dir, split, cls), exist_ok=True)
+      for i in range(n):
+        rng = np.random.default_rng([seed, s, c, i])
+        photo = photos[int(rng.integers(len(photos)))]
+        write_video(os.path.join(out_dir, split, cls, f'{i:03d}.mp4'), pan_clip(photo, c, rng))
+  return len(photos)
+
+
+def ensure_video_demo_set(cache_dir: str = '') -> str:
+  """The video demo folder (train/ and val/ of class sub-folders), built on first use; atomic
+  like ensure_demo_set."""
+  base = os.path.expanduser(cache_dir) if cache_dir else default_cache_dir()
+  final = os.path.join(base, f'video-{VIDEO_VERSION}')
+  if os.path.isdir(final):
+    return final
+  os.makedirs(base, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.building-video-', dir=base)
+  try:
+    build_video_demo_set(tmp)
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not os.path.isdir(final):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
