@@ -199,3 +199,24 @@ def resize_video_params(video_params: dict, *, old_thw, new_thw) -> dict:
   out['pos_embed'] = np.concatenate(
       [pos[:1], np.asarray(resize_pos_3d(jnp.asarray(pos[1:]), old_thw, new_thw))], 0)
   return out
+
+
+class FrameAveragedClassifier(clf_lib.Classifier):
+  """The frame-averaged image baseline (TSN-style): the image encoder on every frame alone
+  (attention within a frame, the image pos-embed), patch tokens averaged over frames and
+  positions -> fc_norm -> head. Blind to frame order by construction; the video demo compares it
+  with VideoClassifier. Parameters are the image Classifier's. Call with [B, T, H, W, C]."""
+
+  def __init__(self, encoder_cfg: ml_collections.ConfigDict, num_classes: int, *,
+               head_init_scale: float = 0.001, rngs: nnx.Rngs):
+    super().__init__(encoder_cfg, num_classes, pool='mean', head_init_scale=head_init_scale,
+                     rngs=rngs)
+
+  def features(self, videos, *, dropout_key=None):
+    if videos.ndim != 5:
+      raise ValueError(f'Expected videos [batch, frames, height, width, channels], got shape '
+                       f'{tuple(videos.shape)}.')
+    b, t = videos.shape[:2]
+    x = self.encoder(videos.reshape((b * t,) + videos.shape[2:]), dropout_key=dropout_key)
+    x = x[:, self.encoder.num_prefix:]
+    return self.fc_norm(x.reshape(b, t * x.shape[1], x.shape[2]).mean(1))
