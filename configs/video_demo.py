@@ -14,7 +14,7 @@ from eva_jax.training.video import video_finetune_defaults
 
 def get_config():
   c = video_finetune_defaults(model='tiny')
-  c.video.num_frames = 8            # of the 16 written per clip: one per TSN segment
+  c.video.num_frames = 8            # all 8 written per clip (one per TSN segment)
   c.image_size = 56                 # 4x4 patches of 14 per frame: 1 + 8*16 = 129 tokens
   c.total_steps = 400
   # The inflated pos-embed is identical over time, and on this set every time step sees the same
@@ -33,7 +33,9 @@ def get_config():
   c.data.source = 'video_demo'
   c.eval_source = 'video_demo:val'
   c.data.hflip = 0.0                # a mirror swaps left and right: it would flip the labels
-  c.data.finetune_scale = (0.6, 1.0)
+  # Whole frames (the pan moves one patch a frame; a rescaled crop would blur that).
+  c.data.finetune_scale = (1.0, 1.0)
+  c.data.ratio = (1.0, 1.0)
   c.data.label_smoothing = 0.1
   c.data.video.test_clips = 1       # the clip is one loop: 1 centred clip, 1 centre crop
   c.data.video.test_crops = 1

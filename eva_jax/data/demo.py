@@ -89,44 +89,46 @@ def ensure_demo_set(cache_dir: str = '') -> str:
 # ----------------------------------------------------------------------------------------------
 # Video demo: a set where only time carries the label (issue 16)
 
-VIDEO_VERSION = 'v1'     # bump when the clip recipe below changes
+VIDEO_VERSION = 'v2'     # bump when the clip recipe below changes
 VIDEO_CLASSES = ('starts_right', 'starts_down', 'starts_left', 'starts_up')
-VIDEO_FRAMES = 16        # 4 per edge of the square path
-VIDEO_SIZE = 64          # frame side written to the files (pixels)
+VIDEO_FRAMES = 8         # 2 per edge of the square path
+VIDEO_SIZE = 56          # frame side written to the files (pixels): 4x4 patches of 14
+VIDEO_STEP = 14          # camera move per frame (pixels): one patch, so tokens match exactly
 
 
 def pan_clip(photo: np.ndarray, label: int, rng: np.random.Generator, *,
-             frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE) -> np.ndarray:
+             frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE,
+             step: int = VIDEO_STEP) -> np.ndarray:
   """uint8 [frames, size, size, 3]: a camera window panning clockwise once around a square
-  path over `photo`, starting at the corner whose first pan goes VIDEO_CLASSES[label]
-  (right from the top-left, down from the top-right, left from the bottom-right, up from the
-  bottom-left).
+  path over `photo` (`step` pixels a frame, frames / 4 steps an edge), starting at the corner
+  whose first pan goes VIDEO_CLASSES[label] (right from the top-left, down from the top-right,
+  left from the bottom-right, up from the bottom-left).
 
   Why a loop: the set of frames of the four classes is the same (the same loop, started at
   another corner), so any model that ignores frame order -- a frame-averaged image model --
   is at chance (25%) by construction; only the order of the frames says where the pan starts.
-  A straight pan would not do: its frames' unordered set shows the axis of motion (50%)."""
-  img = Image.fromarray(photo)
-  short = 2 * size * 3 // 2                       # photo short side: the window is 2/3 of it
-  scale = short / min(img.size)
-  img = img.resize((max(short, round(img.width * scale)), max(short, round(img.height * scale))),
-                   Image.Resampling.BICUBIC)
-  window, side = size * 3 // 2, size * 3 // 4     # window and loop side in photo pixels
-  x0 = int(rng.integers(0, img.width - window - side + 1))
-  y0 = int(rng.integers(0, img.height - window - side + 1))
+  A straight pan would not do: its frames' unordered set shows the axis of motion (50%).
+  Crops are whole-pixel windows of one resized photo (no per-frame resampling), so with a step
+  of one patch a token of frame t+1 equals a token of frame t exactly."""
   per_edge = frames // 4
+  side = per_edge * step                          # loop side in pixels
+  img = Image.fromarray(photo)
+  short = 2 * size + side                         # the window is under half the photo's side
+  scale = short / min(img.size)
+  img = np.asarray(img.resize((max(short, round(img.width * scale)),
+                               max(short, round(img.height * scale))),
+                              Image.Resampling.BICUBIC))
+  h, w = img.shape[:2]
+  x0 = int(rng.integers(0, w - size - side + 1))
+  y0 = int(rng.integers(0, h - size - side + 1))
   corners = [(0, 0), (side, 0), (side, side), (0, side)]   # clockwise from the top-left
-  path = []
+  out = []
   for e in range(4):
     (ax, ay), (bx, by) = corners[(label + e) % 4], corners[(label + e + 1) % 4]
-    path += [(ax + (bx - ax) * k / per_edge, ay + (by - ay) * k / per_edge)
-             for k in range(per_edge)]
-  out = []
-  for dx, dy in path:
-    left, top = x0 + dx, y0 + dy
-    crop = img.resize((size, size), Image.Resampling.BICUBIC,
-                      box=(left, top, left + window, top + window))
-    out.append(np.asarray(crop))
+    for k in range(per_edge):
+      x = x0 + ax + (bx - ax) * k // per_edge
+      y = y0 + ay + (by - ay) * k // per_edge
+      out.append(img[y:y + size, x:x + size])
   return np.stack(out)
 
 
@@ -149,7 +151,7 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8) -> None:
 def build_video_demo_set(out_dir: str, clips_per_class: dict | None = None, seed: int = 0) -> int:
   """Writes <out_dir>/{train,val}/<class>/<i>.mp4 (pan_clip over the bundled photos, photo and
   loop position random per clip); returns the number of photos used."""
-  clips_per_class = clips_per_class or {'train': 48, 'val': 16}
+  clips_per_class = clips_per_class or {'train': 64, 'val': 16}
   photos = []
   for name in PHOTOS:
     try:

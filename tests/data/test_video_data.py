@@ -159,6 +159,9 @@ def test_pan_demo_frames_do_not_tell_the_class():
   order differs, so a frame-averaged model is at chance."""
   photo = np.asarray(Image.fromarray(demo._load_photo('astronaut')).convert('RGB'))
   clips = [demo.pan_clip(photo, c, np.random.default_rng(1)) for c in range(4)]
+  per_edge = demo.VIDEO_FRAMES // 4
   for c in range(1, 4):
     assert not np.array_equal(clips[0], clips[c])
-    np.testing.assert_array_equal(np.roll(clips[0], -4 * c, axis=0), clips[c])
+    np.testing.assert_array_equal(np.roll(clips[0], -per_edge * c, axis=0), clips[c])
+  # One patch a frame: frame 1 of a clip starting right is frame 0 moved one patch left.
+  np.testing.assert_array_equal(clips[0][1][:, :-demo.VIDEO_STEP], clips[0][0][:, demo.VIDEO_STEP:])
