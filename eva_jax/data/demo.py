@@ -89,7 +89,7 @@ def ensure_demo_set(cache_dir: str = '') -> str:
 # ----------------------------------------------------------------------------------------------
 # Video demo: a set where only time carries the label (issue 16)
 
-VIDEO_VERSION = 'v2'     # bump when the clip recipe below changes
+VIDEO_VERSION = 'v3'     # bump when the clip recipe below changes
 VIDEO_CLASSES = ('starts_right', 'starts_down', 'starts_left', 'starts_up')
 VIDEO_FRAMES = 8         # 2 per edge of the square path
 VIDEO_SIZE = 56          # frame side written to the files (pixels): 4x4 patches of 14
@@ -151,7 +151,7 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8) -> None:
 def build_video_demo_set(out_dir: str, clips_per_class: dict | None = None, seed: int = 0) -> int:
   """Writes <out_dir>/{train,val}/<class>/<i>.mp4 (pan_clip over the bundled photos, photo and
   loop position random per clip); returns the number of photos used."""
-  clips_per_class = clips_per_class or {'train': 64, 'val': 16}
+  clips_per_class = clips_per_class or {'train': 160, 'val': 32}
   photos = []
   for name in PHOTOS:
     try:

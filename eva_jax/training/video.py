@@ -45,8 +45,9 @@ def video_finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
       num_frames=16,            # frames per clip (T)
       tubelet=1,                # frames per token (t); EVA-01/video: 1 (per-frame patches)
       model='space_time',       # space_time | frame_average (the image baseline)
-      # std of noise added to the inflated pos-embed's patch rows at init from an image
-      # checkpoint (0 = the spec's plain repeat; see init_state for when it matters)
+      # std of a random offset per time step added to the inflated pos-embed's patch rows at
+      # init from an image checkpoint (0 = the spec's plain repeat; see init_state for when it
+      # matters)
       time_noise=0.0,
   ))
   c.model.remat = 'full'        # activation checkpointing per block (4,097 tokens at 16 x 224)
@@ -193,10 +194,13 @@ class VideoFinetuneProgram(trainer.Program):
           image_size=ecfg.image_size)
       if v.get('time_noise', 0.0) > 0:
         # The inflated pos-embed is the same at every time step, so the model starts blind to
-        # frame order; where appearance carries no label (the demo), gradients keep it that way
-        # (every time step sees the same frame distribution). Noise breaks the tie.
+        # frame order; where appearance carries no label (the demo), gradients keep it so (every
+        # time step sees the same frame distribution). One random offset per time step, the
+        # same for every patch of that step, breaks the tie and leaves the spatial part intact.
         rng = np.random.default_rng(cfg.seed)
-        enc['pos_embed'][1:] += rng.normal(0.0, v.time_noise, enc['pos_embed'][1:].shape)
+        n = grid_to * grid_to
+        offsets = rng.normal(0.0, v.time_noise, (v.num_frames // v.tubelet, ecfg.width))
+        enc['pos_embed'][1:] += np.repeat(offsets, n, 0).astype(np.float32)
     else:   # the frame-averaged baseline is an image classifier: the image fine-tuning's loader
       g = w.config.get('image_size', 224) // p
       enc, dropped = finetune.pretrained_into(task.abstract_state.params, w.params,

@@ -138,3 +138,18 @@ def test_bad_input():
   rope.rope = True
   with pytest.raises(ValueError, match='rope=False'):
     video.VideoClassifier(rope, 3, num_frames=4, rngs=nnx.Rngs(params=0))
+
+
+def test_video_step_flops():
+  """One frame is the image classifier's step (3 x forward + head); 16 frames of g/14 at 224
+  attend over 4,097 tokens (the T² term over all of them, not per frame)."""
+  from eva_jax import benchmark
+  cfg = _cfg(224)
+  one = benchmark.video_step_flops_per_clip(cfg, 1, 1, 10)
+  assert one == 3 * (benchmark.forward_flops(cfg) + 2 * cfg.width * 10)
+  g = model_config.encoder_config('g/14')
+  g.image_size = 224
+  t, d, f = 4097, g.width, g.mlp_dim
+  blocks = 3 * g.depth * (8 * t * d * d + 4 * t * d * f + 4 * t * t * d)
+  got = benchmark.video_step_flops_per_clip(g, 16, 1, 400)
+  assert blocks < got < blocks * 1.001 and abs(got / 1e12 - 36.17) < 0.01
