@@ -81,6 +81,16 @@ def test_video_finetune_from_timm_image_file(tmp_path, clips, timm_file):
   assert meta['kind'] == 'eva_video_finetune' and meta['num_frames'] == 4
   saved = json.load(open(tmp_path / 'run' / 'config.json'))
   assert saved['resolved']['tokens'] == 17
+  # Export of the run to the official video layout (layout parity: tests/convert/test_video_export.py).
+  import torch
+  from eva_jax.convert import video_export
+  video_export.export(str(tmp_path / 'run'), str(tmp_path / 'video.pth'))
+  sd = torch.load(tmp_path / 'video.pth')['model']
+  assert tuple(sd['patch_embed.proj.weight'].shape) == (64, 3, 1, 14, 14)
+  assert tuple(sd['pos_embed'].shape) == (1, 17, 64) and tuple(sd['head.weight'].shape) == (2, 64)
+  np.testing.assert_array_equal(sd['pos_embed'][0].numpy(), enc['pos_embed'])
+  facts = json.load(open(f"{tmp_path / 'video.pth'}.json"))
+  assert (facts['num_frames'], facts['tubelet'], facts['image_size']) == (4, 1, 28)
 
   # A video checkpoint into 8 frames of 42 px: the pos-embed resized trilinearly at init.
   cfg2 = _cfg(clips, num_frames=8)
