@@ -148,9 +148,11 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8) -> None:
       container.mux(packet)
 
 
-def build_video_demo_set(out_dir: str, clips_per_class: dict | None = None, seed: int = 0) -> int:
+def build_video_demo_set(out_dir: str, clips_per_class: dict | None = None, seed: int = 0, *,
+                         frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE) -> int:
   """Writes <out_dir>/{train,val}/<class>/<i>.mp4 (pan_clip over the bundled photos, photo and
-  loop position random per clip); returns the number of photos used."""
+  loop position random per clip); returns the number of photos used. frames/size: another
+  variant than the shipped set (e.g. frames=4, size=28 for the README's smaller run)."""
   clips_per_class = clips_per_class or {'train': 160, 'val': 32}
   photos = []
   for name in PHOTOS:
@@ -166,7 +168,8 @@ def build_video_demo_set(out_dir: str, clips_per_class: dict | None = None, seed
       for i in range(n):
         rng = np.random.default_rng([seed, s, c, i])
         photo = photos[int(rng.integers(len(photos)))]
-        write_video(os.path.join(out_dir, split, cls, f'{i:03d}.mp4'), pan_clip(photo, c, rng))
+        write_video(os.path.join(out_dir, split, cls, f'{i:03d}.mp4'),
+                    pan_clip(photo, c, rng, frames=frames, size=size))
   return len(photos)
 
 
