@@ -57,6 +57,7 @@ def _cfg(clips, **video):
   cfg.optim.warmup_steps = 1
   cfg.data.threads = 1
   cfg.video.num_frames = 4
+  cfg.freeze_patch_embed = True     # the spec's default (the demo trains it)
   cfg.video.update(video)
   return cfg
 
