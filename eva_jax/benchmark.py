@@ -531,6 +531,8 @@ def run(cfg) -> dict[str, Any]:
       raise ValueError(f"config.benchmark.backbone must be '' or 'vitdet', got "
                        f'{cfg.benchmark.backbone!r}.')
     return run_backbone(cfg)
+  if 'video' in cfg:
+    return run_video(cfg)    # a configs/video_*.py recipe: the video fine-tuning step
   from eva_jax.training import checks
   checks.check_config(cfg)   # every field range-checked before anything is built, as in training
   b = cfg.benchmark
@@ -718,42 +720,10 @@ def clip_step_flops_per_pair(clip_cfg, *, image_size: int | None = None,
   return out
 
 
-if __name__ == '__main__':   # `python -m eva_jax.benchmark` = eva-benchmark
-  from eva_jax.cli.benchmark import run as main
-  main()
 
 
 # ------------------------------------------------------------------------------------------------
-# Contrastive (EVA-CLIP) step
-def text_forward_flops(text_cfg, embed_dim: int = 0, length: int | None = None) -> float:
-  """Forward FLOPs per caption of a CLIP text tower: the block formula above at T = context
-  length (causal attention still computes the full T x T scores in XLA: counted in full), plus
-  the EOT projection 2·d·embed_dim. Token embedding is a gather: 0 FLOPs."""
-  t, d, f = int(length or text_cfg.context_length), text_cfg.width, text_cfg.mlp_dim
-  return float(text_cfg.depth * (8 * t * d * d + 4 * t * d * f + 4 * t * t * d)
-               + 2 * d * embed_dim)
-
-
-def clip_step_flops_per_pair(clip_cfg, global_batch: int = 0) -> dict[str, float]:
-  """FLOPs per image-text pair of one contrastive training step: 3 x (image tower forward with
-  FLIP patch dropout: only the kept patches + cls enter the blocks; patch embedding over all
-  patches; pooled head) + 3 x text tower forward + 3 x the B x B logits of the loss (2 matmuls
-  of 2·B·E per pair; `global_batch` = 0 leaves them out)."""
-  v = clip_cfg.vision
-  n = (v.image_size // v.patch_size) ** 2
-  kept = n - int(n * clip_cfg.patch_dropout)
-  t = kept + (1 if v.get('class_token', True) else 0)
-  mlp = 6 * t * v.width * v.mlp_dim if v.get('swiglu', False) else 4 * t * v.width * v.mlp_dim
-  image = (v.depth * (8 * t * v.width ** 2 + mlp + 4 * t * t * v.width)
-           + 2 * n * v.patch_size ** 2 * v.get('in_chans', 3) * v.width
-           + 2 * v.width * clip_cfg.embed_dim)
-  text = text_forward_flops(clip_cfg.text, clip_cfg.embed_dim)
-  loss = 2 * 2 * global_batch * clip_cfg.embed_dim
-  total = 3.0 * (image + text + loss)
-  return {'image_train': 3.0 * image, 'text_train': 3.0 * text, 'loss_train': 3.0 * loss,
-          'total': total}
-
-
+# Contrastive (EVA-CLIP) step: the timed step
 def run_clip(cfg) -> dict[str, Any]:
   """Builds, compiles and times the contrastive training step of an eva-clip config (exactly what
   eva-clip runs: eva_jax.training.clip.build) on a synthetic device-resident batch (random
@@ -786,7 +756,7 @@ def run_clip(cfg) -> dict[str, Any]:
   compiled = task.train_step.lower(task.abstract_state, {}, abstract).compile()
   compile_s = time.perf_counter() - t0
   mem = memory_stats(compiled)
-  flops = clip_step_flops_per_pair(mcfg, cfg.batch_size)
+  flops = clip_step_flops_per_pair(mcfg, global_batch=cfg.batch_size)
   devices = mesh.devices.reshape(-1)
   result = {
       'config': {'model': mcfg.name, 'image_size': cfg.image_size, 'batch_size': cfg.batch_size,
@@ -815,3 +785,80 @@ def run_clip(cfg) -> dict[str, Any]:
       'peak_bytes_per_device': runtime_peak if runtime_peak is not None else mem.get('peak_bytes'),
       'loss': float(metrics['loss']), 'steps': int(b.steps)})
   return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Video fine-tuning step (issue 16)
+def video_step_flops_per_clip(encoder_cfg, num_frames: int, tubelet: int,
+                              num_classes: int) -> float:
+  """FLOPs of one video fine-tuning step per clip: 3 x forward over T = 1 + (frames/t)*N tokens
+  (joint space-time attention: the 4·T²·d term over all of them), the patch embedding (t·p²·3·d
+  per token, the same as per-frame 2D) and the head (2·d·classes). g/14 x 16 x 224: T = 4,097."""
+  n = (encoder_cfg.image_size // encoder_cfg.patch_size) ** 2
+  t, d, f = 1 + num_frames // tubelet * n, encoder_cfg.width, encoder_cfg.mlp_dim
+  mlp = 6 * t * d * f if encoder_cfg.get('swiglu', False) else 4 * t * d * f
+  fwd = encoder_cfg.depth * (8 * t * d * d + mlp + 4 * t * t * d)
+  fwd += 2 * num_frames * n * encoder_cfg.patch_size ** 2 * 3 * d + 2 * d * num_classes
+  return 3.0 * fwd
+
+
+def run_video(cfg, num_classes: int = 400) -> dict[str, Any]:
+  """The video fine-tuning step (training/video.py build) on synthetic clips: compile time,
+  step time, clips/s (and frames/s as images_per_s), TFLOP/s, MFU, memory. Same fields and
+  conventions as run(); remat recomputation is not counted in the FLOPs."""
+  from eva_jax import parallel
+  from eva_jax.training import video
+  b = cfg.benchmark
+  mesh = parallel.make_mesh(cfg.mesh)
+  parallel.check_batch(cfg.batch_size, mesh)
+  task, ecfg = video.build(cfg, mesh, num_classes)
+  frames, size = int(cfg.video.num_frames), int(cfg.image_size)
+  local = cfg.batch_size // jax.process_count()
+  rng = np.random.default_rng(cfg.seed)
+  host = {'video': rng.standard_normal((local, frames, size, size, 3), dtype=np.float32),
+          'label': rng.integers(0, num_classes, local).astype(np.int32)}
+  abstract = {k: jax.ShapeDtypeStruct((cfg.batch_size,) + v.shape[1:], v.dtype)
+              for k, v in host.items()}
+  t0 = time.perf_counter()
+  compiled = task.train_step.lower(task.abstract_state, {}, abstract).compile()
+  compile_s = time.perf_counter() - t0
+  mem = memory_stats(compiled)
+  flops = video_step_flops_per_clip(ecfg, frames, int(cfg.video.tubelet), num_classes)
+  devices = mesh.devices.reshape(-1)
+  result = {
+      'config': {'model': ecfg.name, 'frames': frames, 'tubelet': int(cfg.video.tubelet),
+                 'image_size': size, 'tokens': 1 + frames // int(cfg.video.tubelet) *
+                 (size // ecfg.patch_size) ** 2, 'batch_size': cfg.batch_size,
+                 'attention': ecfg.attention, 'remat': ecfg.remat, 'mesh': dict(mesh.shape)},
+      'tflops_per_clip': flops / 1e12, 'tflops_per_step': flops * cfg.batch_size / 1e12,
+      'compile_s': compile_s, 'lower_s': 0.0, 'memory_analysis': mem,
+      'device_kind': devices[0].device_kind, 'platform': devices[0].platform,
+      'num_devices': int(mesh.size), 'precision': cfg.precision}
+  if b.compile_only:
+    result.update(peak_bytes_per_device=mem.get('peak_bytes'), peak_bytes_source='memory_analysis')
+    return result
+  state = task.init(cfg.seed)
+  batch = parallel.host_to_global(host, mesh)
+  step = lambda s: compiled(s, {}, batch)
+  state, metrics, _, _ = _time_steps(step, state, max(int(b.warmup), 0))
+  state, metrics, times, cpu_times = _time_steps(step, state, int(b.steps))
+  step_s = statistics.median(times)
+  per_dev = result['tflops_per_step'] / step_s / int(mesh.size)
+  peak = peak_tflops(devices[0].device_kind)
+  runtime_peak = max((p for p in (device_peak_bytes(d) for d in jax.local_devices())
+                      if p is not None), default=None)
+  result.update({
+      'step_s': step_s, 'step_s_min': min(times), 'step_cpu_s': statistics.median(cpu_times),
+      'clips_per_s': cfg.batch_size / step_s,
+      'images_per_s': cfg.batch_size * frames / step_s,    # frames per second
+      'tflops_per_s_per_device': per_dev, 'mfu': (per_dev / peak) if peak else None,
+      'peak_tflops_per_device': peak,
+      'peak_bytes_per_device': runtime_peak if runtime_peak is not None else mem.get('peak_bytes'),
+      'peak_bytes_source': 'device.memory_stats' if runtime_peak is not None else 'memory_analysis',
+      'loss': float(metrics['loss']), 'steps': int(b.steps), 'warmup': int(b.warmup)})
+  return result
+
+
+if __name__ == '__main__':   # `python -m eva_jax.benchmark` = eva-benchmark
+  from eva_jax.cli.benchmark import run as main
+  main()

@@ -7,6 +7,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N).
   python experiments/memory_plan.py --remats=none,dots,dots_no_batch,full --out=/tmp/mp.md   # ~10 min
   python experiments/memory_plan.py --devices=8 --precisions=bf16 --remats=full --batches=32
   python experiments/memory_plan.py --config=eva02_l14_pretrain.py --devices=8,128 --precisions=bf16
+  python experiments/memory_plan.py --config=video_k400_g14.py --devices=8 --precisions=bf16 \
+      --remats=full --batches=2 --slope_batch=1 --budget_gib=80     # video: g/14 x 16 x 224
 
 Detection backbone (--vitdet): bytes of one device's forward + backward of the ViTDet backbone +
 simple feature pyramid (eva_jax.benchmark.backbone_step: models/vitdet.py on config.model, params
@@ -56,6 +58,8 @@ def _load_config(precision, config='eva01_g14_pretrain.py'):
 
 
 def worker(n, precisions, remats, batches, teacher_shard, config='eva01_g14_pretrain.py'):
+  if config.startswith('video_'):
+    return video_worker(n, precisions, remats, batches, config)
   import jax
   sys.path.insert(0, ROOT)
   from eva_jax import benchmark, parallel
@@ -130,6 +134,41 @@ def vitdet_table(records, budget_gib, headroom_gib):
                  f"{fmt(r['peak_bytes'])} | {'yes' if r['peak_bytes'] <= usable else 'no'} | "
                  f"{r['compile_s']:.0f} |")
   return '\n'.join(lines)
+
+
+def video_worker(n, precisions, remats, batches, config):
+  """The video fine-tuning step (training/video.py build) of a configs/video_*.py recipe, e.g.
+  --config=video_k400_g14.py: g/14 x 16 frames x 224 = 4,097 tokens; 400 classes; batch/device
+  counts clips."""
+  import jax
+  sys.path.insert(0, ROOT)
+  from eva_jax import benchmark, parallel
+  from eva_jax.training import video
+  assert jax.device_count() == n, (jax.device_count(), n)
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs', config))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for precision in precisions:
+    for remat in remats:
+      for per_dev in batches:
+        cfg = mod.get_config()
+        cfg.precision = precision
+        cfg.batch_size = per_dev * n
+        cfg.model.remat = remat
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
+        mesh = parallel.make_mesh(cfg.mesh)
+        t0 = time.perf_counter()
+        task, ecfg = video.build(cfg, mesh, num_classes=400)
+        t, s = cfg.video.num_frames, cfg.image_size
+        batch = {'video': jax.ShapeDtypeStruct((cfg.batch_size, t, s, s, 3), jax.numpy.float32),
+                 'label': jax.ShapeDtypeStruct((cfg.batch_size,), jax.numpy.int32)}
+        compiled = task.train_step.lower(task.abstract_state, {}, batch).compile()
+        mem = benchmark.memory_stats(compiled)
+        tokens = 1 + t // cfg.video.tubelet * (s // ecfg.patch_size) ** 2
+        rec = {'devices': n, 'precision': precision, 'remat': remat, 'per_device_batch': per_dev,
+               'teacher_shard': 'none', 'student': f'{ecfg.name} x {t} frames ({tokens} tokens)',
+               'teacher': '', 'compile_s': time.perf_counter() - t0, **mem}
+        print('RESULT ' + json.dumps(rec), flush=True)
 
 
 def fmt(b):

@@ -64,26 +64,35 @@ def build_demo_set(out_dir: str, images_per_class: int = IMAGES_PER_CLASS, seed:
   return written
 
 
-def ensure_demo_set(cache_dir: str = '') -> str:
-  """The demo folder, building it on first use. Safe when several processes race to build it."""
-  final = os.path.join(os.path.expanduser(cache_dir) if cache_dir else default_cache_dir(), VERSION)
+def build_once(final: str, build) -> str:
+  """`final`, calling build(tmp_dir) to create it on first use: built in a temporary folder beside
+  it and renamed (atomic: readers never see a half-written set; safe when several processes race
+  to build it, and a failed build leaves nothing behind)."""
   if os.path.isdir(final):
     return final
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.building-', dir=parent)
   try:
-    if build_demo_set(tmp) < 2:
-      raise RuntimeError('scikit-image ships fewer than 2 of the demo photos '
-                         f'{PHOTOS}; install scikit-image>=0.19 or use another source.')
+    build(tmp)
     try:
-      os.rename(tmp, final)    # atomic: readers never see a half-written set
+      os.rename(tmp, final)
     except OSError:
       if not os.path.isdir(final):   # lost the race only if someone else finished
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return final
+
+
+def ensure_demo_set(cache_dir: str = '') -> str:
+  """The demo folder, building it on first use. Safe when several processes race to build it."""
+  def build(tmp):
+    if build_demo_set(tmp) < 2:
+      raise RuntimeError('scikit-image ships fewer than 2 of the demo photos '
+                         f'{PHOTOS}; install scikit-image>=0.19 or use another source.')
+  return build_once(os.path.join(os.path.expanduser(cache_dir) if cache_dir
+                                 else default_cache_dir(), VERSION), build)
 
 
 # ------------------------------------------------------------------------ captioned demo pairs --
@@ -185,17 +194,100 @@ def ensure_demo_pairs(cache_dir: str = '') -> str:
   """The captioned demo set (see build_demo_pairs), built on first use next to the demo photos.
   Sources: pair folder:<it>/train, folder:<it>/val, webdataset:<it>/shards (or `demo`)."""
   demo_dir = ensure_demo_set(cache_dir)
-  final = os.path.join(os.path.dirname(demo_dir), PAIRS_VERSION)
-  if os.path.isdir(final):
-    return final
-  tmp = tempfile.mkdtemp(prefix='.building-', dir=os.path.dirname(final))
-  try:
-    build_demo_pairs(tmp, demo_dir)
+  return build_once(os.path.join(os.path.dirname(demo_dir), PAIRS_VERSION),
+                    lambda tmp: build_demo_pairs(tmp, demo_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Video demo: a set where only time carries the label (issue 16)
+
+VIDEO_VERSION = 'v4'     # bump when the clip recipe below changes
+VIDEO_CLASSES = ('starts_right', 'starts_down', 'starts_left', 'starts_up')
+VIDEO_FRAMES = 4         # 1 per edge of the square path
+VIDEO_SIZE = 28          # frame side written to the files (pixels): 2x2 patches of 14
+VIDEO_STEP = 14          # camera move per frame (pixels): one patch, so tokens match exactly
+
+
+def pan_clip(photo: np.ndarray, label: int, rng: np.random.Generator, *,
+             frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE,
+             step: int = VIDEO_STEP) -> np.ndarray:
+  """uint8 [frames, size, size, 3]: a camera window panning clockwise once around a square
+  path over `photo` (`step` pixels a frame, frames / 4 steps an edge), starting at the corner
+  whose first pan goes VIDEO_CLASSES[label] (right from the top-left, down from the top-right,
+  left from the bottom-right, up from the bottom-left).
+
+  Why a loop: the set of frames of the four classes is the same (the same loop, started at
+  another corner), so any model that ignores frame order -- a frame-averaged image model --
+  is at chance (25%) by construction; only the order of the frames says where the pan starts.
+  A straight pan would not do: its frames' unordered set shows the axis of motion (50%).
+  Crops are whole-pixel windows of one resized photo (no per-frame resampling), so with a step
+  of one patch a token of frame t+1 equals a token of frame t exactly."""
+  per_edge = frames // 4
+  side = per_edge * step                          # loop side in pixels
+  img = Image.fromarray(photo)
+  short = 2 * size + side                         # the window is under half the photo's side
+  scale = short / min(img.size)
+  img = np.asarray(img.resize((max(short, round(img.width * scale)),
+                               max(short, round(img.height * scale))),
+                              Image.Resampling.BICUBIC))
+  h, w = img.shape[:2]
+  x0 = int(rng.integers(0, w - size - side + 1))
+  y0 = int(rng.integers(0, h - size - side + 1))
+  corners = [(0, 0), (side, 0), (side, side), (0, side)]   # clockwise from the top-left
+  out = []
+  for e in range(4):
+    (ax, ay), (bx, by) = corners[(label + e) % 4], corners[(label + e + 1) % 4]
+    for k in range(per_edge):
+      x = x0 + ax + (bx - ax) * k // per_edge
+      y = y0 + ay + (by - ay) * k // per_edge
+      out.append(img[y:y + size, x:x + size])
+  return np.stack(out)
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 8) -> None:
+  """uint8 [T, H, W, 3] -> a video file through PyAV (MPEG-4 part 2, FFmpeg's built-in encoder,
+  at a bit rate high enough for tiny frames to stay near-lossless, so the motion survives)."""
+  import av   # pylint: disable=g-import-not-at-top
+  with av.open(path, 'w') as container:
+    stream = container.add_stream('mpeg4', rate=fps)
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = 'yuv420p'
+    stream.bit_rate = 20_000_000
+    for f in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(f, format='rgb24')):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+def build_video_demo_set(out_dir: str, clips_per_class: dict | None = None, seed: int = 0, *,
+                         frames: int = VIDEO_FRAMES, size: int = VIDEO_SIZE) -> int:
+  """Writes <out_dir>/{train,val}/<class>/<i>.mp4 (pan_clip over the bundled photos, photo and
+  loop position random per clip); returns the number of photos used. frames/size: another
+  variant than the shipped set (e.g. frames=4, size=28 for the README's smaller run)."""
+  clips_per_class = clips_per_class or {'train': 400, 'val': 64}
+  photos = []
+  for name in PHOTOS:
     try:
-      os.rename(tmp, final)    # atomic: readers never see a half-written set
-    except OSError:
-      if not os.path.isdir(final):
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return final
+      photos.append(np.asarray(Image.fromarray(_load_photo(name)).convert('RGB')))
+    except Exception:  # pylint: disable=broad-except
+      continue    # as build_demo_set: a photo this skimage build lacks
+  if len(photos) < 2:
+    raise RuntimeError(f'scikit-image ships fewer than 2 of the demo photos {PHOTOS}.')
+  for s, (split, n) in enumerate(sorted(clips_per_class.items())):
+    for c, cls in enumerate(VIDEO_CLASSES):
+      os.makedirs(os.path.join(out_dir, split, cls), exist_ok=True)
+      for i in range(n):
+        rng = np.random.default_rng([seed, s, c, i])
+        photo = photos[int(rng.integers(len(photos)))]
+        write_video(os.path.join(out_dir, split, cls, f'{i:03d}.mp4'),
+                    pan_clip(photo, c, rng, frames=frames, size=size))
+  return len(photos)
+
+
+def ensure_video_demo_set(cache_dir: str = '') -> str:
+  """The video demo folder (train/ and val/ of class sub-folders), built on first use; atomic
+  like ensure_demo_set."""
+  base = os.path.expanduser(cache_dir) if cache_dir else default_cache_dir()
+  return build_once(os.path.join(base, f'video-{VIDEO_VERSION}'),
+                    lambda tmp: build_video_demo_set(tmp, seed=7))   # the README's figures
