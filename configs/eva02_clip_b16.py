@@ -10,15 +10,15 @@ Merged-2B with 8 nodes"):
 - --lr=5e-4 --visual-lr=2e-4 --text-lr=2e-5 --wd=0.05 (visual, text) --visual-ld=0.75
   --text-ld=0.75 --grad-clip-norm=5.0 --warmup 2000 --optimizer=lamb --force-patch-dropout=0
   --grad-checkpointing --seed 4096; fp16 (README table "training precision").
-- init.image: EVA02_B_psz14to16.pt -- the EVA-02-B MIM checkpoint with the patch kernel resized
-  14 -> 16 (bicubic, interpolate_patch_14to16.py) and pos-embed 16x16 -> 14x14. DEPENDENCY:
-  eva_jax/models/resample.py (another helper, not in this branch yet) does that resampling for an
-  eva_jax EVA-02-B; until then pass the official EVA02_B_psz14to16.pt. init.text:
+- init.image: an EVA-02-B/14 MIM checkpoint (eva_jax workdir, official EVA02_B_psz14.pt or
+  timm file): the image-tower loader resamples the patch kernel 14 -> 16 (bicubic, as
+  interpolate_patch_14to16.py; config.init.patch_resample='pinv' for FlexiViT's) and re-grids the
+  pos-embed 16x16 -> 14x14, logged; the official EVA02_B_psz14to16.pt loads as is. init.text:
   openai/clip-vit-base-patch16.
 - data: Merged-2B (LAION-2B 1.6B + COYO-700M 0.4B) webdataset shards, a mixture; set config.data.
 
   eva-clip --config=eva02_clip_b16 --workdir=gs://bucket/eva02_clip_b16 \
-      --config.init.image=/path/EVA02_B_psz14to16.pt --config.init.text=/path/clip-vit-base-patch16
+      --config.init.image=/path/EVA02_B_psz14.pt --config.init.text=/path/clip-vit-base-patch16
 """
 from eva_jax.defaults import eva_clip_recipe
 

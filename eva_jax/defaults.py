@@ -96,6 +96,9 @@ def finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.head_init_scale = 0.001
   c.fc_norm_from_norm = True    # init fc_norm from the pretrained `norm` (timm's checkpoint filter)
   c.freeze_patch_embed = True   # EVA fine-tuning keeps the patch embedding fixed
+  # init_from of another patch size than model.patch_size: the kernel is resampled ('pinv' =
+  # FlexiViT / timm resample_patch_embed, 'bicubic' = official interpolate_patch_14to16.py).
+  c.patch_resample = 'pinv'
   c.ema_decay = 0.0             # > 0: EMA of the weights, used for evaluation
   c.eval_source = ''            # '' = config.data.source
   c.eval_every = 0
@@ -200,6 +203,8 @@ def clip_defaults(model: str = 'eva-clip-tiny') -> ml_collections.ConfigDict:
       image='',                # eva_jax MIM / fine-tuning workdir or checkpoint, timm / official EVA
                                #   file ('' = random init); lm_head, mask_token, head skipped
       image_weights='auto',    # auto (EMA if kept) | raw | ema
+      patch_resample='bicubic',  # an image tower of another patch size: bicubic (official
+                               #   interpolate_patch_14to16, EVA02-CLIP-B/16) | pinv (FlexiViT)
       text='',                 # transformers CLIP dir, OpenAI .pt, open_clip file ('' = random)
   ))
   c.optim = ml_collections.ConfigDict(dict(

@@ -387,11 +387,15 @@ _ARCH_FIELDS = ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'swiglu', 's
                 'class_token', 'attn_bias', 'act', 'post_norm')
 
 
-def load_image_tower(model, path, *, weights: str = 'auto', facts: dict | None = None) -> dict:
+def load_image_tower(model, path, *, weights: str = 'auto', facts: dict | None = None,
+                     patch_resample: str = 'bicubic') -> dict:
   """Initializes `model.visual` (+ the pooled norm) of a ClipModel from an EVA encoder anywhere
   eva_jax.checkpoint.read_encoder reads one. `lm_head`, `mask_token` and classifier `head` /
   `fc_norm` are skipped (EVA-SPEC "EVA-CLIP"); the CLIP `visual_head` keeps its init. A pos-embed
-  of another grid is resized (official bicubic, as EVA-01 fine-tuning loads it). Returns
+  of another grid is resized (official bicubic, as EVA-01 fine-tuning loads it). An encoder of
+  another patch size gets its patch embedding resampled by `patch_resample` ('bicubic': the
+  official interpolate_patch_14to16.py, how EVA02-CLIP-B/16 starts from EVA-02-B/14; 'pinv':
+  FlexiViT / timm; models/resample.py), logged. Returns
   {'skipped': [...], 'kept_init': [...], 'source': str}; both lists are logged.
   Raises CheckpointError when the architecture differs (naming each field, file vs config)."""
   from eva_jax import checkpoint
@@ -399,7 +403,7 @@ def load_image_tower(model, path, *, weights: str = 'auto', facts: dict | None =
   vcfg, ecfg = model.cfg.vision, w.config
   bad = [f'vision.{f}: file {ecfg.get(f, d)!r} vs config {vcfg.get(f, d)!r}'
          for f, d in ((f, _arch_default(f)) for f in _ARCH_FIELDS)
-         if ecfg.get(f, d) != vcfg.get(f, d)]
+         if f != 'patch_size' and ecfg.get(f, d) != vcfg.get(f, d)]
   if bad:
     raise CheckpointError(f'{w.source}: the encoder does not match the CLIP image tower ('
                           + '; '.join(bad) + ').')
@@ -410,6 +414,13 @@ def load_image_tower(model, path, *, weights: str = 'auto', facts: dict | None =
     fc = {'scale': flat.pop('norm/scale'), 'bias': flat.pop('norm/bias')}
     _set_params(model.visual_fc_norm, fc, w.source)
   p = model.cfg.vision.patch_size
+  if flat['patch_kernel'].shape[0] != p:
+    from eva_jax.models import resample
+    old_p = flat['patch_kernel'].shape[0]
+    flat['patch_kernel'] = resample.resample_patch_kernel(flat['patch_kernel'], p, patch_resample)
+    logging.info('%s: patch embedding resampled %d -> %d (%s).', w.source, old_p, p,
+                 patch_resample)
+    skipped.append(f'patch_kernel resampled {old_p}->{p} ({patch_resample})')
   grid = (model.cfg.vision.image_size // p,) * 2
   npp = 1 if vcfg.class_token else 0
   pos = flat['pos_embed']

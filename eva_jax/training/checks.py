@@ -201,6 +201,21 @@ RULES = {
     },
 }
 
+RULES['video'] = {   # training/video.py: a fine-tuning config plus the clip geometry and decoding
+    **RULES['finetune'],
+    'video.num_frames': count(1),
+    'video.tubelet': count(1, why='frames per token; must divide video.num_frames'),
+    'video.time_noise': nonneg('std of the per-time-step pos-embed offset; 0 = plain repeat'),
+    'data.video.max_decode_frames': count(1),
+    'data.video.decode_short_side': count(0, why='0 = native size'),
+    'data.video.min_frames': count(1),
+    'data.video.color_jitter': fraction(),
+    'data.video.jitter': Range(0.0, length=4, why='brightness, contrast, saturation, hue'),
+    'data.video.grayscale': fraction(),
+    'data.video.test_clips': count(1),
+    'data.video.test_crops': count(1),
+}
+
 # Fields whose value is a word from a fixed list ('' where it means "default").
 CHOICES = {
     'pool': ('mean', 'token'),
@@ -210,6 +225,9 @@ CHOICES = {
     'mode': ('pretrain', 'classify'),
     'benchmark.input': ('synthetic', 'pipeline'),
     'task.shape': ('ellipse', 'box'),
+    'patch_resample': ('pinv', 'bicubic'),
+    'init.patch_resample': ('bicubic', 'pinv'),
+    'video.model': ('space_time', 'frame_average'),
 }
 
 
@@ -217,6 +235,8 @@ def config_kind(cfg) -> str:
   """Which table applies: told apart by the fields only one kind of config has."""
   if 'teacher' in cfg:
     return 'pretrain'
+  if 'video' in cfg and 'num_classes' in cfg:
+    return 'video'
   if 'num_classes' in cfg:
     return 'finetune'
   if 'knn_k' in cfg:
@@ -333,13 +353,13 @@ def _eval_pretrain(cfg):
                      'eval_batches >= 1, or eval_every=0.')
 
 
-_TRAIN = ('train', 'pretrain', 'finetune')
+_TRAIN = ('train', 'pretrain', 'finetune', 'video', 'clip')
 # (kinds, fields the rule reads, rule): a config of another trainer may lack a section.
 CROSS = [
     (_TRAIN, ('optim', 'total_steps'), _lr_order), (_TRAIN, ('optim', 'total_steps'), _warmup),
     (_TRAIN, ('loss_scale',), _loss_scale), (_TRAIN, ('distributed',), _process_id),
     (_TRAIN, ('mesh',), _mesh_rest), (None, ('data.mask',), _mask_aspect),
-    (('finetune',), ('ema_decay',), _warmup_ema),
+    (('finetune', 'video'), ('ema_decay',), _warmup_ema),
     (('pretrain',), ('eval_every', 'eval_batches'), _eval_pretrain),
 ]
 

@@ -276,6 +276,7 @@ class ClipProgram(trainer.Program):
       v = self.model_cfg.vision
       report = clip_text.load_image_tower(model, cfg.init.image,
                                           weights=cfg.init.get('image_weights', 'auto'),
+                                          patch_resample=cfg.init.get('patch_resample', 'bicubic'),
                                           facts={k: v[k] for k in FACT_FIELDS if k in v})
       if is_main:
         print(f"Image tower from {report['source']}; skipped: "

@@ -11,6 +11,7 @@ import pytest
 import clip_support
 from eva_jax.convert import clip_text, common, eva_torch, open_clip_export
 from eva_jax.convert.common import CheckpointError
+from eva_jax.models import resample
 from eva_jax.models import clip, vit
 from eva_jax.models import config as config_lib
 
@@ -95,6 +96,18 @@ def test_image_tower_from_official_mim_file(tmp_path, caplog):
   for k, v in common.model_params_numpy(enc).items():
     if k != 'mask_token':
       np.testing.assert_array_equal(ours[f'visual/{k}'], v)
+
+  # EVA02-CLIP-B/16 from EVA-02-B/14: a /16 tower from the /14 file, the patch embedding resampled
+  # (official bicubic by default, models/resample.py), the 2x2 grid kept (28/14 = 32/16).
+  p16 = clip.clip_config('eva-clip-tiny', image_size=28)
+  p16.vision.patch_size, p16.vision.image_size = 16, 32
+  model16 = clip_support.random_clip(p16)
+  info = clip_text.load_image_tower(model16, str(f), facts={'heads': 4, 'rope': False})
+  assert any('patch_kernel resampled 14->16 (bicubic)' in s for s in info['skipped'])
+  got = common.model_params_numpy(model16)['visual/patch_kernel']
+  src = common.model_params_numpy(enc)['patch_kernel']
+  np.testing.assert_allclose(got, resample.resample_patch_kernel(src, 16, 'bicubic'), atol=1e-6)
+  assert got.shape == (16, 16, 3, 64)
 
   wide = clip.clip_config('eva-clip-tiny', image_size=28)
   wide.vision.mlp_dim = 128

@@ -44,7 +44,8 @@ def test_loss_and_grads_equal_open_clip(kind):
     assert abs(float(grads[3]) - tb.grad.item()) < 1e-5
 
 
-def test_small_batch_warns(caplog):
+def test_small_batch_warns(caplog, monkeypatch):
+  monkeypatch.setattr(contrastive, '_warned', set())   # once per size and process: start afresh
   img, txt = _features(b=6)
   with caplog.at_level(logging.WARNING):
     contrastive.clip_loss(img, txt, 10.0)
