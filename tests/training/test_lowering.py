@@ -104,15 +104,59 @@ def finetune_step(devices=None, **over):
   return task, (task.abstract_state, {}, batch)
 
 
-# name -> () -> (task, abstract args of task.train_step). One entry per training step; the
-# contrastive and video steps are one line each when their trainers land.
+def clip_step(devices=None, **over):
+  """The contrastive (EVA-CLIP) step of training/clip.py: both towers, CLIP loss on the mesh."""
+  import jax.numpy as jnp
+  from eva_jax import defaults, parallel
+  from eva_jax.training import clip
+  cfg = defaults.clip_defaults('eva-clip-tiny')
+  cfg.image_size, cfg.batch_size, cfg.precision = IMAGE, BATCH, 'bf16'
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, FSDP, 1
+  mesh = parallel.make_mesh(cfg.mesh, devices=devices)
+  task, mcfg = clip.build(cfg, mesh)
+  batch = {'image': _abstract((BATCH, IMAGE, IMAGE, 3), jnp.float32),
+           'text': _abstract((BATCH, mcfg.text.context_length), jnp.int32)}
+  return task, (task.abstract_state, {}, batch)
+
+
+def video_step(devices=None, **over):
+  """The video fine-tuning step of training/video.py: joint space-time attention over T frames."""
+  import jax.numpy as jnp
+  from eva_jax import parallel
+  from eva_jax.training import video
+  cfg = video.video_finetune_defaults('tiny')
+  cfg.image_size, cfg.batch_size, cfg.precision = IMAGE, BATCH, 'bf16'
+  cfg.video.num_frames = 2
+  cfg.model.attention = over.get('attention', cfg.model.attention)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, FSDP, 1
+  cfg.data.mixup = cfg.data.cutmix = 0.0
+  mesh = parallel.make_mesh(cfg.mesh, devices=devices)
+  task, _ = video.build(cfg, mesh, num_classes=10)
+  batch = {'video': _abstract((BATCH, 2, IMAGE, IMAGE, 3), jnp.float32),
+           'label': _abstract((BATCH,), jnp.int32)}
+  return task, (task.abstract_state, {}, batch)
+
+
+# name -> () -> (task, abstract args of task.train_step). One entry per training step.
 STEPS = {
     'pretrain_clip': lambda: pretrain_step('clip', 'clip-tiny'),
     'pretrain_eva_clip': lambda: pretrain_step('eva_clip', 'eva02-clip-tiny'),
     'pretrain_siglip': lambda: pretrain_step('siglip', 'siglip-tiny'),
     'pretrain_dinov2': lambda: pretrain_step('dinov2', 'dinov2-tiny'),
     'finetune': finetune_step,
+    'contrastive': clip_step,
+    'video': video_step,
 }
+# Scanned tower passes per step (student forward + backward, + teacher forward; two towers both
+# ways for the contrastive step) and attention forwards (their f32 logits).
+LOOPS = {'contrastive': 4, 'video': 2, 'finetune': 2}
+# Attention forwards with f32 logits: the video recipe's remat='full' recomputes the student's
+# inside the backward (one more), as its memory plan intends.
+TOWERS = {'contrastive': 2, 'video': 2, 'finetune': 1}
+TRAINED = {'contrastive': 2}   # towers with a backward (default 1: the student)
+# float32 matmuls we mean: the contrastive loss's similarity logits of the L2-normalized features
+# (training/contrastive.py computes them in f32 on purpose: forward and backward).
+LOSS_F32 = {'contrastive': 6}
 
 
 def _fsdp_args(task, args) -> int:
@@ -175,6 +219,11 @@ def _worker() -> dict:
                              **{'mesh.fsdp': 1, 'model.attention': 'cudnn'})
   cudnn['cudnn_odd_tokens'] = _targets(
       task.train_step.trace(*args).lower(lowering_platforms=('cuda',)).as_text())
+  # The video step's joint space-time attention (2 frames x 16 patches + cls = 33 tokens, odd;
+  # 4,097 at g/14 x 16 x 224) takes the fused path too.
+  task, args = video_step(attention='cudnn')
+  cudnn['video_cudnn_fsdp8'] = benchmark.stablehlo_summary(
+      task.train_step.trace(*args).lower(lowering_platforms=('cuda',)).as_text())
   out['cudnn'] = cudnn
 
   # (d) The FSDP program after SPMD partitioning: compiled for CPU, backend codegen at -O0 (the
@@ -223,7 +272,7 @@ def test_step_lowers_for_cuda_and_tpu(lowered, name):
     s = lowered['summaries'][f'{name}_{platform}']
     # The blocks run under lax.scan: one loop for the student forward and one for its backward
     # (+ one for the teacher's forward when pretraining), not one copy per block.
-    assert s.get('while', 0) == (3 if name.startswith('pretrain') else 2), s
+    assert s.get('while', 0) == LOOPS.get(name, 3), s
     _golden(f'{name}_{platform}', _summary_lines(s))
   # Nothing in this step is platform-specific (attention 'xla'): both lowerings agree.
   assert lowered['summaries'][f'{name}_cuda'] == lowered['summaries'][f'{name}_tpu']
@@ -239,11 +288,14 @@ def test_bf16_matmuls(lowered, name):
   for platform in PLATFORMS:
     s = lowered['summaries'][f'{name}_{platform}']
     dots = {k: v for k, v in s.items() if k.startswith('dot_general')}
-    towers = 2 if name.startswith('pretrain') else 1
+    towers = TOWERS.get(name, 2)
     logits = 'dot_general bf16,bf16->f32 algorithm bf16,bf16->f32'
     logit_grads = 'dot_general f32,bf16->f32 algorithm bf16,bf16->f32'
-    assert dots.get(logits) == towers and dots.get(logit_grads) == 2, dots
-    others = {k: v for k, v in dots.items() if k not in (logits, logit_grads)}
+    assert dots.get(logits) == towers, dots
+    assert dots.get(logit_grads) == 2 * TRAINED.get(name, 1), dots
+    assert dots.get('dot_general f32,f32->f32', 0) == LOSS_F32.get(name, 0), dots
+    others = {k: v for k, v in dots.items()
+              if k not in (logits, logit_grads, 'dot_general f32,f32->f32')}
     assert list(others) == ['dot_general bf16,bf16->bf16'] and others[
         'dot_general bf16,bf16->bf16'] > 20, dots
 
@@ -279,6 +331,13 @@ def test_cudnn_attention_on_cuda(lowered):
   s = c['cudnn_fsdp8']
   assert s.get('custom_call CustomSPMDPartitioning') == 3, s
   _golden('pretrain_clip_cudnn_cuda', _summary_lines(s))
+
+
+def test_video_attention_is_fused_on_cuda(lowered):
+  """Issue 16: attention over all T*N space-time tokens uses cuDNN's fused kernel on cuda
+  (forward, the remat recomputation and the backward, inside jax's partitioning wrapper)."""
+  s = lowered['cudnn']['video_cudnn_fsdp8']
+  assert s.get('custom_call CustomSPMDPartitioning') == 3, s
 
 
 def test_cudnn_attention_with_odd_tokens(lowered):
