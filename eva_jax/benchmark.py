@@ -724,6 +724,24 @@ def clip_step_flops_per_pair(clip_cfg, *, image_size: int | None = None,
 
 # ------------------------------------------------------------------------------------------------
 # Contrastive (EVA-CLIP) step: the timed step
+def _time_compiled(compiled, task, host, mesh, seed, b, tflops_per_step):
+  """Times a compiled train step (no constants) on `host` placed on `mesh`: benchmark.warmup
+  untimed steps, then benchmark.steps timed ones. Returns (median step s, step times, CPU times,
+  last metrics, TFLOP/s per device, device peak TFLOP/s or None, runtime peak bytes or None)."""
+  from eva_jax import parallel
+  state = task.init(seed)
+  batch = parallel.host_to_global(host, mesh)
+  step = lambda s: compiled(s, {}, batch)   # noqa: E731
+  state, metrics, _, _ = _time_steps(step, state, max(int(b.warmup), 0))
+  state, metrics, times, cpu = _time_steps(step, state, int(b.steps))
+  step_s = statistics.median(times)
+  per_dev = tflops_per_step / step_s / int(mesh.size)
+  peak = peak_tflops(mesh.devices.reshape(-1)[0].device_kind)
+  runtime_peak = max((p for p in (device_peak_bytes(d) for d in jax.local_devices())
+                      if p is not None), default=None)
+  return step_s, times, cpu, metrics, per_dev, peak, runtime_peak
+
+
 def run_clip(cfg) -> dict[str, Any]:
   """Builds, compiles and times the contrastive training step of an eva-clip config (exactly what
   eva-clip runs: eva_jax.training.clip.build) on a synthetic device-resident batch (random
@@ -768,16 +786,8 @@ def run_clip(cfg) -> dict[str, Any]:
       'num_devices': int(mesh.size)}
   if b.compile_only:
     return result
-  state = task.init(cfg.seed)
-  batch = parallel.host_to_global(host, mesh)
-  step = lambda s: compiled(s, {}, batch)   # noqa: E731
-  state, metrics, _, _ = _time_steps(step, state, max(int(b.warmup), 0))
-  state, metrics, times, cpu = _time_steps(step, state, int(b.steps))
-  step_s = statistics.median(times)
-  per_dev = result['tflops_per_step'] / step_s / int(mesh.size)
-  peak = peak_tflops(devices[0].device_kind)
-  runtime_peak = max((p for p in (device_peak_bytes(d) for d in jax.local_devices())
-                      if p is not None), default=None)
+  step_s, times, cpu, metrics, per_dev, peak, runtime_peak = _time_compiled(
+      compiled, task, host, mesh, cfg.seed, b, result['tflops_per_step'])
   result.update({
       'step_s': step_s, 'step_cpu_s': statistics.median(cpu),
       'pairs_per_s': cfg.batch_size / step_s, 'tflops_per_s_per_device': per_dev,
@@ -837,16 +847,8 @@ def run_video(cfg, num_classes: int = 400) -> dict[str, Any]:
   if b.compile_only:
     result.update(peak_bytes_per_device=mem.get('peak_bytes'), peak_bytes_source='memory_analysis')
     return result
-  state = task.init(cfg.seed)
-  batch = parallel.host_to_global(host, mesh)
-  step = lambda s: compiled(s, {}, batch)
-  state, metrics, _, _ = _time_steps(step, state, max(int(b.warmup), 0))
-  state, metrics, times, cpu_times = _time_steps(step, state, int(b.steps))
-  step_s = statistics.median(times)
-  per_dev = result['tflops_per_step'] / step_s / int(mesh.size)
-  peak = peak_tflops(devices[0].device_kind)
-  runtime_peak = max((p for p in (device_peak_bytes(d) for d in jax.local_devices())
-                      if p is not None), default=None)
+  step_s, times, cpu_times, metrics, per_dev, peak, runtime_peak = _time_compiled(
+      compiled, task, host, mesh, cfg.seed, b, result['tflops_per_step'])
   result.update({
       'step_s': step_s, 'step_s_min': min(times), 'step_cpu_s': statistics.median(cpu_times),
       'clips_per_s': cfg.batch_size / step_s,

@@ -147,6 +147,27 @@ def pretrained_into(abstract_params: dict, encoder_params: dict, *, grid_from: t
   return common.unflatten(out), dropped
 
 
+def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str) -> dict:
+  """Loss, top-1 and top-5 over `loader` (at most eval_batches batches; 0 = all; closed after)
+  with the weights evaluation uses: {'eval_loss', 'eval_top1', 'eval_top5', 'eval_count'}.
+  input_key: the batch array the model reads ('image', or 'video' for training/video.py)."""
+  sums = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
+  try:
+    for i, b in enumerate(loader):
+      if eval_batches > 0 and i >= eval_batches:
+        break
+      arrays = {input_key: b.arrays[input_key], 'label': b.arrays['label'], 'valid': b.valid}
+      out = jax.device_get(task.eval_step(task.eval_params(state), consts,
+                                          parallel.host_to_global(arrays, task.mesh)))
+      for k in sums:
+        sums[k] += float(out[k])
+  finally:
+    loader.close()
+  n = max(sums['count'], 1.0)
+  return {'eval_loss': sums['loss'] / n, 'eval_top1': sums['top1'] / n,
+          'eval_top5': sums['top5'] / n, 'eval_count': int(sums['count'])}
+
+
 class FinetuneProgram(trainer.Program):
   kind = 'eva_finetune'
 
@@ -258,22 +279,8 @@ class FinetuneProgram(trainer.Program):
 
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
-    sums = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
-    eval_loader = self.loader(train=False, source=cfg.eval_source)
-    try:
-      for i, b in enumerate(eval_loader):
-        if cfg.eval_batches > 0 and i >= cfg.eval_batches:
-          break
-        arrays = {'image': b.arrays['image'], 'label': b.arrays['label'], 'valid': b.valid}
-        out = jax.device_get(task.eval_step(task.eval_params(state), consts,
-                                            parallel.host_to_global(arrays, task.mesh)))
-        for k in sums:
-          sums[k] += float(out[k])
-    finally:
-      eval_loader.close()
-    n = max(sums['count'], 1.0)
-    rec = {'eval_loss': sums['loss'] / n, 'eval_top1': sums['top1'] / n,
-           'eval_top5': sums['top5'] / n, 'eval_count': int(sums['count'])}
+    rec = eval_top_k(task, state, consts, self.loader(train=False, source=cfg.eval_source),
+                     cfg.eval_batches, 'image')
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} "
             f"on {rec['eval_count']} images{' (EMA)' if state.ema is not None else ''}",

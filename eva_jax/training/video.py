@@ -24,7 +24,6 @@ import numpy as np
 from flax import nnx
 
 from eva_jax import checkpoint as ckpt_lib
-from eva_jax import parallel
 from eva_jax.data import video as video_data
 from eva_jax.defaults import finetune_defaults
 from eva_jax.models import classifier as clf_lib, video as video_lib
@@ -224,23 +223,10 @@ class VideoFinetuneProgram(trainer.Program):
 
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
-    sums = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
-    loader = self.loader(train=False, source=cfg.eval_source)
-    try:
-      for i, b in enumerate(loader):
-        if cfg.eval_batches > 0 and i >= cfg.eval_batches:
-          break
-        arrays = {'video': b.arrays['video'], 'label': b.arrays['label'], 'valid': b.valid}
-        out = jax.device_get(task.eval_step(task.eval_params(state), consts,
-                                            parallel.host_to_global(arrays, task.mesh)))
-        for k in sums:
-          sums[k] += float(out[k])
-    finally:
-      loader.close()
-    n = max(sums['count'], 1.0)
+    rec = finetune.eval_top_k(task, state, consts,
+                              self.loader(train=False, source=cfg.eval_source), cfg.eval_batches,
+                              'video')
     v = cfg.data.video
-    rec = {'eval_loss': sums['loss'] / n, 'eval_top1': sums['top1'] / n,
-           'eval_top5': sums['top5'] / n, 'eval_count': int(sums['count'])}
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} on "
             f"{rec['eval_count']} videos ({v.test_clips} clips x {v.test_crops} crops)",
