@@ -36,8 +36,9 @@ def main(argv):
             f"{r['tflops_per_s_per_device']:.3f} TFLOP/s/device")
     if r['mfu'] is not None:
       line += f", MFU {r['mfu']:.1%}"
-    line += (f", {r['matmul_fraction']:.0%} of this machine's matmul rate "
-             f"({r['matmul_tflops_per_s']:.3f} TFLOP/s on the step's shapes)")
+    if r.get('matmul_fraction') is not None:   # measured for the pretraining step only
+      line += (f", {r['matmul_fraction']:.0%} of this machine's matmul rate "
+               f"({r['matmul_tflops_per_s']:.3f} TFLOP/s on the step's shapes)")
     line += f", compile {r['compile_s']:.1f} s"
     if r['peak_bytes_per_device']:
       line += f", peak {r['peak_bytes_per_device'] / 2 ** 30:.2f} GiB/device"

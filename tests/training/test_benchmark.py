@@ -66,3 +66,16 @@ def test_cli_prints_json_with_the_keys():
   t.image_size = 56
   per_image = benchmark.step_flops_per_image(s, t)['total']
   assert abs(r['tflops_per_step'] - 4 * per_image / 1e12) < 1e-12
+
+
+def test_cli_times_the_video_step():
+  # eva-benchmark on a video recipe times training/video.py's step (clips/s; FLOPs over 1 + T*N
+  # tokens), and its summary line does not ask for the pretraining-only matmul fraction.
+  cmd = [sys.executable, '-m', 'eva_jax.cli.benchmark', '--config=video_demo',
+         '--config.benchmark.steps=1', '--config.benchmark.warmup=1', '--config.batch_size=4']
+  out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r['config']['tokens'] == 1 + r['config']['frames'] * (r['config']['image_size'] // 14) ** 2
+  assert r['clips_per_s'] == pytest.approx(4 / r['step_s']) and r['steps'] == 1
