@@ -533,6 +533,8 @@ def run(cfg) -> dict[str, Any]:
     return run_backbone(cfg)
   if 'video' in cfg:
     return run_video(cfg)    # a configs/video_*.py recipe: the video fine-tuning step
+  if 'text' in cfg and 'loss' in cfg:
+    return run_clip(cfg)     # an eva-clip recipe: the contrastive step
   from eva_jax.training import checks
   checks.check_config(cfg)   # every field range-checked before anything is built, as in training
   b = cfg.benchmark
@@ -790,7 +792,8 @@ def run_clip(cfg) -> dict[str, Any]:
       compiled, task, host, mesh, cfg.seed, b, result['tflops_per_step'])
   result.update({
       'step_s': step_s, 'step_cpu_s': statistics.median(cpu),
-      'pairs_per_s': cfg.batch_size / step_s, 'tflops_per_s_per_device': per_dev,
+      'pairs_per_s': cfg.batch_size / step_s, 'images_per_s': cfg.batch_size / step_s,
+      'precision': cfg.precision, 'tflops_per_s_per_device': per_dev,
       'mfu': (per_dev / peak) if peak else None, 'peak_tflops_per_device': peak,
       'peak_bytes_per_device': runtime_peak if runtime_peak is not None else mem.get('peak_bytes'),
       'loss': float(metrics['loss']), 'steps': int(b.steps)})

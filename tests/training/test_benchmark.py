@@ -79,3 +79,17 @@ def test_cli_times_the_video_step():
   r = json.loads(out.stdout.strip().splitlines()[-1])
   assert r['config']['tokens'] == 1 + r['config']['frames'] * (r['config']['image_size'] // 14) ** 2
   assert r['clips_per_s'] == pytest.approx(4 / r['step_s']) and r['steps'] == 1
+
+
+def test_cli_times_the_contrastive_step():
+  # eva-benchmark on an eva-clip recipe times training/clip.py's step: pairs/s, FLOPs of both towers.
+  cmd = [sys.executable, '-m', 'eva_jax.cli.benchmark', '--config=clip_demo',
+         '--config.benchmark.steps=1', '--config.benchmark.warmup=1', '--config.batch_size=8',
+         '--config.image_size=56']
+  out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r['config']['model'] == 'eva-clip-tiny' and r['steps'] == 1
+  assert r['pairs_per_s'] == pytest.approx(8 / r['step_s'])
+  assert r['tflops_per_pair'] > 0
