@@ -32,3 +32,26 @@ def fill_random(abstract_module, seed: int = 0, std: float = 0.05):
 def random_clip(cfg, seed: int = 0):
   from eva_jax.models import clip
   return fill_random(clip.abstract(cfg), seed)
+
+
+def register_open_clip(cfg, folder, tag: str) -> str:
+  """Registers a timm trunk entrypoint building `cfg`'s image tower and an open_clip model config
+  naming it (open_clip_export.open_clip_model_config, json written to `folder`); returns the
+  open_clip model name for open_clip.create_model(name, pretrained=None)."""
+  import json
+  import open_clip
+  from timm.models import eva, register_model
+  from eva_jax.convert import open_clip_export
+  kwargs = open_clip_export.trunk_timm_kwargs(cfg)
+  trunk = f'eva_jax_test_trunk_{tag}'
+
+  def entry(pretrained=False, **kw):   # open_clip passes num_classes / global_pool (+ registry kw)
+    del pretrained
+    return eva.Eva(**{**kwargs, **{k: v for k, v in kw.items() if k in kwargs}})
+  entry.__name__ = trunk
+  register_model(entry)
+  name = f'eva-jax-test-{tag}'
+  f = folder / f'{name}.json'
+  f.write_text(json.dumps(open_clip_export.open_clip_model_config(cfg, trunk)))
+  open_clip.add_model_config(str(f))
+  return name

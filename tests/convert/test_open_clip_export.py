@@ -1,8 +1,6 @@
 """Export of an EVA-CLIP model to open_clip: the state dict loads strictly into
 open_clip.create_model(<config>, pretrained=None) and image / text features match (< 1e-4);
 the same weights in bfloat16 stay within 3e-2."""
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,31 +14,14 @@ torch = pytest.importorskip('torch')
 open_clip = pytest.importorskip('open_clip')
 
 
-def _register(cfg, tmp_path, tag):
-  """A timm trunk entrypoint for the config and an open_clip model config naming it."""
-  from timm.models import eva, register_model
-  kwargs = open_clip_export.trunk_timm_kwargs(cfg)
-  trunk = f'eva_jax_test_trunk_{tag}'
-
-  def entry(pretrained=False, **kw):   # open_clip passes num_classes / global_pool (+ registry kw)
-    return eva.Eva(**{**kwargs, **{k: v for k, v in kw.items() if k in kwargs}})
-  entry.__name__ = trunk
-  register_model(entry)
-  name = f'eva-jax-test-{tag}'
-  f = tmp_path / f'{name}.json'
-  f.write_text(json.dumps(open_clip_export.open_clip_model_config(cfg, trunk)))
-  open_clip.add_model_config(str(f))
-  return name
-
-
 @pytest.mark.parametrize('name,pool,bias', [('eva-clip-tiny', 'avg', True),
                                             ('eva02-clip-tiny', 'token', False)])
 def test_export_loads_strictly_and_matches(tmp_path, name, pool, bias):
   cfg = clip.clip_config(name, image_size=28, pool=pool, logit_bias=bias)
   model = clip_support.random_clip(cfg)
   sd = open_clip_export.open_clip_state_dict(model)
-  oc = open_clip.create_model(_register(cfg, tmp_path, f'{name}-{pool}'.replace('-', '_')),
-                              pretrained=None)
+  tag = f'{name}-{pool}'.replace('-', '_')
+  oc = open_clip.create_model(clip_support.register_open_clip(cfg, tmp_path, tag), pretrained=None)
   oc.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
   oc.eval()
   rng = np.random.default_rng(0)
