@@ -55,3 +55,19 @@ def register_open_clip(cfg, folder, tag: str) -> str:
   f.write_text(json.dumps(open_clip_export.open_clip_model_config(cfg, trunk)))
   open_clip.add_model_config(str(f))
   return name
+
+
+def open_clip_features(oc, image_size: int, seed: int = 0):
+  """(images [3, S, S, 3] NHWC, tokens [3, 77], open_clip image features, text features): random
+  images and CLIP-like token rows (EOT 49407 at varying places, zero padding) through the torch
+  model `oc`, float32 numpy."""
+  import torch
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(3, image_size, image_size, 3)).astype(np.float32)
+  tokens = rng.integers(1, 49000, size=(3, 77))
+  tokens[np.arange(3), [5, 30, 76]] = 49407
+  tokens[0, 6:] = 0
+  with torch.no_grad():
+    want_i = oc.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    want_t = oc.encode_text(torch.from_numpy(tokens)).numpy()
+  return images, tokens, want_i, want_t

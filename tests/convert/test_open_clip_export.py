@@ -24,14 +24,7 @@ def test_export_loads_strictly_and_matches(tmp_path, name, pool, bias):
   oc = open_clip.create_model(clip_support.register_open_clip(cfg, tmp_path, tag), pretrained=None)
   oc.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
   oc.eval()
-  rng = np.random.default_rng(0)
-  images = rng.normal(size=(3, 28, 28, 3)).astype(np.float32)
-  tokens = rng.integers(1, 49000, size=(3, 77))
-  tokens[np.arange(3), [5, 30, 76]] = 49407
-  tokens[0, 6:] = 0
-  with torch.no_grad():
-    want_i = oc.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-    want_t = oc.encode_text(torch.from_numpy(tokens)).numpy()
+  images, tokens, want_i, want_t = clip_support.open_clip_features(oc, 28)
   got_i, got_t = jax.jit(lambda m, x, t: (m.encode_image(x), m.encode_text(t)))(
       model, images, jnp.asarray(tokens, jnp.int32))
   np.testing.assert_allclose(np.asarray(got_i), want_i, atol=1e-4, rtol=0)

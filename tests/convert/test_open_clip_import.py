@@ -61,14 +61,7 @@ def ref(tmp_path_factory):
              files['train'])
   files['safetensors'] = tmp / 'safetensors' / 'open_clip_model.safetensors'
   save_file({k: v.contiguous() for k, v in sd.items()}, str(files['safetensors']))
-  rng = np.random.default_rng(0)
-  images = rng.normal(size=(3, IMAGE, IMAGE, 3)).astype(np.float32)
-  tokens = rng.integers(1, 49000, size=(3, 77))
-  tokens[np.arange(3), [5, 30, 76]] = 49407
-  tokens[0, 6:] = 0
-  with torch.no_grad():
-    want_i = oc.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-    want_t = oc.encode_text(torch.from_numpy(tokens)).numpy()
+  images, tokens, want_i, want_t = clip_support.open_clip_features(oc, IMAGE)
   model = clip.abstract(cfg)
   open_clip_import.load_open_clip(model, files['bare'])
   return types.SimpleNamespace(cfg=cfg, oc=oc, files=files, images=images, tokens=tokens,
