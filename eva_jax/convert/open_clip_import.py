@@ -27,10 +27,11 @@ from eva_jax.convert import clip_text, common, eva_clip, eva_torch, open_clip_ex
 from eva_jax.convert.common import CheckpointError
 from eva_jax.models import clip as clip_lib
 
-__all__ = ['clip_config_for', 'read_open_clip', 'load_open_clip', 'is_open_clip_file']
+__all__ = ['clip_config_for', 'read_open_clip', 'load_open_clip', 'open_clip_file']
 
 TRUNK, HEAD = 'visual.trunk.', 'visual.trunk.head.'
 _SUFFIXES = ('.bin', '.pt', '.pth', '.safetensors')
+_HUB_FILES = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin')   # hf-hub:... layout
 
 
 def clip_config_for(name: str, **kwargs) -> ml_collections.ConfigDict:
@@ -47,10 +48,17 @@ def clip_config_for(name: str, **kwargs) -> ml_collections.ConfigDict:
   return clip_lib.clip_config(name, **kwargs)
 
 
-def is_open_clip_file(path: str | os.PathLike) -> bool:
-  """True for a single weights file (what open_clip saves); eva_jax runs are directories."""
+def open_clip_file(path: str | os.PathLike) -> str | None:
+  """The open_clip weights file `path` names, or None (eva_jax runs are other directories): a
+  `.bin` / `.pt` / `.pth` / `.safetensors` file, or a hub download folder holding
+  open_clip_model.safetensors or open_clip_pytorch_model.bin (safetensors preferred)."""
   path = os.fspath(path)
-  return os.path.isfile(path) and path.endswith(_SUFFIXES)
+  if os.path.isfile(path):
+    return path if path.endswith(_SUFFIXES) else None
+  for name in _HUB_FILES:
+    if os.path.isfile(os.path.join(path, name)):
+      return os.path.join(path, name)
+  return None
 
 
 def _check_record(path: str, cfg, what: str) -> None:

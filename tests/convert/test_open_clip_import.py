@@ -83,6 +83,11 @@ def test_all_forms_load_and_match_open_clip(ref):
   print(f'open_clip import parity: image {err_i:.2e}, text {err_t:.2e}')
   assert err_i < 1e-4 and err_t < 1e-4
   assert abs(float(ref.model.logit_scale[...]) - ref.oc.logit_scale.item()) < 1e-6
+  # eva-zero-shot's --checkpoint: a file, or a hub download folder (safetensors preferred).
+  st = ref.files['safetensors']
+  assert open_clip_import.open_clip_file(st.parent) == str(st)
+  assert open_clip_import.open_clip_file(ref.files['bare'].parent) == str(ref.files['bare'])
+  assert open_clip_import.open_clip_file(ref.tmp) is None   # e.g. an eva-clip run directory
   # open_clip's own names resolve to our configs.
   assert open_clip_import.clip_config_for('EVA02-B-16').name == 'eva02-clip-B/16'
 
