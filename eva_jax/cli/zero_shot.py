@@ -10,10 +10,11 @@ training checkpoint; or a hub folder holding open_clip_model.safetensors) whose 
 CLIP recipe, e.g. clip_demo, with --config.* overrides); the file must match it
 (convert/open_clip_import.py). --zero_shot: a labelled image folder (folder:DIR with one
 sub-folder per class, or demo:val), with --classnames ('' = the demo's names or the folder names,
-'imagenet', or names joined by ',') and --templates (demo | openai | simple). --retrieval: image-text pairs (folder:DIR,
-webdataset:PATTERN, arrayrecord:GLOB, demo:val; a caption file's lines are that image's
-captions). Either may be '' to skip it. Prints one JSON line: zero_shot/top1, zero_shot/top5,
-retrieval/{image_to_text,text_to_image}_R@{1,5,10}; --output also writes it to a file.
+'imagenet', or names joined by ',') and --templates (demo | openai | simple). --retrieval:
+image-text pairs (folder:DIR, webdataset:PATTERN, arrayrecord:GLOB, demo:val; a caption file's
+lines are that image's captions). Either may be '' to skip it. Prints one JSON line:
+zero_shot/top1, zero_shot/top5, retrieval/{image_to_text,text_to_image}_R@{1,5,10}; --output
+also writes it to a file.
 """
 import json
 
@@ -21,7 +22,8 @@ from absl import flags
 
 from eva_jax.cli import common
 
-flags.DEFINE_string('checkpoint', None, 'eva-clip workdir or checkpoint folder.')
+flags.DEFINE_string('checkpoint', None, 'eva-clip workdir or checkpoint folder, or an open_clip '
+                    'file (.bin / .pt / .safetensors) or hub folder.')
 flags.DEFINE_string('model', '', 'open_clip files: the CLIP architecture (eva_jax or open_clip '
                     'name; image size: --image_size, else the model\'s).')
 common.define_config('open_clip files: a CLIP recipe whose model is the architecture.')
@@ -85,8 +87,9 @@ def _open_clip(open_clip_import, path: str):
 
 
 def run():
-  common.run(main, __doc__, ['checkpoint', 'model', 'config', 'weights', 'zero_shot', 'classnames', 'templates',
-                             'retrieval', 'image_size', 'batch_size', 'limit', 'output'])
+  common.run(main, __doc__, ['checkpoint', 'model', 'config', 'weights', 'zero_shot',
+                             'classnames', 'templates', 'retrieval', 'image_size', 'batch_size',
+                             'limit', 'output'])
 
 
 if __name__ == '__main__':

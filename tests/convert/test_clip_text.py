@@ -133,6 +133,7 @@ def test_load_into_model_and_width_mismatch(tmp_path):
 
 
 @pytest.mark.filterwarnings('ignore:`torch.jit:FutureWarning')   # the format OpenAI released
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
 def test_openai_torchscript_archive_and_pickled_state_dict(tmp_path):
   """OpenAI's released ViT-*.pt are TorchScript archives (open_clip's load_openai_model:
   torch.jit.load): one built here from an OpenAI-layout open_clip.CLIP (QuickGELU, heads =
@@ -172,6 +173,15 @@ def test_openai_torchscript_archive_and_pickled_state_dict(tmp_path):
   assert abs(float(model.logit_scale[...]) - 3.0) < 1e-6
   with pytest.raises(CheckpointError, match="act='gelu' contradicts the TorchScript archive"):
     clip_text.read_text_tower(str(archive), act='gelu')
+
+  # A traced archive (torch.jit.trace of encode_text) keeps the module classes too.
+  traced = tmp_path / 'ViT-tiny-traced.pt'
+  torch.jit.save(torch.jit.trace_module(oc, {'encode_text': (torch.from_numpy(tokens),)}),
+                 str(traced))
+  w3 = clip_text.read_text_tower(str(traced))
+  assert (w3.config.act, w3.config.heads) == ('quick_gelu', heads)
+  for k, v in w.params.items():
+    np.testing.assert_array_equal(w3.params[k], v, err_msg=k)
 
   pickled = tmp_path / 'ViT-tiny-state-dict.pt'
   torch.save(oc.state_dict(), pickled)

@@ -151,7 +151,7 @@ def test_eva_zero_shot_reads_open_clip_file(ref):
   good = run('--config=clip_demo', f'--config.model.name={NAME}', '--retrieval=',
              f'--output={out}')
   bad = run('--model=eva-clip-tiny', f'--image_size={IMAGE}')
-  (stdout, stderr), (_, bad_err) = good.communicate(timeout=300), bad.communicate(timeout=300)
+  (_, stderr), (_, bad_err) = good.communicate(timeout=300), bad.communicate(timeout=300)
   assert good.returncode == 0, stderr[-2000:]
   metrics = json.loads(out.read_text())
   assert 'open_clip' in metrics['checkpoint'] and 0.0 <= metrics['zero_shot/top1'] <= 1.0
