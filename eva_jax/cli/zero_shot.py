@@ -1,14 +1,20 @@
 r"""eva-zero-shot: zero-shot classification and image<->text retrieval of a CLIP checkpoint.
 
   eva-zero-shot --checkpoint=workdirs/clip_demo [--zero_shot=demo:val] [--retrieval=demo:val]
+  eva-zero-shot --checkpoint=/ckpt/open_clip_pytorch_model.bin --model=EVA02-B-16
 
 --checkpoint: an eva-clip workdir or one of its checkpoint folders (the model comes from its
-metadata). --zero_shot: a labelled image folder (folder:DIR with one sub-folder per class, or
-demo:val), with --classnames ('' = the demo's names or the folder names, 'imagenet', or names
-joined by ',') and --templates (demo | openai | simple). --retrieval: image-text pairs (folder:DIR,
-webdataset:PATTERN, arrayrecord:GLOB, demo:val; a caption file's lines are that image's
-captions). Either may be '' to skip it. Prints one JSON line: zero_shot/top1, zero_shot/top5,
-retrieval/{image_to_text,text_to_image}_R@{1,5,10}; --output also writes it to a file.
+metadata), or an open_clip EVA-CLIP file (.bin / .pt / .safetensors, bare or {'state_dict'}
+training checkpoint; or a hub folder holding open_clip_model.safetensors) whose architecture is
+--model (an eva_jax CLIP name or open_clip's EVA01-g-14 / EVA02-B-16 / EVA02-L-14) or --config (a
+CLIP recipe, e.g. clip_demo, with --config.* overrides); the file must match it
+(convert/open_clip_import.py). --zero_shot: a labelled image folder (folder:DIR with one
+sub-folder per class, or demo:val), with --classnames ('' = the demo's names or the folder names,
+'imagenet', or names joined by ',') and --templates (demo | openai | simple). --retrieval:
+image-text pairs (folder:DIR, webdataset:PATTERN, arrayrecord:GLOB, demo:val; a caption file's
+lines are that image's captions). Either may be '' to skip it. Prints one JSON line:
+zero_shot/top1, zero_shot/top5, retrieval/{image_to_text,text_to_image}_R@{1,5,10}; --output
+also writes it to a file.
 """
 import json
 
@@ -16,7 +22,11 @@ from absl import flags
 
 from eva_jax.cli import common
 
-flags.DEFINE_string('checkpoint', None, 'eva-clip workdir or checkpoint folder.')
+flags.DEFINE_string('checkpoint', None, 'eva-clip workdir or checkpoint folder, or an open_clip '
+                    'file (.bin / .pt / .safetensors) or hub folder.')
+flags.DEFINE_string('model', '', 'open_clip files: the CLIP architecture (eva_jax or open_clip '
+                    'name; image size: --image_size, else the model\'s).')
+common.define_config('open_clip files: a CLIP recipe whose model is the architecture.')
 flags.DEFINE_string('weights', 'auto', 'auto (the EMA if kept) | raw | ema.')
 flags.DEFINE_string('zero_shot', 'demo:val', "Labelled image folder (folder:DIR, demo:val); '' = skip.")
 flags.DEFINE_string('classnames', '', "'' = demo / folder names, 'imagenet', or 'a,b,c'.")
@@ -35,7 +45,15 @@ def main(argv):
   import ml_collections
   from eva_jax.defaults import clip_defaults
   from eva_jax.training import clip
-  mcfg, params, source = clip.load_checkpoint(FLAGS.checkpoint, FLAGS.weights)
+  from eva_jax.convert import open_clip_import
+  oc_file = open_clip_import.open_clip_file(FLAGS.checkpoint)
+  if oc_file is not None:
+    mcfg, params, source = _open_clip(open_clip_import, oc_file)
+  elif FLAGS.model or FLAGS.config is not None:
+    raise ValueError(f'--model / --config name the architecture of an open_clip file; '
+                     f'{FLAGS.checkpoint} is no such file (an eva-clip run records its model).')
+  else:
+    mcfg, params, source = clip.load_checkpoint(FLAGS.checkpoint, FLAGS.weights)
   cfg = clip_defaults()
   cfg.image_size = FLAGS.image_size or mcfg.vision.image_size   # other sizes: pos-embed resized
   names = FLAGS.classnames
@@ -52,9 +70,26 @@ def main(argv):
   print(line, flush=True)
 
 
+def _open_clip(open_clip_import, path: str):
+  """(ClipModel config, params, description) of an open_clip file read against --model/--config."""
+  from eva_jax.convert import common as convert_common
+  from eva_jax.training import clip
+  if bool(FLAGS.model) == (FLAGS.config is not None):
+    raise ValueError(f'{path} is an open_clip file: give its architecture with '
+                     'exactly one of --model (e.g. EVA02-B-16, eva02-clip-L/14) or --config.')
+  if FLAGS.model:
+    mcfg = open_clip_import.clip_config_for(FLAGS.model, image_size=FLAGS.image_size or None)
+  else:
+    mcfg = clip.clip_model_config(FLAGS.config)
+  weights = {'raw': 'model', 'ema': 'model_ema'}.get(FLAGS.weights, FLAGS.weights)
+  flat = open_clip_import.read_open_clip(path, mcfg, weights=weights)
+  return mcfg, convert_common.unflatten(flat), f'{path} (open_clip, {mcfg.name})'
+
+
 def run():
-  common.run(main, __doc__, ['checkpoint', 'weights', 'zero_shot', 'classnames', 'templates',
-                             'retrieval', 'image_size', 'batch_size', 'limit', 'output'])
+  common.run(main, __doc__, ['checkpoint', 'model', 'config', 'weights', 'zero_shot',
+                             'classnames', 'templates', 'retrieval', 'image_size', 'batch_size',
+                             'limit', 'output'])
 
 
 if __name__ == '__main__':

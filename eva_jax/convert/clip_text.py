@@ -47,7 +47,8 @@ from eva_jax.convert.common import CheckpointError
 from eva_jax.models import clip as clip_lib
 from eva_jax.models.layers import resize_grid
 
-__all__ = ['read_text_tower', 'load_text_tower', 'load_image_tower', 'TextTowerWeights']
+__all__ = ['read_text_tower', 'load_text_tower', 'check_text_tower', 'load_image_tower',
+           'TextTowerWeights']
 
 HF, OPENAI = 'transformers', 'openai'
 _HF_DEFAULTS = {'hidden_act': 'quick_gelu', 'num_attention_heads': 8, 'layer_norm_eps': 1e-5}
@@ -355,13 +356,10 @@ def _set_params(module: nnx.Module, flat: Mapping[str, np.ndarray], what: str,
   return kept
 
 
-def load_text_tower(model, source, **read_kwargs) -> TextTowerWeights:
-  """Loads the text tower in `source` (see read_text_tower) into `model.text` (a ClipModel) in
-  place; a `logit_scale` found in the file is loaded too. Every text parameter must match:
-  a tower of another width / depth / heads / vocabulary / embed dim than the model's config
-  raises CheckpointError naming both values."""
-  cfg = model.cfg
-  w = read_text_tower(source, context_length=cfg.text.context_length, **read_kwargs)
+def check_text_tower(w: TextTowerWeights, cfg) -> None:
+  """Raises CheckpointError naming each field (width, depth, heads, MLP width, vocabulary,
+  context length, activation, eps, embed dim) where the tower read differs from the ClipModel
+  config `cfg`, with both values."""
   bad = [f'text.{f}: file {w.config[f]!r} vs config {cfg.text[f]!r}' for f in _TEXT_FIELDS
          if w.config[f] != cfg.text[f]]
   if w.embed_dim != cfg.embed_dim:
@@ -370,6 +368,16 @@ def load_text_tower(model, source, **read_kwargs) -> TextTowerWeights:
     raise CheckpointError(f'{w.source}: the text tower does not match the model config ('
                           + '; '.join(bad) + '). Set the config to the file\'s tower or pick '
                           'a matching file.')
+
+
+def load_text_tower(model, source, **read_kwargs) -> TextTowerWeights:
+  """Loads the text tower in `source` (see read_text_tower) into `model.text` (a ClipModel) in
+  place; a `logit_scale` found in the file is loaded too. Every text parameter must match:
+  a tower of another width / depth / heads / vocabulary / embed dim than the model's config
+  raises CheckpointError naming both values."""
+  cfg = model.cfg
+  w = read_text_tower(source, context_length=cfg.text.context_length, **read_kwargs)
+  check_text_tower(w, cfg)
   _set_params(model.text, w.params, w.source)
   if 'logit_scale' in w.extra:
     model.logit_scale[...] = jax.numpy.asarray(np.asarray(w.extra['logit_scale']).reshape(()))

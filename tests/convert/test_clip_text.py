@@ -130,3 +130,64 @@ def test_load_into_model_and_width_mismatch(tmp_path):
                                      'text_cfg': {**cfg['text_cfg'], 'width': 64}})
   with pytest.raises(CheckpointError, match=r'text\.width: file 64 vs config 32'):
     clip_text.load_text_tower(model, wide.state_dict(), act='gelu', heads=HEADS)
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit:FutureWarning')   # the format OpenAI released
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+def test_openai_torchscript_archive_and_pickled_state_dict(tmp_path):
+  """OpenAI's released ViT-*.pt are TorchScript archives (open_clip's load_openai_model:
+  torch.jit.load): one built here from an OpenAI-layout open_clip.CLIP (QuickGELU, heads =
+  width // 64 as OpenAI's loader rebuilds them) reads with act and heads from the archive; the
+  same weights pickled as a plain state dict record neither, so they are given."""
+  import open_clip
+  torch.manual_seed(0)
+  width, heads = 128, 2   # heads = width // 64: what an OpenAI archive implies
+  oc = open_clip.CLIP(embed_dim=EMBED, quick_gelu=True,
+                      vision_cfg=dict(image_size=28, layers=1, width=64, patch_size=14,
+                                      head_width=64),
+                      text_cfg=dict(context_length=CTX, vocab_size=VOCAB, width=width,
+                                    heads=heads, layers=DEPTH)).eval()
+  with torch.no_grad():
+    for n, p in oc.named_parameters():
+      if n.endswith('bias') or 'ln' in n:
+        p.add_(0.1 * torch.randn_like(p))
+    oc.logit_scale.fill_(3.0)
+  archive = tmp_path / 'ViT-tiny.pt'
+  torch.jit.save(torch.jit.script(oc), str(archive))
+  tokens = _tokens(seed=3)
+  with torch.no_grad():
+    want = torch.jit.load(str(archive), map_location='cpu').encode_text(
+        torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(oc.encode_text(torch.from_numpy(tokens)).numpy(), want,
+                               atol=1e-6, rtol=0)
+  cfg = clip.clip_config('eva-clip-tiny', image_size=28)
+  cfg.text = clip.text_config('text-tiny', width=width, heads=heads, mlp_dim=4 * width,
+                              act='quick_gelu')
+  model = clip_support.random_clip(cfg)
+  w = clip_text.load_text_tower(model, str(archive))
+  assert (w.config.act, w.config.heads) == ('quick_gelu', heads)
+  got = np.asarray(jax.jit(lambda m, t: m.encode_text(t))(model, tokens.astype(np.int32)))
+  print(f'OpenAI TorchScript text parity: {np.abs(got - want).max():.2e}')
+  assert want.std() > 0.1
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  assert abs(float(model.logit_scale[...]) - 3.0) < 1e-6
+  with pytest.raises(CheckpointError, match="act='gelu' contradicts the TorchScript archive"):
+    clip_text.read_text_tower(str(archive), act='gelu')
+
+  # A traced archive (torch.jit.trace of encode_text) keeps the module classes too.
+  traced = tmp_path / 'ViT-tiny-traced.pt'
+  torch.jit.save(torch.jit.trace_module(oc, {'encode_text': (torch.from_numpy(tokens),)}),
+                 str(traced))
+  w3 = clip_text.read_text_tower(str(traced))
+  assert (w3.config.act, w3.config.heads) == ('quick_gelu', heads)
+  for k, v in w.params.items():
+    np.testing.assert_array_equal(w3.params[k], v, err_msg=k)
+
+  pickled = tmp_path / 'ViT-tiny-state-dict.pt'
+  torch.save(oc.state_dict(), pickled)
+  with pytest.raises(CheckpointError, match='act and heads'):
+    clip_text.read_text_tower(str(pickled))
+  w2 = clip_text.read_text_tower(str(pickled), act='quick_gelu', heads=heads)
+  assert sorted(w2.params) == sorted(w.params)
+  for k, v in w.params.items():
+    np.testing.assert_array_equal(w2.params[k], v, err_msg=k)

@@ -1,8 +1,6 @@
 """Export of an EVA-CLIP model to open_clip: the state dict loads strictly into
 open_clip.create_model(<config>, pretrained=None) and image / text features match (< 1e-4);
 the same weights in bfloat16 stay within 3e-2."""
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,41 +14,17 @@ torch = pytest.importorskip('torch')
 open_clip = pytest.importorskip('open_clip')
 
 
-def _register(cfg, tmp_path, tag):
-  """A timm trunk entrypoint for the config and an open_clip model config naming it."""
-  from timm.models import eva, register_model
-  kwargs = open_clip_export.trunk_timm_kwargs(cfg)
-  trunk = f'eva_jax_test_trunk_{tag}'
-
-  def entry(pretrained=False, **kw):   # open_clip passes num_classes / global_pool (+ registry kw)
-    return eva.Eva(**{**kwargs, **{k: v for k, v in kw.items() if k in kwargs}})
-  entry.__name__ = trunk
-  register_model(entry)
-  name = f'eva-jax-test-{tag}'
-  f = tmp_path / f'{name}.json'
-  f.write_text(json.dumps(open_clip_export.open_clip_model_config(cfg, trunk)))
-  open_clip.add_model_config(str(f))
-  return name
-
-
 @pytest.mark.parametrize('name,pool,bias', [('eva-clip-tiny', 'avg', True),
                                             ('eva02-clip-tiny', 'token', False)])
 def test_export_loads_strictly_and_matches(tmp_path, name, pool, bias):
   cfg = clip.clip_config(name, image_size=28, pool=pool, logit_bias=bias)
   model = clip_support.random_clip(cfg)
   sd = open_clip_export.open_clip_state_dict(model)
-  oc = open_clip.create_model(_register(cfg, tmp_path, f'{name}-{pool}'.replace('-', '_')),
-                              pretrained=None)
+  tag = f'{name}-{pool}'.replace('-', '_')
+  oc = open_clip.create_model(clip_support.register_open_clip(cfg, tmp_path, tag), pretrained=None)
   oc.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
   oc.eval()
-  rng = np.random.default_rng(0)
-  images = rng.normal(size=(3, 28, 28, 3)).astype(np.float32)
-  tokens = rng.integers(1, 49000, size=(3, 77))
-  tokens[np.arange(3), [5, 30, 76]] = 49407
-  tokens[0, 6:] = 0
-  with torch.no_grad():
-    want_i = oc.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-    want_t = oc.encode_text(torch.from_numpy(tokens)).numpy()
+  images, tokens, want_i, want_t = clip_support.open_clip_features(oc, 28)
   got_i, got_t = jax.jit(lambda m, x, t: (m.encode_image(x), m.encode_text(t)))(
       model, images, jnp.asarray(tokens, jnp.int32))
   np.testing.assert_allclose(np.asarray(got_i), want_i, atol=1e-4, rtol=0)
