@@ -7,6 +7,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # `import support` from any folder
 
+from eva_jax import host_memory  # noqa: E402
+
+host_memory.keep_step_buffers_resident()   # as the eva-* commands do, before jax starts
+
 
 @pytest.fixture(scope='session')
 def demo_dir():

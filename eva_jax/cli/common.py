@@ -20,7 +20,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eva_jax import configs
+from eva_jax import configs, host_memory
 
 FLAGS = flags.FLAGS
 # Error types that mean "the input is wrong", not "the program is wrong".
@@ -87,6 +87,7 @@ def _show_in_help(names) -> None:
 
 def run(main: Callable[[list[str]], int | None], doc: str, flag_names: list[str]) -> None:
   """Runs `main` under absl with the program's docstring as usage (it holds the example)."""
+  host_memory.keep_step_buffers_resident()   # before jax starts its CPU client (host_memory.py)
   flags.DEFINE_bool('traceback', False, 'Show the full traceback of known errors.')
   sys.modules['__main__'].__doc__ = doc
   _show_in_help(list(flag_names) + ['traceback'])
