@@ -1,7 +1,10 @@
 """Shared fixtures: the demo photo set (and its train / held-out val split), and the multi-device
-subprocess runner (tests/multidevice_worker.py on 8 fake CPU devices)."""
+subprocess runner (tests/multidevice_worker.py on 8 fake CPU devices). One JAX persistent
+compilation cache per test session (see pytest_configure)."""
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -10,6 +13,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # `import suppo
 from eva_jax import host_memory  # noqa: E402
 
 host_memory.keep_step_buffers_resident()   # as the eva-* commands do, before jax starts
+
+CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+
+
+def pytest_configure(config):
+  """Points JAX's persistent compilation cache at a fresh folder for this session, shared by the
+  xdist workers and every subprocess the tests start (they inherit the environment). A program
+  compiled twice in a session with the same HLO (a run and its resume, a fixture's init and the
+  training run's, a CLI subprocess repeating the test's evaluation) is then compiled once: the
+  executable is the one a fresh compile gives, so no check changes. A cache set from outside
+  (CACHE_ENV already in the environment, as on an xdist worker) is kept."""
+  if os.environ.get(CACHE_ENV) or hasattr(config, 'workerinput'):
+    return
+  path = tempfile.mkdtemp(prefix='eva_jax_test_jit_cache_')
+  config._eva_jax_cache = path
+  os.environ[CACHE_ENV] = path
+  if 'jax' in sys.modules:   # imported by a plugin before us: the env var was read already
+    sys.modules['jax'].config.update('jax_compilation_cache_dir', path)
+
+
+def pytest_unconfigure(config):
+  path = getattr(config, '_eva_jax_cache', None)
+  if path:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -153,9 +153,8 @@ class VideoFinetuneProgram(trainer.Program):
 
   def init_state(self, task):
     cfg = self.cfg
-    state = task.init(cfg.seed)
     if not cfg.init_from:
-      return state
+      return task.init(cfg.seed)
     from eva_jax.convert.eva_torch import FACT_FIELDS
     ecfg = self.encoder_cfg
     w = ckpt_lib.read_encoder(cfg.init_from, weights=cfg.get('init_from_weights', 'auto'),
@@ -170,6 +169,8 @@ class VideoFinetuneProgram(trainer.Program):
         raise ValueError(f'config.init_from has model.{field}={w.config[field]} but the video '
                          f'config has {ecfg[field]}; set --config.model.name (and overrides) to '
                          'match the checkpoint.')
+    # Compiled only now: a file that does not fit the config fails before the whole-model init.
+    state = task.init(cfg.seed)
     params = jax.tree.map(np.asarray, jax.device_get(state.params))
     p, v = ecfg.patch_size, cfg.video
     grid_to = ecfg.image_size // p
