@@ -58,6 +58,8 @@ def feed_record(image_size: int, workers: int, batches: int, source: str) -> dic
 
 
 def main():
+  from eva_jax import host_memory
+  host_memory.keep_step_buffers_resident()   # as eva-benchmark does: before jax starts
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default='bench_cpu')
   ap.add_argument('--workers', default='0,2')

@@ -4,6 +4,7 @@ timed alone, next to its FLOPs and the machine's matmul rate on the same shapes.
   python experiments/profile_step.py                         # configs/bench_cpu.py, ~2 min
   python experiments/profile_step.py --rounds=5 --trace_dir=/tmp/eva_trace   # + a jax profiler trace
   python experiments/profile_step.py --xla_dump=/tmp/eva_dump                # + XLA's HLO after passes
+  python experiments/profile_step.py --ops                                   # + time per XLA op kind
 
 Parts (each one jit, the shapes and dtypes of the step, median of --rounds x --steps runs):
   step          the real train step (`training/pretrain.py build`, exactly what eva-benchmark times)
@@ -17,6 +18,13 @@ so `fraction` = how close the part runs to its own matmuls. With --trace_dir the
 `jax.profiler.trace` (open the .xplane.pb / perfetto trace in TensorBoard or ui.perfetto.dev for
 the per-op breakdown); --xla_dump sets XLA_FLAGS=--xla_dump_to (the optimized HLO shows which ops
 XLA:CPU fused and which matmuls went to oneDNN / XNNPACK).
+
+--ops runs the step under the profiler (perfetto trace), maps every XLA:CPU op (thunk) to its
+instruction in the compiled program and sums its time per step by phase (forward = student and
+teacher forward, backward, recompute = remat's rematerialized forward inside the backward,
+optimizer/other) and kind (matmul: YNNPACK / Eigen dots; reduction; zero-fill: the broadcasts that
+initialize stacked scan buffers; elementwise: XLA's loop fusions, copies, transposes). Ops that
+run concurrently on the two cores overlap, so the column sums exceed the step's wall time.
 
 Timings on a shared 2-core machine are noisy: compare parts within one run, not across runs.
 """
@@ -49,6 +57,57 @@ def _time(fn, args, steps: int, rounds: int) -> tuple[float, float]:
   return statistics.median(times), statistics.median(cpu)
 
 
+def _phase(op_name: str) -> str:
+  if 'transpose(jvp' in op_name:
+    return 'recompute' if 'rematted_computation' in op_name else 'backward'
+  return 'forward' if 'jvp(' in op_name or '/while/' in op_name else 'optimizer/other'
+
+
+def _kind(name: str, op_name: str) -> str:
+  if 'dot_general' in op_name and (name.startswith('ynn_fusion') or name.startswith('dot')):
+    return 'matmul'
+  if name.startswith('ynn_fusion'):
+    return 'reduction'
+  if name.startswith('wrapped_broadcast'):
+    return 'zero-fill'
+  return 'elementwise'
+
+
+def op_breakdown(step, args, steps: int) -> tuple[dict, list]:
+  """ms per step of every XLA:CPU op of `step(*args)` from a perfetto trace, by (phase, kind), and
+  the 15 slowest ops. Reads the compiled HLO for each op's shape and source (op_name)."""
+  import collections
+  import glob
+  import gzip
+  import re
+  import tempfile
+  import jax
+  text = step.lower(*args).compile().as_text()
+  info = {}
+  for line in text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ', line)
+    if m:
+      op = re.search(r'op_name="([^"]+)"', line)
+      info[m.group(1)] = (m.group(2), op.group(1) if op else '')
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(steps):
+        out = step(*args)
+      jax.block_until_ready(out)
+    events = json.load(gzip.open(glob.glob(f'{d}/**/*.trace.json.gz', recursive=True)[0]))
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  per_op = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and e.get('name') in info:
+      per_op[e['name']] += e['dur'] / 1e3 / steps
+  table = collections.Counter()
+  for name, ms in per_op.items():
+    shape, op_name = info[name]
+    table[(_phase(op_name), _kind(name, op_name))] += ms
+  top = [(ms, name, info[name][0], info[name][1][-90:]) for name, ms in per_op.most_common(15)]
+  return table, top
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default='bench_cpu')
@@ -56,7 +115,10 @@ def main():
   ap.add_argument('--rounds', type=int, default=3)
   ap.add_argument('--trace_dir', default='')
   ap.add_argument('--xla_dump', default='')
+  ap.add_argument('--ops', action='store_true', help='time per XLA op kind and phase')
   a = ap.parse_args()
+  from eva_jax import host_memory
+  host_memory.keep_step_buffers_resident()   # as eva-benchmark does: before jax starts
   if a.xla_dump:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={a.xla_dump}'
                                ' --xla_dump_hlo_as_text').strip()
@@ -135,6 +197,20 @@ def main():
   rest_cpu = total_cpu - sum(r['cpu_seconds'] for r in rows[1:])
   print(f'| step - parts (fused away or overhead) | {rest:.3f} | {rest / total:.0%} | '
         f'{rest_cpu:.3f} | {rest_cpu / total_cpu:.0%} | | | |')
+  if a.ops:
+    table, top = op_breakdown(step, (state, teacher, batch), max(a.steps, 3))
+    kinds = ('matmul', 'reduction', 'elementwise', 'zero-fill')
+    print('\nXLA ops, ms per step (overlapping ops on the two cores both count):')
+    print('| phase | ' + ' | '.join(kinds) + ' | all |')
+    print('|---|' + '---|' * (len(kinds) + 1))
+    for ph in ('forward', 'backward', 'recompute', 'optimizer/other'):
+      vals = [table.get((ph, k), 0.0) for k in kinds]
+      print(f'| {ph} | ' + ' | '.join(f'{v:.1f}' for v in vals) + f' | {sum(vals):.1f} |')
+    tot = [sum(v for (p, k), v in table.items() if k == kk) for kk in kinds]
+    print('| all | ' + ' | '.join(f'{v:.1f}' for v in tot) + f' | {sum(tot):.1f} |')
+    print('\nslowest ops (ms per step, result shape, source):')
+    for ms, name, shape, op_name in top:
+      print(f'  {ms:7.1f}  {name:28s} {shape:28s} {op_name}')
   print(json.dumps({'rows': rows, 'matmul_tflops_per_s': rate}))
 
 
