@@ -84,7 +84,8 @@ def run(cfg, compare_tfdata: bool = False) -> dict:
     it = pipeline.build_classification_loader(cfg.data, train=True, **kw)
   result = {'mode': cfg.mode, 'source': cfg.data.source if not cfg.data.mixture else 'mixture',
             'image_size': cfg.image_size, 'batch_size': cfg.batch_size,
-            'workers': cfg.data.workers, 'threads': cfg.data.threads,
+            'workers': cfg.data.workers,
+            'threads': pipeline.read_threads(int(cfg.data.threads), int(cfg.data.workers)),
             'cores': len(os.sched_getaffinity(0))}
   try:
     result.update(_time(it, cfg.warmup_batches, cfg.num_batches, cfg.batch_size))

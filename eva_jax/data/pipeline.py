@@ -22,7 +22,9 @@ Loaders yield `Batch`es: the device arrays apart from the host-side bookkeeping.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -30,6 +32,7 @@ from absl import flags
 import grain
 import numpy as np
 
+from eva_jax import host_memory
 from eva_jax.data.decode import DecodedSource, Padding
 from eva_jax.data.mixup import Mixup
 from eva_jax.data.sources import open_source
@@ -162,10 +165,28 @@ def _close_grain_iterator(it) -> None:
   it.close = lambda: None
 
 
+def read_threads(threads: int, workers: int = 0) -> int:
+  """Decode threads per process: `data.threads`, capped when the step runs on the same CPU
+  (host_memory.runs_on_cpu) so that all processes together use at most this process's cores
+  (cores // workers each with worker processes). Decoding is CPU-bound, so threads beyond the
+  cores add no images/s there; they preempt the step's own matmul threads instead. bench_cpu fed by
+  the demo pipeline (2 cores, 2026-11-30), fed / synthetic images/s through the prefetch thread:
+  workers 0, 16 threads 0.946 vs 2 threads 0.970; workers 2, 2 threads each 0.903-0.917 vs 1 thread
+  each 0.962. Accelerator hosts keep every configured thread (remote reads hide latency with them).
+  """
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+  cap = max(1, cores // max(1, workers))
+  if threads > cap and host_memory.runs_on_cpu():
+    logging.info('data.threads=%d capped at %d: the step runs on the same %d CPU cores.',
+                 threads, cap, cores)
+    return cap
+  return threads
+
+
 def _finish(ds: grain.MapDataset, data_cfg, *, batch_size: int, train: bool, seed: int,
             process_index: int, mixup: Mixup | None = None, num_classes: int | None = None,
             source: str = '') -> LoaderIterator:
-  threads = int(data_cfg.threads)
+  threads = read_threads(int(data_cfg.threads), int(data_cfg.workers))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=threads,
       # Elements are ~150 KB decoded; buffer enough to keep the threads busy, not grain's 500.

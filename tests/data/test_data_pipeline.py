@@ -232,3 +232,17 @@ def test_tfds_unprepared_or_unknown_dataset_says_what_to_do(tmp_path):
     open_source('tfds:mnist', cfg)
   with pytest.raises(ValueError, match='no dataset named "no_such_dataset_xyz"'):
     open_source('tfds:no_such_dataset_xyz', cfg)
+
+
+def test_read_threads_capped_only_where_the_step_shares_the_cpu(monkeypatch):
+  """Decode threads never outnumber the cores the CPU step runs on (all worker processes
+  together); an accelerator host keeps data.threads."""
+  import os
+  from eva_jax.data.pipeline import read_threads
+  cores = len(os.sched_getaffinity(0))
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert read_threads(16) == min(16, cores)
+  assert read_threads(16, workers=2) == max(1, min(16, cores // 2))
+  assert read_threads(1, workers=8) == 1
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
+  assert read_threads(16, workers=2) == 16
