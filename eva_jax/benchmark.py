@@ -726,6 +726,16 @@ def clip_step_flops_per_pair(clip_cfg, *, image_size: int | None = None,
 
 # ------------------------------------------------------------------------------------------------
 # Contrastive (EVA-CLIP) step: the timed step
+def _compile_step(task, host, global_batch: int):
+  """AOT compile of a program's train step (no constants: clip, video) for the global batch of
+  `host`'s per-host arrays: (compiled, seconds, memory_stats)."""
+  abstract = {k: jax.ShapeDtypeStruct((global_batch,) + v.shape[1:], v.dtype)
+              for k, v in host.items()}
+  t0 = time.perf_counter()
+  compiled = task.train_step.lower(task.abstract_state, {}, abstract).compile()
+  return compiled, time.perf_counter() - t0, memory_stats(compiled)
+
+
 def _time_compiled(compiled, task, host, mesh, seed, b, tflops_per_step):
   """Times a compiled train step (no constants) on `host` placed on `mesh`: benchmark.warmup
   untimed steps, then benchmark.steps timed ones. Returns (median step s, step times, CPU times,
@@ -770,12 +780,7 @@ def run_clip(cfg) -> dict[str, Any]:
     tokens[i, n] = 49407
   host = {'image': rng.standard_normal((local, cfg.image_size, cfg.image_size, 3),
                                        dtype=np.float32), 'text': tokens}
-  abstract = {k: jax.ShapeDtypeStruct((cfg.batch_size,) + v.shape[1:], v.dtype)
-              for k, v in host.items()}
-  t0 = time.perf_counter()
-  compiled = task.train_step.lower(task.abstract_state, {}, abstract).compile()
-  compile_s = time.perf_counter() - t0
-  mem = memory_stats(compiled)
+  compiled, compile_s, mem = _compile_step(task, host, cfg.batch_size)
   flops = clip_step_flops_per_pair(mcfg, global_batch=cfg.batch_size)
   devices = mesh.devices.reshape(-1)
   result = {
@@ -830,12 +835,7 @@ def run_video(cfg, num_classes: int = 400) -> dict[str, Any]:
   rng = np.random.default_rng(cfg.seed)
   host = {'video': rng.standard_normal((local, frames, size, size, 3), dtype=np.float32),
           'label': rng.integers(0, num_classes, local).astype(np.int32)}
-  abstract = {k: jax.ShapeDtypeStruct((cfg.batch_size,) + v.shape[1:], v.dtype)
-              for k, v in host.items()}
-  t0 = time.perf_counter()
-  compiled = task.train_step.lower(task.abstract_state, {}, abstract).compile()
-  compile_s = time.perf_counter() - t0
-  mem = memory_stats(compiled)
+  compiled, compile_s, mem = _compile_step(task, host, cfg.batch_size)
   flops = video_step_flops_per_clip(ecfg, frames, int(cfg.video.tubelet), num_classes)
   devices = mesh.devices.reshape(-1)
   result = {

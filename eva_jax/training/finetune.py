@@ -39,6 +39,27 @@ ARCH_FIELDS = ('width', 'depth', 'heads', 'mlp_dim', 'patch_size', 'swiglu', 'su
                'sub_ln_attn', 'rope', 'class_token')
 
 
+def read_init_encoder(cfg, encoder_cfg):
+  """checkpoint.read_encoder of config.init_from. A PyTorch file may not record every
+  architecture fact: the run's encoder config states them (and a file that records other values
+  is refused, naming the field)."""
+  from eva_jax.convert.eva_torch import FACT_FIELDS
+  return ckpt_lib.read_encoder(cfg.init_from, weights=cfg.get('init_from_weights', 'auto'),
+                               facts={k: encoder_cfg[k] for k in FACT_FIELDS})
+
+
+def check_init_architecture(init_config: dict, encoder_cfg, what: str) -> None:
+  """Raises ValueError naming the first ARCH_FIELDS value (patch size aside: the callers resample
+  or refuse it themselves) where the init_from checkpoint's config differs from the run's."""
+  for field in ARCH_FIELDS:
+    if field == 'patch_size':
+      continue
+    if field in init_config and init_config[field] != encoder_cfg[field]:
+      raise ValueError(f'config.init_from has model.{field}={init_config[field]} but the '
+                       f'{what} config has {encoder_cfg[field]}; set --config.model.name (and '
+                       'overrides) to match the checkpoint.')
+
+
 def soft_targets(labels, num_classes: int, smoothing: float):
   """Hard int labels -> smoothed one-hot (timm: off = s/C, on = 1 - s + s/C); soft labels pass."""
   if labels.ndim == 2:
@@ -217,13 +238,8 @@ class FinetuneProgram(trainer.Program):
   def init_weights(self):
     """checkpoint.read_encoder of config.init_from, read once."""
     if getattr(self, '_init_weights', None) is None:
-      from eva_jax.convert.eva_torch import FACT_FIELDS
-      # A PyTorch file may not record every architecture fact: the fine-tuning config states them
-      # (and a file that records other values is refused, naming the field).
       ecfg = getattr(self, 'encoder_cfg', None) or encoder_config(self.cfg)
-      self._init_weights = ckpt_lib.read_encoder(
-          self.cfg.init_from, weights=self.cfg.get('init_from_weights', 'auto'),
-          facts={k: ecfg[k] for k in FACT_FIELDS})
+      self._init_weights = read_init_encoder(self.cfg, ecfg)
     return self._init_weights
 
   def build(self, mesh):
@@ -249,13 +265,7 @@ class FinetuneProgram(trainer.Program):
       return state
     weights = self.init_weights()
     self._init_weights = None   # the host copy is not kept for the whole run
-    for field in ARCH_FIELDS:
-      if field == 'patch_size':   # another patch size is resampled below, not refused
-        continue
-      if field in weights.config and weights.config[field] != self.encoder_cfg[field]:
-        raise ValueError(f'config.init_from has model.{field}={weights.config[field]} but the '
-                         f'fine-tuning config has {self.encoder_cfg[field]}; set '
-                         '--config.model.name (and overrides) to match the checkpoint.')
+    check_init_architecture(weights.config, self.encoder_cfg, 'fine-tuning')   # patch: resampled below
     p = self.encoder_cfg.patch_size
     p_from = int(weights.config.get('patch_size', p))
     grid_from = (weights.config.get('image_size', 224) // p_from,) * 2

@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from eva_jax import checkpoint as ckpt_lib
 from eva_jax.data import video as video_data
 from eva_jax.defaults import finetune_defaults
 from eva_jax.models import classifier as clf_lib, video as video_lib
@@ -155,20 +154,14 @@ class VideoFinetuneProgram(trainer.Program):
     cfg = self.cfg
     if not cfg.init_from:
       return task.init(cfg.seed)
-    from eva_jax.convert.eva_torch import FACT_FIELDS
     ecfg = self.encoder_cfg
-    w = ckpt_lib.read_encoder(cfg.init_from, weights=cfg.get('init_from_weights', 'auto'),
-                              facts={k: ecfg[k] for k in FACT_FIELDS})
+    w = finetune.read_init_encoder(cfg, ecfg)
     if w.config.get('patch_size', ecfg.patch_size) != ecfg.patch_size:
       raise ValueError(f'config.init_from has patch size {w.config["patch_size"]} but the video '
                        f'config has model.patch_size={ecfg.patch_size}; set '
                        f'--config.model.patch_size={w.config["patch_size"]} (or the matching '
                        'model name).')
-    for field in finetune.ARCH_FIELDS:
-      if field in w.config and w.config[field] != ecfg[field]:
-        raise ValueError(f'config.init_from has model.{field}={w.config[field]} but the video '
-                         f'config has {ecfg[field]}; set --config.model.name (and overrides) to '
-                         'match the checkpoint.')
+    finetune.check_init_architecture(w.config, ecfg, 'video')
     # Compiled only now: a file that does not fit the config fails before the whole-model init.
     state = task.init(cfg.seed)
     params = jax.tree.map(np.asarray, jax.device_get(state.params))
