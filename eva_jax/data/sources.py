@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from typing import Callable
 
 import msgpack
 
@@ -36,10 +37,13 @@ class FolderSource:
     root is a class too (datasets are often linked in); one to a directory inside the root is
     not (it would duplicate or rename another class);
   - below the first level, a link never moves images between classes: a directory or image whose
-    real path lies in another class's real folder, or elsewhere in the root (e.g. top-level
-    images), is skipped; it is listed under the class it really belongs to.
+    real path lies in another class's real folder (one linked in from outside the root too), or
+    elsewhere in the root (e.g. top-level images), is skipped; it is listed under the class it
+    really belongs to.
   Every skip is counted in `skipped_links` ({'loop_or_duplicate': n, 'other_class': n}) and
-  logged once as a warning with examples.
+  logged once as a warning with examples. The classes are the first-level directories holding
+  images (an empty class folder takes no index); images are listed depth-first in sorted name
+  order. data/video.py VideoFolderSource lists videos with the same walk (`_walk_images`).
   """
 
   def __init__(self, root: str):
@@ -49,18 +53,12 @@ class FolderSource:
       raise FileNotFoundError(
           f'Image folder {self.root} does not exist. Set config.data.source to folder:<an '
           'existing directory of images>, or use source=demo for the bundled photos.')
-    paths, tops, self.skipped_links, examples = _walk_images(self.root)
+    paths, tops, self.skipped_links, examples, _ = _walk_images(self.root)
     if not paths:
       raise ValueError(
           f'No images ({", ".join(IMAGE_EXTENSIONS)}) found under {self.root}. Put images (or '
           'class sub-folders of images) there, or point config.data.source elsewhere.')
-    if sum(self.skipped_links.values()):
-      logging.getLogger(__name__).warning(
-          'folder:%s: skipped %d linked directories/images reached a second time (symlink loops, '
-          'duplicate links) and %d links into another class or the root (a link never lends a '
-          'class); e.g. %s. Each image is listed once, under its real class.', self.root,
-          self.skipped_links['loop_or_duplicate'], self.skipped_links['other_class'],
-          '; '.join(examples[:3]))
+    warn_skipped_links(self.name, self.skipped_links, examples, 'image')
     if all(t is not None for t in tops):
       self.classes = sorted(set(tops))
       index = {c: i for i, c in enumerate(self.classes)}
@@ -82,12 +80,27 @@ def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
 
 
+def warn_skipped_links(name: str, skipped: dict[str, int], examples: list[str], noun: str) -> None:
+  """One warning for the links `_walk_images` skipped (nothing when it skipped none)."""
+  if sum(skipped.values()):
+    logging.getLogger(__name__).warning(
+        '%s: skipped %d linked directories/%ss reached a second time (symlink loops, duplicate '
+        'links) and %d links into another class or the root (a link never lends a class); e.g. '
+        '%s. Each %s is listed once, under its real class.', name,
+        skipped['loop_or_duplicate'], noun, skipped['other_class'], '; '.join(examples[:3]), noun)
+
+
 def _inside(path: str, folder: str) -> bool:
   return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _walk_images(root: str):
-  """(paths, first-level class name or None per path, skip counts, examples); see FolderSource."""
+def _walk_images(root: str, accept: Callable[[str], bool] = _is_image):
+  """(paths, first-level class name or None per path, skip counts, examples, sorted class names)
+  of the files whose name `accept`s (images by default; data/video.py passes its video test).
+
+  The rules are FolderSource's. The class names are every first-level directory that is a class
+  (empty ones too); top-level files come first with class None, then each class depth-first in
+  sorted name order."""
   real_root = os.path.realpath(root)
   skipped = {'loop_or_duplicate': 0, 'other_class': 0}
   examples: list[str] = []
@@ -116,22 +129,26 @@ def _walk_images(root: str):
   def add_file(path, top):
     real = os.path.realpath(path)
     if real in seen_files:
-      skip('loop_or_duplicate', path, 'image listed already')
+      skip('loop_or_duplicate', path, 'file listed already')
       return
-    if top is not None and os.path.islink(path):
-      home = classes[top]
-      if not _inside(real, home) and _inside(real, real_root):
-        skip('other_class', path, 'link to an image of another class or the root')
-        return
+    if top is not None and os.path.islink(path) and elsewhere(real, top):
+      skip('other_class', path, 'link to a file of another class or the root')
+      return
     seen_files.add(real)
     paths.append(path)
     tops.append(top)
 
-  for e in entries:            # images at the top level: unlabeled
-    if e.is_file(follow_symlinks=True) and _is_image(e.name):
+  def elsewhere(real, top):
+    # In the root or in another class's real folder (a class linked in from outside the root is
+    # one too), but not in this class's: listing it here would lend it this class.
+    if _inside(real, classes[top]):
+      return False
+    return _inside(real, real_root) or any(_inside(real, h) for h in classes.values())
+
+  for e in entries:            # files at the top level: unlabeled
+    if e.is_file(follow_symlinks=True) and accept(e.name):
       add_file(e.path, None)
   for name in sorted(classes):
-    home = classes[name]
     stack = [os.path.join(root, name)]
     while stack:
       d = stack.pop()
@@ -139,7 +156,7 @@ def _walk_images(root: str):
       if real in visited_dirs:
         skip('loop_or_duplicate', d, f'real folder {real} walked already')
         continue
-      if not _inside(real, home) and _inside(real, real_root):
+      if elsewhere(real, name):
         skip('other_class', d, f'link into {os.path.relpath(real, real_root)}')
         continue
       visited_dirs.add(real)
@@ -152,10 +169,10 @@ def _walk_images(root: str):
       for e in sub:
         if e.is_dir(follow_symlinks=True):
           dirs.append(e.path)
-        elif e.is_file(follow_symlinks=True) and _is_image(e.name):
+        elif e.is_file(follow_symlinks=True) and accept(e.name):
           add_file(e.path, name)
       stack.extend(reversed(dirs))   # depth-first in sorted order, as os.walk listed them
-  return paths, tops, skipped, examples
+  return paths, tops, skipped, examples, sorted(classes)
 
 
 def encode_record(image: bytes, label: int = -1) -> bytes:

@@ -2,7 +2,8 @@
 TSN segment sampling, clip-consistent augmentation, multi-view testing, a grain loader.
 
 Sources (`config.data.source`):
-  video_folder:PATH   video files (.mp4 .avi .webm .mkv .mov .m4v) in class sub-folders
+  video_folder:PATH   video files (.mp4 .avi .webm .mkv .mov .m4v) in class sub-folders (links
+                      followed as in image folders; see VideoFolderSource)
   video_list:FILE     a Kinetics-style list, one `path label` per line (path relative to the file's
                       folder unless absolute; `config.data.video.root` overrides the folder)
   video_demo[:val]    the synthetic camera-pan set, train (default) or val split
@@ -33,6 +34,7 @@ skipped). Iterator state (get_state/set_state) resumes exactly, as the image loa
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -43,7 +45,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from eva_jax.data import pipeline
+from eva_jax.data import pipeline, sources
 from eva_jax.data.decode import BadImageError, DecodedSource, Padding
 from eva_jax.data.mixup import Mixup
 from eva_jax.data.transforms import BICUBIC, rrc_params
@@ -51,6 +53,10 @@ from eva_jax.data.transforms import BICUBIC, rrc_params
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.webm', '.mkv', '.mov', '.m4v')
+
+
+def _is_video(name: str) -> bool:
+  return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith('.')
 
 
 def video_data_config() -> ml_collections.ConfigDict:
@@ -124,7 +130,21 @@ def _scaled_size(w: int, h: int, short_side: int) -> tuple[int, int]:
 # Sources: index -> (path, label)
 
 class VideoFolderSource:
-  """Video files under class sub-folders of `root` (sorted names = classes, ImageFolder-style)."""
+  """Video files (VIDEO_EXTENSIONS, not hidden) in class sub-folders of `root`: the sorted names of
+  the first-level directories are the classes, empty ones included (ImageFolder-style; an empty
+  class keeps its index so later labels do not shift).
+
+  Listed with the image folder's walk (data/sources.py `_walk_images`, issue 12 kind K): links
+  are followed by real path, a loop or a second link to a folder is skipped, a link never lends a
+  class (a link from class A into class B's folder lists nothing under A; B lists it), and a
+  first-level link to a folder inside the root is no class. Skips are counted in
+  `skipped_links` and logged once. Videos at the top level have no label: they are counted in
+  `top_level` and logged, not listed (ValueError if there are no class folders at all).
+
+  Order: by class, then directory path, then file name -- the order of the earlier
+  `sorted(os.walk(class_dir))` listing, so a plain tree lists exactly as before (training/video.py
+  also records a fingerprint of the listing that a resume must match, `listing_fingerprint`).
+  """
 
   def __init__(self, root: str):
     self.root = os.path.abspath(os.path.expanduser(root))
@@ -132,17 +152,28 @@ class VideoFolderSource:
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f'Video folder {self.root} does not exist; set config.data.source '
                               'to video_folder:<a folder of class sub-folders of videos>.')
-    self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
-    self.paths, self.labels = [], []
-    for label, c in enumerate(self.classes):
-      for dirpath, _, files in sorted(os.walk(os.path.join(self.root, c))):
-        for f in sorted(files):
-          if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith('.'):
-            self.paths.append(os.path.join(dirpath, f))
-            self.labels.append(label)
+    paths, tops, self.skipped_links, examples, self.classes = sources._walk_images(
+        self.root, accept=_is_video)
+    top_level = [p for p, t in zip(paths, tops) if t is None]
+    self.top_level = len(top_level)
+    fix = (f'Put each video in a folder named after its class ({self.root}/CLASS/NAME.mp4), or '
+           'list them with labels in a video_list:FILE.')
+    if top_level and not self.classes:
+      raise ValueError(f'{self.name}: {len(top_level)} videos (e.g. {top_level[0]}) but no class '
+                       f'sub-folders; video classification needs a label per video. {fix}')
+    if top_level:
+      log.warning('%s: %d videos at the top level, outside any class folder, have no label and '
+                  'are not listed (e.g. %s). %s', self.name, len(top_level), top_level[0], fix)
+    sources.warn_skipped_links(self.name, self.skipped_links, examples, 'video')
+    index = {c: i for i, c in enumerate(self.classes)}
+    listed = sorted((index[t], os.path.dirname(p), os.path.basename(p))
+                    for p, t in zip(paths, tops) if t is not None)
+    self.paths = [os.path.join(d, f) for _, d, f in listed]
+    self.labels = [label for label, _, _ in listed]
     if not self.paths:
       raise ValueError(f'No videos ({", ".join(VIDEO_EXTENSIONS)}) in class sub-folders of '
-                       f'{self.root}.')
+                       f'{self.root} ({len(self.classes)} class folders, {self.top_level} videos '
+                       f'at the top level). {fix}')
     self.num_classes = len(self.classes)
     self.missing = 0
 
@@ -165,6 +196,7 @@ class VideoListSource:
       raise FileNotFoundError(f'Video list {list_file} does not exist (config.data.source='
                               'video_list:FILE, one `path label` per line).')
     base = os.path.expanduser(root) if root else os.path.dirname(list_file)
+    self.root = os.path.abspath(base)
     self.paths, self.labels, absent = [], [], []
     with open(list_file) as f:
       for n, line in enumerate(f, 1):
@@ -203,6 +235,17 @@ class VideoListSource:
 
   def __getitem__(self, index: int) -> tuple[str, int]:
     return self.paths[index], self.labels[index]
+
+
+def listing_fingerprint(records: VideoFolderSource | VideoListSource) -> dict[str, Any]:
+  """{'videos': count, 'listing': sha256 (16 hex digits) of every (path relative to the source's
+  root, label) in order}: what a resumed loader's position (grain: an index into this listing)
+  means. The same tree copied elsewhere has the same fingerprint; an added, removed, relabelled
+  or reordered video changes it."""
+  h = hashlib.sha256()
+  for path, label in zip(records.paths, records.labels):
+    h.update(f'{os.path.relpath(path, records.root)}\t{label}\n'.encode('utf-8', 'surrogateescape'))
+  return {'videos': len(records.paths), 'listing': h.hexdigest()[:16]}
 
 
 def open_video_source(spec: str, data_cfg) -> VideoFolderSource | VideoListSource:

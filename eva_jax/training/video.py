@@ -124,7 +124,11 @@ class VideoFinetuneProgram(trainer.Program):
     if v.model == 'frame_average' and v.tubelet != 1:
       raise ValueError('config.video.model=frame_average encodes single frames: set '
                        f'config.video.tubelet=1 (got {v.tubelet}).')
-    found = video_data.open_video_source(cfg.data.source, cfg.data).num_classes
+    records = video_data.open_video_source(cfg.data.source, cfg.data)
+    found = records.num_classes
+    # The loader's resume state is a position in this listing (grain: an index), so the
+    # checkpoint records which listing it was (meta 'train_data'; resume.check_meta compares it).
+    self.train_listing = video_data.listing_fingerprint(records)
     self.num_classes = cfg.num_classes or found
     if found > self.num_classes:
       raise ValueError(f'config.data.source={cfg.data.source!r} has {found} classes but '
@@ -231,7 +235,8 @@ class VideoFinetuneProgram(trainer.Program):
     v = self.cfg.video
     return {'kind': self.kind, 'num_classes': self.num_classes, 'pool': 'mean',
             'num_frames': int(v.num_frames), 'tubelet': int(v.tubelet), 'video_model': v.model,
-            'student': clf_lib.finetune_encoder_config(self.encoder_cfg).to_dict()}
+            'student': clf_lib.finetune_encoder_config(self.encoder_cfg).to_dict(),
+            'train_data': self.train_listing}
 
   def resolved(self, task):
     return {'encoder': self.encoder_cfg.to_dict(), 'num_classes': self.num_classes,

@@ -165,3 +165,106 @@ def test_pan_demo_frames_do_not_tell_the_class():
     np.testing.assert_array_equal(np.roll(clips[0], -per_edge * c, axis=0), clips[c])
   # One patch a frame: frame 1 of a clip starting right is frame 0 moved one patch left.
   np.testing.assert_array_equal(clips[0][1][:, :-demo.VIDEO_STEP], clips[0][0][:, demo.VIDEO_STEP:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing a video folder (issue 12, kind K: the image folder's walk, data/sources.py)
+
+def _touch(root, *rels):
+  """Empty files: VideoFolderSource only lists, it opens nothing."""
+  for rel in rels:
+    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+    open(os.path.join(root, rel), 'wb').close()
+
+
+def _old_listing(root):
+  """The listing before the change (os.walk without links, sorted by directory path)."""
+  classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  paths, labels = [], []
+  for label, c in enumerate(classes):
+    for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
+      for f in sorted(files):
+        if f.lower().endswith(video.VIDEO_EXTENSIONS) and not f.startswith('.'):
+          paths.append(os.path.join(dirpath, f))
+          labels.append(label)
+  return classes, paths, labels
+
+
+def _by_class(src):
+  return {os.path.relpath(p, src.root): src.classes[l] for p, l in zip(src.paths, src.labels)}
+
+
+def test_video_folder_follows_links_once(tmp_path, caplog):
+  root, outside = str(tmp_path / 'data'), str(tmp_path / 'elsewhere')
+  _touch(root, 'a/0.mp4', 'a/sub/4.mp4', 'b/1.mp4')
+  _touch(outside, 'extra/2.mp4', 'extra/3.AVI', 'extra/notes.txt')
+  os.symlink(os.path.join(outside, 'extra'), os.path.join(root, 'a', 'more'))   # followed
+  os.symlink(os.path.join(outside, 'extra'), os.path.join(root, 'a', 'same'))   # duplicate
+  os.symlink('..', os.path.join(root, 'a', 'sub', 'back'))                      # loop
+  with caplog.at_level(logging.WARNING):
+    src = video.VideoFolderSource(root)
+  assert _by_class(src) == {'a/0.mp4': 'a', 'a/more/2.mp4': 'a', 'a/more/3.AVI': 'a',
+                            'a/sub/4.mp4': 'a', 'b/1.mp4': 'b'}
+  assert src.skipped_links == {'loop_or_duplicate': 2, 'other_class': 0}
+  assert 'symlink loops' in caplog.text and 'a/sub/back' in caplog.text
+  assert len(_old_listing(root)[1]) == 3        # the old walk dropped the linked folder, uncounted
+
+
+def test_video_folder_links_never_lend_a_class(tmp_path, caplog):
+  root, outside = str(tmp_path / 'data'), str(tmp_path / 'elsewhere')
+  _touch(root, 'a/0.mp4', 'b/1.mp4', 'b/2.mp4')
+  _touch(outside, 'c/5.mp4')
+  os.symlink(os.path.join(root, 'b'), os.path.join(root, 'a', 'bs'))            # dir into class b
+  os.symlink(os.path.join(root, 'b', '1.mp4'), os.path.join(root, 'a', 'x.mp4'))  # file of b
+  os.symlink(os.path.join(root, 'b'), os.path.join(root, 'alias'))   # first-level, inside: no class
+  os.symlink(os.path.join(outside, 'c'), os.path.join(root, 'c'))    # linked-in data: a class
+  os.symlink(os.path.join(outside, 'c'), os.path.join(root, 'a', 'cs'))   # into linked-in class c
+  with caplog.at_level(logging.WARNING):
+    src = video.VideoFolderSource(root)
+  assert src.classes == ['a', 'b', 'c'] and src.num_classes == 3
+  assert _by_class(src) == {'a/0.mp4': 'a', 'b/1.mp4': 'b', 'b/2.mp4': 'b', 'c/5.mp4': 'c'}
+  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 4}
+  assert 'a link never lends a class' in caplog.text and 'videos' in caplog.text
+
+
+def test_video_folder_top_level_videos_are_counted(tmp_path, caplog):
+  root = str(tmp_path / 'data')
+  _touch(root, 'top.mp4', 'top2.webm', 'a/0.mp4')
+  with caplog.at_level(logging.WARNING):
+    src = video.VideoFolderSource(root)
+  assert (src.paths, src.top_level) == ([os.path.join(root, 'a', '0.mp4')], 2)
+  assert '2 videos at the top level' in caplog.text and 'top.mp4' in caplog.text
+  flat = str(tmp_path / 'flat')
+  _touch(flat, 'x.mp4')
+  with pytest.raises(ValueError, match='1 videos .*x.mp4.* no class sub-folders'):
+    video.VideoFolderSource(flat)
+  empty = str(tmp_path / 'empty')
+  _touch(empty, 'a/notes.txt', 'b/.hidden.mp4')
+  with pytest.raises(ValueError, match=r'No videos \(.mp4, .avi.*2 class folders'):
+    video.VideoFolderSource(empty)
+
+
+def test_video_folder_plain_tree_lists_as_before(tmp_path):
+  """Class indices (an empty class folder keeps its index) and order equal the old listing, on
+  names where a depth-first walk and the old sort by directory path differ (x/ y, x-z, x.w)."""
+  root = str(tmp_path / 'data')
+  _touch(root, 'a/5.mp4', 'a/x/1.mp4', 'a/x/y/2.mp4', 'a/x-z/3.mp4', 'a/x.w/4.mp4', 'a/X/6.MP4',
+         'a/.hidden.mp4', 'a/notes.txt', 'c/7.webm', 'c/d/8.mkv', 'c/0.mov')
+  os.makedirs(os.path.join(root, 'b'))           # an empty class
+  src = video.VideoFolderSource(root)
+  classes, paths, labels = _old_listing(root)
+  assert src.classes == classes == ['a', 'b', 'c'] and src.num_classes == 3
+  assert (src.paths, src.labels) == (paths, labels) and len(paths) == 9 and labels[-1] == 2
+  # The shared walk is depth-first, so without the sort the order would have changed.
+  from eva_jax.data import sources
+  assert sources._walk_images(root, accept=video._is_video)[0] != paths
+  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 0} and src.top_level == 0
+  # The listing fingerprint a resume is checked against: the same for a copy elsewhere, not for
+  # a changed listing.
+  import shutil
+  copy = shutil.copytree(root, str(tmp_path / 'copy'))
+  want = video.listing_fingerprint(src)
+  assert video.listing_fingerprint(video.VideoFolderSource(copy)) == want
+  os.rename(os.path.join(copy, 'a', 'x-z', '3.mp4'), os.path.join(copy, 'a', 'x-z', '9.mp4'))
+  got = video.listing_fingerprint(video.VideoFolderSource(copy))
+  assert got['videos'] == want['videos'] and got['listing'] != want['listing']

@@ -80,6 +80,22 @@ def test_video_finetune_from_timm_image_file(tmp_path, clips, timm_file):
                              sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0), atol=1e-7)
   assert enc['pos_embed'].shape == (1 + 4 * 4, 64)
   assert meta['kind'] == 'eva_video_finetune' and meta['num_frames'] == 4
+  # The checkpoint records the training listing; a resume on a changed listing (here: a linked
+  # sub-folder adds a video, as the link-following walk does for folders the old one ignored)
+  # is refused before anything is restored, instead of continuing at a stale position.
+  import shutil
+  from eva_jax.data import video as video_data
+  moved = shutil.copytree(clips, tmp_path / 'moved')
+  assert meta['train_data'] == video_data.listing_fingerprint(
+      video_data.VideoFolderSource(str(moved))) and meta['train_data']['videos'] == 6
+  extra = tmp_path / 'extra'
+  extra.mkdir()
+  shutil.copy(moved / 'c0' / '0.mp4', extra / '9.mp4')
+  (moved / 'c0' / 'more').symlink_to(extra)
+  changed = _cfg(moved)
+  changed.total_steps = 6
+  with pytest.raises(ValueError, match=r"Resume refused: train_data\.listing was '[0-9a-f]+'"):
+    trainer.run(video_train.VideoFinetuneProgram(changed), str(tmp_path / 'run'))
   saved = json.load(open(tmp_path / 'run' / 'config.json'))
   assert saved['resolved']['tokens'] == 17
   # Export of the run to the official video layout (layout parity: tests/convert/test_video_export.py).
