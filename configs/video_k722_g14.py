@@ -36,6 +36,7 @@ def get_config(arg: str = ''):
   c.model.remat = 'full'               # activation checkpointing
   c.model.attention = 'auto'           # the fused (cuDNN flash) kernel on GPU, XLA elsewhere
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.mesh.layout = 'hybrid'   # FSDP within each host, data across hosts (docs/speed.md 2)
   c.data.source = 'video_list:train.txt'
   c.data.label_smoothing = 0.1
   c.data.video.color_jitter, c.data.video.grayscale = 0.8, 0.2

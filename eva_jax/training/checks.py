@@ -329,6 +329,10 @@ def _process_id(cfg):
 
 
 def _mesh_rest(cfg):
+  layout = cfg.mesh.get('layout', 'flat')
+  if layout not in ('flat', 'hybrid'):
+    raise ValueError(f"config.mesh.layout={layout!r} unknown; use 'flat' (sizes over all devices) "
+                     "or 'hybrid' (sizes within each host, data repeated across hosts).")
   rest = [k for k in ('data', 'fsdp', 'tensor') if cfg.mesh[k] == -1]
   if len(rest) > 1:
     raise ValueError(f'config.mesh.{rest[0]} and config.mesh.{rest[1]} are both -1; at most one '
