@@ -124,6 +124,11 @@ def _hybrid_device_array(mesh_cfg, devices) -> np.ndarray:
     raise ValueError(f'mesh.layout="hybrid": the sizes are per host ({n} devices on each of '
                      f'{len(by_host)} processes): {e}') from None
   hosts = len(by_host)
+  if n == 1 and hosts > 1:
+    # One process per GPU (a common SLURM launch) makes every "host" one device: no FSDP at all.
+    logging.warning('mesh.layout="hybrid" with one device per process is plain data parallelism '
+                    '(data %d x fsdp 1): every device holds all weights and optimizer state. '
+                    'Launch one process per host, or use --config.mesh.layout=flat.', hosts)
   try:  # topology-aware order within each host, processes as the outer granule
     return jax.experimental.mesh_utils.create_hybrid_device_mesh(
         per_host, (hosts, 1, 1), devices=devices, process_is_granule=True)
