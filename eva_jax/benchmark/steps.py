@@ -20,32 +20,9 @@ in training), once synchronously and once through `eva_jax.training.prefetch`.
 `benchmark.compile_only=True` stops after the compile (compile time and XLA's memory analysis, no
 execution: e.g. g/14 on a CPU). The last output line is one JSON object. `step_cpu_s` is the process
 CPU time per step (all threads), a load-independent measure of work on a shared CPU machine.
-
-Memory: `peak_bytes_per_device` is the device's `peak_bytes_in_use` where the backend reports it
-(GPU/TPU), else XLA's compiled memory analysis: arguments + non-aliased outputs + temporaries
-(XLA:CPU's own `peak_memory_in_bytes` leaves the temporaries out).
-
-FLOP count (EVA-SPEC "Compute per image"; a multiply-add is 2 FLOPs; T tokens incl. cls, d width,
-f MLP hidden, L layers):
-  forward per layer      8·T·d² + 4·T·d·f + 4·T²·d      (SwiGLU: 6·T·d·f instead of 4·T·d·f)
-  patch embedding        2·N·(p²·3)·d                     (N = T - 1 patches)
-  heads                  student lm_head 2·N·d·out; teacher projection 2·N·d·out (CLIP proj,
-                         EVA-CLIP head; none for SigLIP / DINOv2)
-  step per image         3 x student forward (forward + backward) + 1 x teacher forward (any
-                         family: its own T with cls/registers, at the size config.teacher.grid
-                         feeds it); MFU counts the teacher.
-Remat recomputation, LayerNorms, softmax, GELU and the optimizer are not counted (MFU convention).
-EVA-01 g/14 + CLIP-L/14 at 224: blocks only 1.7626 TFLOP/image (the spec's 1.76), with patch
-embedding and heads (x3 for the student) 1.7663. EVA-02 L/14 + EVA-CLIP g/14: blocks only
-0.4851 + 0.5336 = 1.0187 (the spec's 0.486 + 0.534 = 1.02). `tflops_per_step` = per-image x global batch;
-MFU divides the achieved TFLOP/s per device by the dense bf16 peak of the device kind (table
-below; null on CPU/unknown), also for fp32 runs.
 """
 from __future__ import annotations
 
-import collections
-import math
-import re
 import statistics
 import time
 from typing import Any
@@ -55,32 +32,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-# Dense bf16 peak TFLOP/s per chip (EVA-SPEC), matched against jax's device_kind (lower case);
-# the first matching entry wins, so the more specific names come first.
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ('h100 pcie', 756.0),
-    ('h100', 989.0),
-    ('h200', 989.0),
-    ('gh200', 989.0),
-    ('a100', 312.0),
-    ('tpu v4', 275.0),
-    ('tpu v5 lite', 197.0),
-    ('tpu v5e', 197.0),
-    ('tpu v5p', 459.0),
-    ('tpu v5', 459.0),
-    ('tpu v6 lite', 918.0),
-    ('tpu v6e', 918.0),
-)
-
-
-def peak_tflops(device_kind: str) -> float | None:
-  kind = device_kind.lower()
-  if 'cpu' in kind:
-    return None
-  for name, peak in PEAK_TFLOPS:
-    if name in kind:
-      return peak
-  return None
+from eva_jax.benchmark.flops import (
+    tokens, step_flops_per_image, vitdet_forward_flops, clip_step_flops_per_pair,
+    video_step_flops_per_clip)
+from eva_jax.benchmark.machine import peak_tflops, memory_stats, device_peak_bytes, matmul_rate
 
 
 def benchmark_defaults() -> ml_collections.ConfigDict:
@@ -110,299 +65,6 @@ def add_benchmark_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.Con
         if k not in cfg.benchmark:
           cfg.benchmark[k] = v
   return cfg
-
-
-# ------------------------------------------------------------------------------------------------
-# FLOPs
-def tokens(cfg, image_size: int | None = None) -> int:
-  """Tokens of one image: patches + cls + registers (DINOv2)."""
-  n = ((image_size or cfg.image_size) // cfg.patch_size) ** 2
-  return n + (1 if cfg.get('class_token', True) else 0) + int(cfg.get('registers', 0))
-
-
-def forward_flops(cfg, head_dim_out: int = 0, with_embed: bool = True,
-                  image_size: int | None = None) -> float:
-  """Forward FLOPs per image of one tower (see module docstring) at `image_size` (default: the
-  config's)."""
-  t, d, f, depth = tokens(cfg, image_size), cfg.width, cfg.mlp_dim, cfg.depth
-  mlp = 6 * t * d * f if cfg.get('swiglu', False) else 4 * t * d * f
-  total = depth * (8 * t * d * d + mlp + 4 * t * t * d)
-  if with_embed:
-    n = ((image_size or cfg.image_size) // cfg.patch_size) ** 2
-    total += 2 * n * cfg.patch_size ** 2 * cfg.get('in_chans', 3) * d
-    if head_dim_out:
-      total += 2 * n * d * head_dim_out
-  return float(total)
-
-
-def teacher_forward_flops(teacher_cfg, image_size: int | None = None,
-                          with_embed: bool = True) -> float:
-  """Forward FLOPs per image of a frozen teacher of any family: its blocks (cls and registers
-  included) and, with `with_embed`, the patch embedding and its projection where it has one
-  (CLIP proj, EVA-CLIP head; SigLIP / DINOv2 targets are the normed tokens, nothing to add)."""
-  has_proj = bool(teacher_cfg.out_dim) and teacher_cfg.get('proj', True)
-  return forward_flops(teacher_cfg, teacher_cfg.out_dim if has_proj else 0, with_embed,
-                       image_size)
-
-
-def step_flops_per_image(student_cfg, teacher_cfg, with_embed: bool = True,
-                         teacher_image_size: int | None = None) -> dict[str, float]:
-  """FLOPs per image of one pretraining step: 3x student forward (with its lm_head to the
-  teacher's dim) + 1x teacher forward (at `teacher_image_size`: what config.teacher.grid feeds
-  it; default the student's image size)."""
-  out = teacher_cfg.out_dim
-  student = 3.0 * forward_flops(student_cfg, out, with_embed)
-  teacher = teacher_forward_flops(teacher_cfg, teacher_image_size or student_cfg.image_size,
-                                  with_embed)
-  return {'student_train': student, 'teacher_forward': teacher, 'total': student + teacher,
-          'teacher_share': teacher / (student + teacher)}
-
-
-def reference_flops_check() -> dict[str, float]:
-  """EVA-01 g/14 + CLIP-L/14 at 224: the spec's 1.76 TFLOP per image; EVA-02-L + EVA-CLIP-g:
-  the spec's 1.02 (0.486 student training + 0.534 teacher forward)."""
-  from eva_jax.models import config as model_config
-  s, t = model_config.encoder_config('g/14'), model_config.teacher_config('clip-L/14')
-  blocks = step_flops_per_image(s, t, with_embed=False)['total'] / 1e12
-  full = step_flops_per_image(s, t, with_embed=True)['total'] / 1e12
-  s2, t2 = model_config.encoder_config('eva02-L/14'), model_config.teacher_config('eva01-clip-g/14')
-  e2 = step_flops_per_image(s2, t2, with_embed=False)
-  return {'g14_l14_blocks_tflop': blocks, 'g14_l14_tflop': full, 'spec_tflop': 1.76,
-          'rel_err': abs(full - 1.76) / 1.76,
-          'eva02_l14_blocks_tflop': e2['total'] / 1e12,
-          'eva02_l14_student_tflop': e2['student_train'] / 1e12,
-          'eva02_l14_teacher_tflop': e2['teacher_forward'] / 1e12, 'eva02_spec_tflop': 1.02}
-
-
-# ------------------------------------------------------------------------------------------------
-def memory_stats(compiled) -> dict[str, Any]:
-  """Bytes per device from XLA's buffer assignment of the compiled step (no execution needed)."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    m = None
-  if m is None:
-    return {}
-  if isinstance(m, (list, tuple)):
-    m = m[0]
-  out = {k: int(getattr(m, k)) for k in ('argument_size_in_bytes', 'output_size_in_bytes',
-                                          'alias_size_in_bytes', 'temp_size_in_bytes',
-                                          'generated_code_size_in_bytes')
-         if hasattr(m, k)}
-  live = (out.get('argument_size_in_bytes', 0) + out.get('output_size_in_bytes', 0)
-          - out.get('alias_size_in_bytes', 0) + out.get('temp_size_in_bytes', 0))
-  # XLA:CPU's peak_memory_in_bytes leaves out the temp buffer; arguments + non-aliased outputs +
-  # temps is an upper bound that holds on every backend, so the larger of the two is reported.
-  out['peak_memory_in_bytes'] = int(getattr(m, 'peak_memory_in_bytes', 0) or 0)
-  out['live_bytes'] = live
-  out['peak_bytes'] = max(out['peak_memory_in_bytes'], live)
-  return out
-
-
-def device_peak_bytes(device) -> int | None:
-  try:
-    stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
-
-
-# ------------------------------------------------------------------------------------------------
-# What a lowered or compiled step contains (tests/training/test_lowering.py golden summaries,
-# experiments/aot_scaling.py collective bytes). Text parsing, because jax exposes no structured
-# view of an HLO module; the formats read are jax 0.10's StableHLO/Shardy text (`Lowered.as_text()`)
-# and XLA's HLO text (`Compiled.as_text()`).
-HOST_TRANSFER_OPS = ('infeed', 'outfeed', 'send', 'recv')
-COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
-                'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
-_OP = re.compile(r'\b(stablehlo|sdy|mhlo|func)\.([a-z_]+)')
-_CUSTOM_CALL = re.compile(r'custom_call @([\w$.\-]+)')
-_DOT_TYPES = re.compile(r'stablehlo\.dot_general .*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> '
-                        r'(tensor<[^>]*>)')  # one op per line in jax's text
-_ELEM = re.compile(r'x?([a-z]+\d*)>$')
-
-
-def _elem(tensor_type: str) -> str:
-  m = _ELEM.search(tensor_type)
-  return m.group(1) if m else tensor_type
-
-
-def stablehlo_summary(text: str) -> dict[str, int]:
-  """Counts per op kind of a lowered module (`jitted.trace(...).lower(...).as_text()`).
-
-  Kinds: `while`, `dot_general A,B->C` (element types of operands and result, and the dot
-  algorithm's operand and accumulation types when one is set), `custom_call
-  TARGET`, `sharding_constraint`, host transfers (`infeed`, `outfeed`, `send`, `recv`), random bits
-  (`rng_bit_generator`), and `args sharded over fsdp` / `args replicated` from the entry's Shardy
-  annotations. Constants, elementwise ops and reshapes are left out: they change with every harmless
-  edit, and what matters for speed on GPU/TPU is in the kinds kept."""
-  counts: dict[str, int] = collections.Counter()
-  for m in _OP.finditer(text):
-    dialect, op = m.groups()
-    if op in ('while', 'rng_bit_generator', *HOST_TRANSFER_OPS) or \
-        (dialect == 'sdy' and op == 'sharding_constraint'):
-      counts[op] += 1
-  for m in _CUSTOM_CALL.finditer(text):
-    counts[f'custom_call {m.group(1)}'] += 1
-  for line in text.splitlines():
-    m = _DOT_TYPES.search(line)
-    if m:
-      a, b, c = (_elem(t) for t in m.groups())
-      # An explicit algorithm (e.g. bf16 x bf16 accumulating in f32) decides the operand precision
-      # the hardware uses, whatever the operand types.
-      alg = re.search(r'lhs_precision_type = (\w+), rhs_precision_type = (\w+), '
-                      r'accumulation_type = (\w+)', line)
-      key = f'dot_general {a},{b}->{c}'
-      counts[key + (' algorithm {},{}->{}'.format(*alg.groups()) if alg else '')] += 1
-  main = re.search(r'func\.func public @main\((.*?)\) -> ', text, re.S)
-  if main:
-    for arg in re.split(r'%arg\d+: ', main.group(1))[1:]:
-      sh = re.search(r'sdy\.sharding<@\w+, \[(.*?)\]>', arg)
-      counts['args sharded over fsdp' if sh and '"fsdp"' in sh.group(1) else
-             'args sharded otherwise' if sh and '"' in sh.group(1) else 'args replicated'] += 1
-  return dict(sorted(counts.items()))
-
-
-def _type_bytes(types: str) -> int:
-  """Bytes of an HLO result type, e.g. `f32[64,256]{1,0}` or a tuple of them."""
-  total = 0
-  for dtype, dims in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', types):
-    if dtype in _DTYPE_BYTES:
-      total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
-  return total
-
-
-def _first_group(line: str) -> list[int]:
-  """Device ids of the replica group holding device 0 of a collective's HLO line, from the three
-  forms XLA prints: mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'} (axes of a
-  reshaped device mesh, possibly permuted), iota [groups,size]<=[n], or explicit {{0,1},{2,3}}."""
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]([^{]*)\{([^}]*)\}", line)
-  if m:
-    axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
-    shape = [int(v) for _, v in axes]
-    ids = np.arange(math.prod(shape))
-    perm = re.search(r'device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\)', m.group(2))
-    if perm:
-      ids = ids.reshape([int(v) for v in perm.group(1).split(',')])
-      if perm.group(2):
-        ids = ids.transpose([int(v) for v in perm.group(2).split(',')])
-    ids = ids.reshape(shape)
-    in_group = set(re.findall(r"'(\w+)'", m.group(3)))
-    index = tuple(slice(None) if name in in_group else 0 for name, _ in axes)
-    return sorted(int(i) for i in np.ravel(ids[index]))
-  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', line)
-  if m:
-    groups, size = int(m.group(1)), int(m.group(2))
-    ids = np.arange(groups * size).reshape([int(v) for v in m.group(3).split(',')])
-    if m.group(4):
-      ids = ids.transpose([int(v) for v in m.group(4).split(',')])
-    return sorted(int(i) for i in ids.reshape(groups, size)[0])
-  m = re.search(r'replica_groups=\{\{([\d,]*)\}', line)
-  return sorted(int(v) for v in m.group(1).split(',')) if m and m.group(1) else [0]
-
-
-def hlo_collectives(text: str) -> list[dict[str, Any]]:
-  """The collectives of a compiled module (`compiled.as_text()`, after SPMD partitioning).
-
-  One record per instruction: kind (all-gather, reduce-scatter, all-reduce, ...; the async
-  -start halves counted once), result bytes, group size and the device ids of the group holding
-  device 0 (which mesh axis it spans), the computation holding it, and `trips`:
-  how many times it runs per step (the product of the known trip counts of the while loops around
-  it: a scanned block's collectives run once per block), and jax's op_name (`transpose(jvp(...))`
-  marks the backward pass). `full_bytes` is the unsharded size of the
-  data: all-gather result, all-reduce operand, reduce-scatter operand (= result x group)."""
-  comps: dict[str, list[str]] = {}
-  name = None
-  for line in text.splitlines():
-    head = re.match(r'(?:ENTRY )?%([\w.\-]+) ', line)
-    if head and not line.startswith(' '):
-      name = head.group(1)
-      comps[name] = []
-    elif name is not None and line.startswith('  '):
-      comps[name].append(line)
-  entry = next((n for n in comps if re.search(rf'^ENTRY %{re.escape(n)} ', text, re.M)), None)
-  # Calls between computations: while bodies multiply by their trip count, anything else by 1.
-  callees: dict[str, list[tuple[str, int]]] = {n: [] for n in comps}
-  for n, lines in comps.items():
-    for line in lines:
-      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-      body = re.search(r'\bbody=%([\w.\-]+)', line)
-      if body:
-        callees[n].append((body.group(1), int(trips.group(1)) if trips else 1))
-      for c in re.findall(r'(?:calls|to_apply|condition|branch_computations)=\{?%([\w.\-]+)', line):
-        callees[n].append((c, 1))
-  trips_of: dict[str, int] = {}
-  stack = [(entry, 1)] if entry else []
-  while stack:
-    n, t = stack.pop()
-    if n not in comps or trips_of.get(n, 0) >= t:
-      continue
-    trips_of[n] = t
-    stack.extend((c, t * k) for c, k in callees[n])
-  out = []
-  for n, lines in comps.items():
-    for line in lines:
-      m = re.match(r'\s*%[\w.\-]+ = (.*?) (' + '|'.join(COLLECTIVES) + r')(-start)?\(', line)
-      if not m:
-        continue
-      kind, size = m.group(2), _type_bytes(m.group(1))
-      ids = _first_group(line)
-      group = len(ids)
-      if m.group(3) and kind in ('all-gather', 'all-reduce', 'reduce-scatter'):
-        size = _type_bytes(m.group(1).rsplit('),', 1)[-1]) or size   # async: (operands), result
-      full = size * group if kind == 'reduce-scatter' else size
-      op_name = re.search(r'op_name="([^"]*)"', line)
-      out.append({'kind': kind, 'bytes': size, 'full_bytes': full, 'group': group, 'group_ids': ids,
-                  'computation': n, 'trips': trips_of.get(n, 1),
-                  'op_name': op_name.group(1) if op_name else ''})
-  return out
-
-
-def collective_bytes_per_step(text: str) -> dict[str, float]:
-  """Per kind: bytes each device sends per step with ring algorithms, from `hlo_collectives`:
-  all-gather and reduce-scatter (g-1)/g of the full size, all-reduce 2(g-1)/g (a reduce-scatter
-  then an all-gather), all-to-all (g-1)/g, collective-permute the whole buffer."""
-  factor = {'all-gather': lambda g: (g - 1) / g, 'reduce-scatter': lambda g: (g - 1) / g,
-            'all-reduce': lambda g: 2 * (g - 1) / g, 'all-to-all': lambda g: (g - 1) / g,
-            'collective-permute': lambda g: 1.0}
-  out: dict[str, float] = collections.defaultdict(float)
-  for c in hlo_collectives(text):
-    if c['group'] > 1 or c['kind'] == 'collective-permute':
-      out[c['kind']] += c['full_bytes'] * c['trips'] * factor[c['kind']](max(c['group'], 1))
-  return dict(out)
-
-
-def matmul_rate(cfg, rows: int, dtype=None, repeats: int = 5) -> float:
-  """The machine's matmul rate in TFLOP/s on the step's own shapes: one block's weight matmuls
-  (q, k, v, attention output, MLP in and out) of encoder `cfg` on `rows` = batch x tokens rows, in
-  the compute dtype, jitted, median of `repeats` timed runs after one warm-up. The step's achieved
-  TFLOP/s divided by this is the fraction of matmul-bound time it reaches (issue 17: the step
-  cannot beat its own matmuls; the rest is attention, norms, elementwise work and the optimizer)."""
-  from eva_jax.training.precision import DTYPES
-  dt = DTYPES[cfg.dtype] if dtype is None else dtype
-  d, f = cfg.width, cfg.mlp_dim
-  mlp_in = 2 if cfg.get('swiglu', False) else 1
-  keys = jax.random.split(jax.random.key(0), 4)
-  x = jax.random.normal(keys[0], (rows, d), dt)
-  w = jax.random.normal(keys[1], (4, d, d), dt)
-  w1 = jax.random.normal(keys[2], (mlp_in, d, f), dt)
-  w2 = jax.random.normal(keys[3], (f, d), dt)
-
-  @jax.jit
-  def block(x, w, w1, w2):
-    outs = [x @ w[i] for i in range(4)]
-    h = [x @ w1[i] for i in range(mlp_in)]
-    return outs, [hi @ w2 for hi in h]
-
-  flops = 2.0 * rows * d * (4 * d + 2 * mlp_in * f)
-  jax.block_until_ready(block(x, w, w1, w2))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(block(x, w, w1, w2))
-    times.append(time.perf_counter() - t0)
-  return flops / statistics.median(times) / 1e12
 
 
 def synthetic_host_batch(cfg, patch_size: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -445,22 +107,6 @@ def vitdet_config_from(cfg):
   det = vitdet.vitdet_config(image_size=int(b.det_image_size), window_size=int(b.window_size),
                              window_pad=bool(b.window_pad), global_blocks=tuple(glb))
   return scfg, det
-
-
-def vitdet_forward_flops(scfg, det) -> float:
-  """Backbone forward FLOPs per image (module docstring formula per block with the attention term
-  4*T*T_attn*d: T_attn = T for global blocks, window^2 over the padded grid for windowed ones;
-  patch embedding included, the pyramid not)."""
-  g = det.image_size // scfg.patch_size
-  t, d, f = g * g, scfg.width, scfg.mlp_dim
-  ws = det.window_size
-  tp = (-(-g // ws) * ws) ** 2
-  mlp = (6 if scfg.swiglu else 4) * d * f
-  n_glb = len(set(int(i) % scfg.depth for i in det.global_blocks))
-  per_glb = 8 * t * d * d + t * mlp + 4 * t * t * d
-  per_win = 8 * tp * d * d + tp * mlp + 4 * tp * ws * ws * d
-  embed = 2 * t * scfg.patch_size ** 2 * scfg.in_chans * d
-  return float(embed + n_glb * per_glb + (scfg.depth - n_glb) * per_win)
 
 
 def backbone_step(cfg, batch_size: int):
@@ -682,49 +328,6 @@ def _pipeline(cfg, scfg, compiled, state, teacher, mesh, steps, warmup) -> dict[
   return out
 
 
-
-# ------------------------------------------------------------------------------------------------
-# EVA-CLIP contrastive step (issue 15)
-def _blocks_flops(t: int, d: int, f: int, depth: int, swiglu: bool) -> float:
-  mlp = 6 * t * d * f if swiglu else 4 * t * d * f
-  return float(depth * (8 * t * d * d + mlp + 4 * t * t * d))
-
-
-def clip_step_flops_per_pair(clip_cfg, *, image_size: int | None = None,
-                             patch_dropout: float | None = None, text_length: int | None = None,
-                             global_batch: int = 0) -> dict[str, float]:
-  """FLOPs per image-text pair of one EVA-CLIP training step (both towers trained: 3x forward).
-
-  clip_cfg: eva_jax.models.clip config. image_size: default clip_cfg.vision.image_size.
-  patch_dropout: fraction of patch tokens dropped before the blocks (FLIP; default the config's):
-    the blocks see prefix + max(1, int(N (1 - rate))) tokens, the patch embedding all N.
-  text_length: tokens per caption (default the context length, 77: the text tower runs on the
-    padded sequence). Causal attention is counted in full (4 T^2 d): the XLA attention computes
-    the whole T x T product and masks it.
-  global_batch: > 0 adds the logits of the loss (each pair scored against all B in both
-    directions, 2 x 2 B E per pair forward, x3); 0 leaves them out (tiny at B << width x depth).
-  Returns {'vision_train', 'text_train', 'loss_train', 'total'} in FLOPs (formula: module docstring,
-  EVA-SPEC "Compute per image"); remat recomputation not counted.
-  """
-  v, t, e = clip_cfg.vision, clip_cfg.text, clip_cfg.embed_dim
-  size = image_size or v.image_size
-  n = (size // v.patch_size) ** 2
-  rate = clip_cfg.patch_dropout if patch_dropout is None else patch_dropout
-  kept = max(1, int(n * (1.0 - rate))) if rate > 0 else n
-  prefix = (1 if v.get('class_token', True) else 0) + int(v.get('registers', 0))
-  vis = _blocks_flops(prefix + kept, v.width, v.mlp_dim, v.depth, v.get('swiglu', False))
-  vis += 2 * n * v.patch_size ** 2 * v.get('in_chans', 3) * v.width + 2 * v.width * e
-  tl = text_length or t.context_length
-  txt = _blocks_flops(tl, t.width, t.mlp_dim, t.depth, False) + 2 * t.width * e
-  loss = 2.0 * 2 * global_batch * e
-  out = {'vision_train': 3.0 * vis, 'text_train': 3.0 * txt, 'loss_train': 3.0 * loss}
-  out['total'] = sum(out.values())
-  return out
-
-
-
-
-# ------------------------------------------------------------------------------------------------
 # Contrastive (EVA-CLIP) step: the timed step
 def _compile_step(task, host, global_batch: int):
   """AOT compile of a program's train step (no constants: clip, video) for the global batch of
@@ -805,21 +408,6 @@ def run_clip(cfg) -> dict[str, Any]:
   return result
 
 
-# ------------------------------------------------------------------------------------------------
-# Video fine-tuning step (issue 16)
-def video_step_flops_per_clip(encoder_cfg, num_frames: int, tubelet: int,
-                              num_classes: int) -> float:
-  """FLOPs of one video fine-tuning step per clip: 3 x forward over T = 1 + (frames/t)*N tokens
-  (joint space-time attention: the 4·T²·d term over all of them), the patch embedding (t·p²·3·d
-  per token, the same as per-frame 2D) and the head (2·d·classes). g/14 x 16 x 224: T = 4,097."""
-  n = (encoder_cfg.image_size // encoder_cfg.patch_size) ** 2
-  t, d, f = 1 + num_frames // tubelet * n, encoder_cfg.width, encoder_cfg.mlp_dim
-  mlp = 6 * t * d * f if encoder_cfg.get('swiglu', False) else 4 * t * d * f
-  fwd = encoder_cfg.depth * (8 * t * d * d + mlp + 4 * t * t * d)
-  fwd += 2 * num_frames * n * encoder_cfg.patch_size ** 2 * 3 * d + 2 * d * num_classes
-  return 3.0 * fwd
-
-
 def run_video(cfg, num_classes: int = 400) -> dict[str, Any]:
   """The video fine-tuning step (training/video.py build) on synthetic clips: compile time,
   step time, clips/s (and frames/s as images_per_s), TFLOP/s, MFU, memory. Same fields and
@@ -862,8 +450,3 @@ def run_video(cfg, num_classes: int = 400) -> dict[str, Any]:
       'peak_bytes_source': 'device.memory_stats' if runtime_peak is not None else 'memory_analysis',
       'loss': float(metrics['loss']), 'steps': int(b.steps), 'warmup': int(b.warmup)})
   return result
-
-
-if __name__ == '__main__':   # `python -m eva_jax.benchmark` = eva-benchmark
-  from eva_jax.cli.benchmark import run as main
-  main()
