@@ -33,16 +33,18 @@ def _pretrain_cfg(folder):
                        checkpoint_every=2, log_every=1, eval_batches=0)
   cfg.data.source = f'folder:{folder}'
   cfg.data.mask.num_masking_patches, cfg.data.mask.min_num_patches = 6, 2
-  cfg.optim.warmup_steps = 1
+  # test_robust_resume.py's tiny run: the same compiled step (one compile per test session).
+  cfg.optim.warmup_steps, cfg.optim.min_lr = 1, cfg.optim.lr
   return cfg
 
 
 def _finetune_cfg(folder):
-  cfg = support.recipe('finetune_demo', image_size=56, batch_size=4, total_steps=4,
-                       checkpoint_every=2, log_every=1, eval_batches=1)
+  # tests/convert/test_robust_weights.py's EMA run (8 classes, batch 8): the same compiled steps.
+  cfg = support.recipe('finetune_demo', image_size=56, batch_size=8, total_steps=4,
+                       checkpoint_every=2, log_every=1, eval_batches=1, ema_decay=0.5)
   cfg.data.source = f'folder:{folder}'
   cfg.data.randaug = ''
-  cfg.optim.warmup_steps = 1
+  cfg.optim.lr, cfg.optim.warmup_steps = 1e-2, 1
   return cfg
 
 
@@ -61,14 +63,14 @@ def _back_to_step_2(run):
 def test_resume_on_a_changed_folder_is_refused(tmp_path, demo_dir, name):
   train, make_cfg = PROGRAMS[name]
   data = tmp_path / 'data'
-  for c in sorted(os.listdir(demo_dir))[:2]:
+  for c in sorted(os.listdir(demo_dir)):   # 8 classes x 2 images
     os.makedirs(data / c)
-    for f in sorted(os.listdir(os.path.join(demo_dir, c)))[:4]:
+    for f in sorted(os.listdir(os.path.join(demo_dir, c)))[:2]:
       shutil.copy(os.path.join(demo_dir, c, f), data / c / f)
   run = tmp_path / 'run'
   train(make_cfg(data), str(run))
   _, meta, _ = ckpt_lib.restore_params(str(run))
-  assert meta['train_data'] == _reference_listing(data) and meta['train_data']['images'] == 8
+  assert meta['train_data'] == _reference_listing(data) and meta['train_data']['images'] == 16
   _back_to_step_2(run)
   copy = shutil.copytree(data, tmp_path / 'elsewhere')
 
@@ -77,8 +79,8 @@ def test_resume_on_a_changed_folder_is_refused(tmp_path, demo_dir, name):
   cls = sorted(os.listdir(data))[0]
   shutil.copy(data / cls / sorted(os.listdir(data / cls))[0], data / cls / 'zz_added.jpg')
   before = support.snapshot(run)
-  with pytest.raises(ValueError, match=r'Resume refused: train_data\.images was 8 in checkpoint '
-                                       r'step 2 .* is 9 in this run \(and 1 more: '
+  with pytest.raises(ValueError, match=r'Resume refused: train_data\.images was 16 in checkpoint '
+                                       r'step 2 .* is 17 in this run \(and 1 more: '
                                        r'train_data\.listing\).*resume_accept'):
     train(make_cfg(data), str(run))
   assert support.snapshot(run) == before
@@ -94,7 +96,7 @@ def test_resume_on_a_changed_folder_is_refused(tmp_path, demo_dir, name):
   train(cfg, str(run))
   _, meta, step = ckpt_lib.restore_params(str(run))
   assert step == 4 and meta['train_data'] == _reference_listing(data)
-  assert meta['train_data']['images'] == 9
+  assert meta['train_data']['images'] == 17
 
 
 def test_pair_source_listings(tmp_path, demo_dir):
