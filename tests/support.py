@@ -31,3 +31,14 @@ def run_worker(*args, timeout=600):
                         *map(str, args)], env=ENV8, capture_output=True, text=True, check=True,
                        timeout=timeout)
   return out.stdout.strip().splitlines()[-1]
+
+
+def snapshot(workdir):
+  """Every file under workdir with its bytes: 'nothing was changed' is checked on all of them."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, 'rb') as fh:
+        out[os.path.relpath(p, workdir)] = fh.read()
+  return out

@@ -99,6 +99,8 @@ class WebDatasetSource:
   tar header once; for hundreds of millions of pairs or slow file systems, pack the shards to
   ArrayRecord once (`eva-pack --pairs`) instead."""
 
+  unit = 'pairs'   # what sources.listing_fingerprint counts
+
   def __init__(self, spec: str | Sequence[str]):
     self.files = shard_paths(spec)
     self.name = f'webdataset:{spec if isinstance(spec, str) else "::".join(spec)}'
@@ -126,6 +128,10 @@ class WebDatasetSource:
 
   def __len__(self) -> int:
     return len(self.keys)
+
+  def shard_records(self) -> list[int]:
+    """Pairs per shard (of `files`, in order)."""
+    return np.bincount(self._shard, minlength=len(self.files)).tolist()
 
   def _read(self, s: int, off: int, n: int) -> bytes | None:
     if off < 0:
@@ -161,6 +167,8 @@ def _tar_members(path: str) -> dict[str, dict[str, tuple[int, int]]]:
 class PairFolderSource:
   """Images under `root` (recursively, links as `FolderSource` follows them), each paired with the
   same-named .txt; a .txt without an image is listed too and reported as 'missing_image'."""
+
+  unit = 'pairs'
 
   def __init__(self, root: str):
     self.root = os.path.abspath(os.path.expanduser(root))
@@ -202,6 +210,8 @@ def encode_pair(image: bytes | None, text: bytes | None, key: str = '') -> bytes
 class PairArrayRecordSource(ArrayRecordSource):
   """ArrayRecord shards of `encode_pair` records (eva-pack --pairs). The same shards read as
   unlabeled images through the image source arrayrecord:, e.g. for MIM pretraining."""
+
+  unit = 'pairs'
 
   def __getitem__(self, index: int) -> Pair:
     try:

@@ -174,28 +174,25 @@ class PairLoaderIterator(Iterator[PairBatch]):
     self._inner.close()
 
 
-def _pair_sources(data_cfg) -> list[tuple[Any, float]]:
-  mixture = [tuple(m) for m in (data_cfg.get('mixture') or ())]
-  if not mixture:
-    return [(open_pair_source(data_cfg.source, data_cfg), 1.0)]
-  for spec, weight in mixture:
-    if not weight > 0:
-      raise ValueError(f'Mixture weight for {spec} must be > 0, got {weight}.')
-  return [(open_pair_source(spec, data_cfg), float(w)) for spec, w in mixture]
+def open_pair_sources(data_cfg) -> list[tuple[Any, float]]:
+  """(pair source, weight) of `config.data.mixture` or `config.data.source`
+  (pipeline.open_sources with pair sources)."""
+  return pipeline.open_sources(data_cfg, open_pair_source)
 
 
 def build_pair_loader(data_cfg, *, image_size: int, batch_size: int, seed: int,
                       train: bool = True, context_length: int = CONTEXT_LENGTH,
                       process_index: int | None = None, process_count: int | None = None,
-                      num_epochs: int | None = None) -> PairLoaderIterator:
+                      num_epochs: int | None = None, sources=None) -> PairLoaderIterator:
   """Image-text `PairBatch`es from `config.data.source` or the weighted `config.data.mixture`.
 
   `batch_size` is per host. Train: shuffled (data_cfg.shuffle) and repeated, sources mixed by
   weight with grain's exact-proportion mix, incomplete last batch dropped. Eval (train=False): one
   ordered pass over the sources in order, padded to full batches (valid marks real pairs).
-  Same stream for a given (seed, process count, workers), as `pipeline.build_pretrain_loader`."""
+  Same stream for a given (seed, process count, workers), as `pipeline.build_pretrain_loader`.
+  `sources`: `open_pair_sources(data_cfg)` already opened (None = open them here)."""
   pi, pc = pipeline._process(process_index, process_count)   # pylint: disable=protected-access
-  sources = _pair_sources(data_cfg)
+  sources = sources if sources is not None else open_pair_sources(data_cfg)
   parts = [grain.MapDataset.source(DecodedPairSource(src)) for src, _ in sources]
   if train:
     if data_cfg.shuffle:

@@ -39,16 +39,19 @@ from eva_jax.data.sources import open_source
 from eva_jax.data.transforms import ClassifyTransform, NormalizeBatch, PretrainTransform
 
 
-def _sources(data_cfg) -> list[tuple[Any, float]]:
+def open_sources(data_cfg, open_one: Callable = open_source) -> list[tuple[Any, float]]:
+  """(source, weight) pairs of `config.data.mixture`, else [(config.data.source, 1.0)], opened by
+  `open_one(spec, data_cfg)` (image sources; data/pairs.py passes its pair sources). A training
+  program opens them once and hands them to its loader (`sources=`), so that a folder is listed
+  once and the checkpoint's listing fingerprint (sources.train_data_fingerprint) is of the very
+  listing the loader reads. ValueError for a weight <= 0."""
   mixture = [tuple(m) for m in (data_cfg.get('mixture') or ())]
   if not mixture:
-    return [(open_source(data_cfg.source, data_cfg), 1.0)]
-  out = []
+    return [(open_one(data_cfg.source, data_cfg), 1.0)]
   for spec, weight in mixture:
     if not weight > 0:
       raise ValueError(f'Mixture weight for {spec} must be > 0, got {weight}.')
-    out.append((open_source(spec, data_cfg), float(weight)))
-  return out
+  return [(open_one(spec, data_cfg), float(weight)) for spec, weight in mixture]
 
 
 def source_num_classes(data_cfg) -> int | None:
@@ -220,13 +223,15 @@ def _process(process_index, process_count) -> tuple[int, int]:
 def build_pretrain_loader(data_cfg, *, image_size, patch_size: int, batch_size: int,
                           seed: int, train: bool = True, process_index: int | None = None,
                           process_count: int | None = None,
-                          num_epochs: int | None = None) -> LoaderIterator:
+                          num_epochs: int | None = None, sources=None) -> LoaderIterator:
   """Masked-image-modeling `Batch`es: arrays 'image' [B, H, W, 3], 'mask' [B, (H//patch_size) *
   (W//patch_size)] for image_size (H, W) (an int S: S x S). `batch_size` is per host. train=False: one ordered pass, no flip, resize + center
-  crop, the fixed eval mask, padded to full batches ('valid' marks real examples)."""
+  crop, the fixed eval mask, padded to full batches ('valid' marks real examples). `sources`:
+  `open_sources(data_cfg)` already opened (None = open them here)."""
   pi, pc = _process(process_index, process_count)
   transform = PretrainTransform(data_cfg, image_size, patch_size, seed, train)
-  ds = _host_stream(data_cfg, transform, sources=_sources(data_cfg), seed=seed, train=train,
+  sources = sources if sources is not None else open_sources(data_cfg)
+  ds = _host_stream(data_cfg, transform, sources=sources, seed=seed, train=train,
                     batch_size=batch_size, process_index=pi, process_count=pc,
                     num_epochs=num_epochs if train else 1)
   return _finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed, process_index=pi)
@@ -236,14 +241,15 @@ def build_classification_loader(data_cfg, *, image_size, batch_size: int, seed: 
                                 train: bool, num_classes: int | None = None,
                                 process_index: int | None = None,
                                 process_count: int | None = None,
-                                num_epochs: int | None = None) -> LoaderIterator:
+                                num_epochs: int | None = None, sources=None) -> LoaderIterator:
   """Fine-tuning `Batch`es: arrays 'image' [B, H, W, 3] for image_size (H, W) (an int S: S x S;
   'HxW'), 'label'. Train: RRC(finetune_scale) + flip
   + RandAugment, and with mixup/cutmix > 0 soft float32 labels [B, num_classes] that include
   label smoothing (otherwise int labels: apply data_cfg.label_smoothing in the loss, e.g. with
-  `eva_jax.data.mixup.smooth_one_hot`). Eval: resize + center crop (crop_pct), padded."""
+  `eva_jax.data.mixup.smooth_one_hot`). Eval: resize + center crop (crop_pct), padded.
+  `sources`: `open_sources(data_cfg)` already opened (None = open them here)."""
   pi, pc = _process(process_index, process_count)
-  sources = _sources(data_cfg)
+  sources = sources if sources is not None else open_sources(data_cfg)
   if len(sources) > 1:
     raise ValueError('Classification needs one labeled source; config.data.mixture is for '
                      'pretraining only.')

@@ -7,15 +7,20 @@
 
 Every source is picklable (grain ships it to worker processes) and reports `num_classes`
 (None when unlabeled). Misconfiguration raises FileNotFoundError / ValueError naming the fix.
+
+`listing_fingerprint(source)` says which listing a loader position (grain: an index) refers to, for
+every source of every training program (image, pair and video sources); checkpoints record it as
+meta 'train_data' (`train_data_fingerprint`) and a resume must match it (training/resume.py).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
 import re
-from typing import Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import msgpack
 
@@ -45,6 +50,8 @@ class FolderSource:
   images (an empty class folder takes no index); images are listed depth-first in sorted name
   order. data/video.py VideoFolderSource lists videos with the same walk (`_walk_images`).
   """
+
+  unit = 'images'   # what listing_fingerprint counts
 
   def __init__(self, root: str):
     self.root = os.path.abspath(os.path.expanduser(root))
@@ -192,6 +199,8 @@ def decode_record(record: bytes) -> tuple[bytes, int]:
 class ArrayRecordSource:
   """ArrayRecord shards (grain's reader); classes come from the pack `*-meta.json` if present."""
 
+  unit = 'records'
+
   def __init__(self, pattern: str):
     import grain   # pylint: disable=g-import-not-at-top
     pattern = os.path.expanduser(pattern)
@@ -218,10 +227,20 @@ class ArrayRecordSource:
   def __len__(self) -> int:
     return len(self._ds)
 
+  def shard_records(self) -> list[int]:
+    """Records per shard (of `files`, in order): the counts the reader took when it opened them,
+    else each shard's footer read once more."""
+    # array_record's data source keeps one read instruction (file, record range) per shard.
+    done = getattr(self._ds, '_read_instructions', None)
+    if done is not None and [os.path.basename(r.filename) for r in done] == [
+        os.path.basename(f) for f in self.files]:
+      return [int(r.num_records) for r in done]
+    return [_num_records(f) for f in self.files]
+
   def _shard_of(self, index: int) -> tuple[str, int]:
     import numpy as np   # pylint: disable=g-import-not-at-top
     if self._offsets is None:
-      self._offsets = np.cumsum([_num_records(f) for f in self.files])
+      self._offsets = np.cumsum(self.shard_records())
     i = int(np.searchsorted(self._offsets, index, side='right'))
     return self.files[i], index - (int(self._offsets[i - 1]) if i else 0)
 
@@ -274,6 +293,8 @@ _TFDS_SPEC = re.compile(r'^(?P<name>[^:\[]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.+)
 
 class TfdsSource:
   """A TFDS dataset prepared as ArrayRecord; images stay encoded (SkipDecoding) for our decoder."""
+
+  unit = 'records'
 
   def __init__(self, spec: str, data_dir: str = '', image_key: str = '', label_key: str = 'label'):
     import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
@@ -330,3 +351,77 @@ def open_source(spec: str, data_cfg) -> FolderSource | ArrayRecordSource | TfdsS
                       data_cfg.get('label_key', 'label'))
   raise ValueError(f'Unknown data source "{spec}". Use demo, folder:PATH, arrayrecord:GLOB or '
                    'tfds:NAME[:SPLIT].')
+
+
+# ------------------------------------------------------------------------ listing fingerprint --
+
+def listing_fingerprint(source) -> dict[str, Any]:
+  """What a loader position in `source` refers to: a small JSON-ready dict, equal for two sources
+  exactly when the same index reads the same example (as far as can be told without reading).
+
+  The count key is the source's `unit` ('images', 'videos', 'pairs', else 'records'); 'listing' is
+  16 hex digits of a sha256. Keys by kind of source (stable: checkpoints record them):
+  - listed by path (`paths` [+ `labels`] under `root`: image folders and the demo set, video
+    folders and lists): {UNIT: n, 'listing': hash of every (path relative to root, label) in
+    order}. The same tree copied elsewhere has the same fingerprint; an added, removed, renamed,
+    relabelled or reordered file (or one a link now adds) changes it;
+  - image-caption folders (`entries` of (image path or None, caption path) under `root`):
+    {'pairs': n, 'listing': hash of the relative (image, caption) paths in order};
+  - shards (`files` with `shard_records()`: ArrayRecord, webdataset tars): {UNIT: n, 'shards': k,
+    'listing': hash of (shard base name, records in it) in order}, so shards may move;
+  - anything else (TFDS): {UNIT: n, 'name': source.name} (TFDS: tfds:NAME[:VERSION]:SPLIT).
+  Paths are hashed as UTF-8 (undecodable bytes kept by surrogateescape). Cost: one pass over the
+  listing the source already holds (ImageNet's 1.28M paths: about a second); no file is read.
+  """
+  unit = getattr(source, 'unit', 'records')
+  root = getattr(source, 'root', None)
+  if root is not None and hasattr(source, 'paths'):
+    labels = getattr(source, 'labels', None)
+    labels = [-1] * len(source.paths) if labels is None else labels
+    return {unit: len(source.paths), 'listing': _digest(
+        f'{_relative(p, root)}\t{label}\n' for p, label in zip(source.paths, labels))}
+  if root is not None and hasattr(source, 'entries'):
+    return {unit: len(source.entries), 'listing': _digest(
+        '\t'.join(_relative(p, root) if p else '' for p in entry) + '\n'
+        for entry in source.entries)}
+  if hasattr(source, 'files') and hasattr(source, 'shard_records'):
+    counts = source.shard_records()
+    return {unit: int(sum(counts)), 'shards': len(source.files), 'listing': _digest(
+        f'{os.path.basename(f)}\t{int(n)}\n' for f, n in zip(source.files, counts))}
+  return {unit: len(source), 'name': source.name}
+
+
+def train_data_fingerprint(sources: Sequence[tuple[Any, float]]) -> dict[str, Any]:
+  """Checkpoint meta 'train_data' of a run reading `sources` ((source, weight) pairs, as
+  pipeline.open_sources returns them): one source's `listing_fingerprint`, or for a mixture
+  {'mixture': [listing_fingerprint + {'weight': w}, ...]} (the weights set the mixed order too)."""
+  if len(sources) == 1:
+    return listing_fingerprint(sources[0][0])
+  return {'mixture': [{**listing_fingerprint(s), 'weight': float(w)} for s, w in sources]}
+
+
+_EMPTY, _DOT, _DOTDOT = os.sep * 2, f'{os.sep}.{os.sep}', f'{os.sep}..{os.sep}'
+
+
+def _relative(path: str, root: str) -> str:
+  # os.path.relpath normalizes both sides (~10 us a path: 13 s for ImageNet); listed paths are
+  # already root + '/' + a normalized tail, so that tail is the relative path.
+  prefix = root.rstrip(os.sep) + os.sep
+  if path.startswith(prefix):
+    tail = path[len(prefix):]
+    wrapped = os.sep + tail + os.sep   # normalized: no empty, '.' or '..' component
+    if tail and not (_EMPTY in wrapped or _DOT in wrapped or _DOTDOT in wrapped):
+      return tail
+  return os.path.relpath(path, root)
+
+
+def _digest(lines: Iterable[str]) -> str:
+  h = hashlib.sha256()
+  chunk: list[str] = []
+  for line in lines:
+    chunk.append(line)
+    if len(chunk) == 4096:   # one update per chunk: the per-call overhead dominates short lines
+      h.update(''.join(chunk).encode('utf-8', 'surrogateescape'))
+      chunk = []
+  h.update(''.join(chunk).encode('utf-8', 'surrogateescape'))
+  return h.hexdigest()[:16]

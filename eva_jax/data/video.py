@@ -34,7 +34,6 @@ skipped). Iterator state (get_state/set_state) resumes exactly, as the image loa
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -143,8 +142,10 @@ class VideoFolderSource:
 
   Order: by class, then directory path, then file name -- the order of the earlier
   `sorted(os.walk(class_dir))` listing, so a plain tree lists exactly as before (training/video.py
-  also records a fingerprint of the listing that a resume must match, `listing_fingerprint`).
+  also records a fingerprint of the listing that a resume must match, sources.listing_fingerprint).
   """
+
+  unit = 'videos'   # what sources.listing_fingerprint counts
 
   def __init__(self, root: str):
     self.root = os.path.abspath(os.path.expanduser(root))
@@ -188,6 +189,8 @@ class VideoListSource:
   """A Kinetics-style list file: `path label` per line (space, tab or comma separated; blank
   lines and '#' comments ignored). Missing files are counted (`missing`) and left out with one
   warning; FileNotFoundError when every listed file is missing."""
+
+  unit = 'videos'
 
   def __init__(self, list_file: str, root: str = ''):
     list_file = os.path.abspath(os.path.expanduser(list_file))
@@ -235,17 +238,6 @@ class VideoListSource:
 
   def __getitem__(self, index: int) -> tuple[str, int]:
     return self.paths[index], self.labels[index]
-
-
-def listing_fingerprint(records: VideoFolderSource | VideoListSource) -> dict[str, Any]:
-  """{'videos': count, 'listing': sha256 (16 hex digits) of every (path relative to the source's
-  root, label) in order}: what a resumed loader's position (grain: an index into this listing)
-  means. The same tree copied elsewhere has the same fingerprint; an added, removed, relabelled
-  or reordered video changes it."""
-  h = hashlib.sha256()
-  for path, label in zip(records.paths, records.labels):
-    h.update(f'{os.path.relpath(path, records.root)}\t{label}\n'.encode('utf-8', 'surrogateescape'))
-  return {'videos': len(records.paths), 'listing': h.hexdigest()[:16]}
 
 
 def open_video_source(spec: str, data_cfg) -> VideoFolderSource | VideoListSource:
@@ -429,12 +421,13 @@ class VideoLoader:
 def build_video_loader(data_cfg, *, num_frames: int, image_size: int, batch_size: int, seed: int,
                        train: bool, num_classes: int | None = None,
                        process_index: int | None = None, process_count: int | None = None,
-                       num_epochs: int | None = None) -> VideoLoader:
+                       num_epochs: int | None = None, records=None) -> VideoLoader:
   """Video `Batch`es (module docstring). `batch_size` is per host. train=False: one ordered pass
-  of multi-view clips (data.video.test_clips x test_crops), padded to full batches."""
+  of multi-view clips (data.video.test_clips x test_crops), padded to full batches. `records`:
+  the source of config.data.source already opened (None = open it here)."""
   pi, pc = pipeline._process(process_index, process_count)
   v = data_cfg.get('video') or video_data_config()
-  records = open_video_source(data_cfg.source, data_cfg)
+  records = records if records is not None else open_video_source(data_cfg.source, data_cfg)
   num_classes = num_classes or records.num_classes
   if records.num_classes > num_classes:
     raise ValueError(f'{records.name} has {records.num_classes} classes but config.num_classes='

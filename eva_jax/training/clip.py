@@ -257,11 +257,16 @@ class ClipProgram(trainer.Program):
     task, self.model_cfg = build(self.cfg, mesh)
     return task
 
+  def open_train_sources(self):
+    from eva_jax.data import pairs
+    return pairs.open_pair_sources(self.cfg.data)
+
   def train_loader(self, task):
     from eva_jax.data import pairs
     return pairs.build_pair_loader(
         self.cfg.data, image_size=self.cfg.image_size, batch_size=trainer.per_host_batch(self.cfg),
-        seed=self.cfg.seed, train=True, context_length=self.model_cfg.text.context_length)
+        seed=self.cfg.seed, train=True, context_length=self.model_cfg.text.context_length,
+        sources=self.train_sources())
 
   def init_state(self, task):
     cfg = self.cfg

@@ -194,7 +194,7 @@ class FinetuneProgram(trainer.Program):
 
   def validate(self):
     cfg = self.cfg
-    found = data_lib.source_num_classes(cfg.data)
+    found = self.train_sources()[0][0].num_classes
     if not found:
       raise ValueError(f'config.data.source={cfg.data.source!r} has no labels; fine-tuning needs '
                        'a labeled source (class sub-folders, a packed folder with classes, or a '
@@ -246,14 +246,21 @@ class FinetuneProgram(trainer.Program):
     task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes, self.native_image_size())
     return task
 
+  def open_train_sources(self):
+    return data_lib.open_sources(self.cfg.data)
+
   def loader(self, train: bool, source: str = ''):
-    data_cfg = self.cfg.data
+    """The classification loader of config.data (the training sources opened once), or of the
+    image source `source`."""
+    data_cfg, sources = self.cfg.data, None
     if source:
       data_cfg = data_cfg.copy_and_resolve_references()
       data_cfg.source = source
+    else:
+      sources = self.train_sources()
     return data_lib.build_classification_loader(
         data_cfg, image_size=self.cfg.image_size, batch_size=trainer.per_host_batch(self.cfg),
-        seed=self.cfg.seed, train=train, num_classes=self.num_classes)
+        seed=self.cfg.seed, train=train, num_classes=self.num_classes, sources=sources)
 
   def train_loader(self, task):
     return self.loader(train=True)

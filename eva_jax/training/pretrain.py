@@ -135,16 +135,20 @@ def random_teacher(tcfg, shardings, seed: int):
   return jitted(jax.random.key(seed))
 
 
-def loader(cfg, patch_size: int, train: bool):
+def loader(cfg, patch_size: int, train: bool, sources=None):
+  """The pretraining loader of config.data; `sources`: data_lib.open_sources(cfg.data) already
+  opened (None = open them)."""
   return data_lib.build_pretrain_loader(
       cfg.data, image_size=cfg.image_size, patch_size=patch_size,
-      batch_size=trainer.per_host_batch(cfg), seed=cfg.seed, train=train)
+      batch_size=trainer.per_host_batch(cfg), seed=cfg.seed, train=train, sources=sources)
 
 
-def evaluate(cfg, task, params, teacher_params, patch_size: int, step: int) -> dict:
-  """Validation loss with the spec's deterministic mask (every even patch) on center crops."""
+def evaluate(cfg, task, params, teacher_params, patch_size: int, step: int,
+             sources=None) -> dict:
+  """Validation loss with the spec's deterministic mask (every even patch) on center crops.
+  `sources`: as `loader`'s."""
   total, tokens = 0.0, 0.0
-  eval_loader = loader(cfg, patch_size, train=False)
+  eval_loader = loader(cfg, patch_size, train=False, sources=sources)
   try:
     for i, batch in enumerate(eval_loader):
       if i >= cfg.eval_batches:
@@ -248,8 +252,12 @@ class PretrainProgram(trainer.Program):
       announce_random_teacher(self.cfg, self.teacher_cfg)
     return task
 
+  def open_train_sources(self):
+    return data_lib.open_sources(self.cfg.data)
+
   def train_loader(self, task):
-    return loader(self.cfg, self.student_cfg.patch_size, train=True)
+    return loader(self.cfg, self.student_cfg.patch_size, train=True,
+                  sources=self.train_sources())
 
   def consts(self, task):
     if self.teacher_host is None:
@@ -260,7 +268,7 @@ class PretrainProgram(trainer.Program):
 
   def evaluate(self, task, state, consts, step):
     return evaluate(self.cfg, task, task.eval_params(state), consts, self.student_cfg.patch_size,
-                    step)
+                    step, sources=self.train_sources())
 
   def meta(self, task):
     return {'kind': self.kind, 'student': self.student_cfg.to_dict(),

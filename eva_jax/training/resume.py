@@ -5,6 +5,13 @@
 - `check_meta`: a resume is compared with its checkpoint's metadata field by field (resolved
   student and teacher, teacher weights fingerprint, class count, ...) before anything is restored or
   overwritten; a difference stops the run naming the field, unless config.resume_accept lists it.
+  That includes `train_data`, the fingerprint of the training listing every program records
+  (data/sources.py listing_fingerprint, added by training/trainer.py): the loader's saved position
+  is an index into that listing (grain 'next_index'), so a folder or shard set changed since the
+  save (files added, removed, renamed, links now followed) would continue on other data without a
+  word. A copy of the same tree elsewhere matches (relative paths); a changed listing is refused
+  (`--config.resume_accept=train_data` continues on purpose, e.g. after cleaning the data);
+  checkpoints written before it was recorded are resumed with a warning that it is not checked.
 - `check_shapes`: the parameters the run would restore into have the checkpoint's shapes (also for
   checkpoints written before the metadata recorded everything); never overridable.
 - `restore`: the newest restorable step; a step that fails to restore while an older one restores

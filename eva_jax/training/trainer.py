@@ -20,6 +20,7 @@ from etils import epath
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax import parallel, paths
+from eva_jax.data import sources as data_sources
 from eva_jax.models import config as model_config
 from eva_jax.training import checks, loop, resume
 from eva_jax.training import metrics as metrics_lib
@@ -40,8 +41,22 @@ class Program:
     """The task (training/task.py Task) of this program on `mesh`."""
     raise NotImplementedError
 
+  def open_train_sources(self) -> list[tuple[Any, float]] | None:
+    """The training data as (source, weight) pairs (data.pipeline.open_sources), or None for a
+    program that reads no listed source. Called once, through `train_sources`."""
+    return None
+
+  def train_sources(self) -> list[tuple[Any, float]] | None:
+    """`open_train_sources()`, opened on the first call and kept: the training loader reads these
+    objects and the checkpoint records their listing (meta 'train_data'), so a folder is listed
+    once and the recorded listing is the one the loader's position indexes."""
+    if not hasattr(self, '_train_sources'):
+      self._train_sources = self.open_train_sources()
+    return self._train_sources
+
   def train_loader(self, task):
-    """The training loader (yields data.pipeline.Batch; get_state/set_state/close)."""
+    """The training loader (yields data.pipeline.Batch; get_state/set_state/close), reading
+    `train_sources()`."""
     raise NotImplementedError
 
   def consts(self, task) -> Any:
@@ -57,7 +72,8 @@ class Program:
     return {}
 
   def meta(self, task) -> dict:
-    """Checkpoint metadata: what a reader needs to rebuild the model without the config."""
+    """Checkpoint metadata: what a reader needs to rebuild the model without the config. (The
+    skeleton adds 'train_data', the training listing's fingerprint.)"""
     return {'kind': self.kind}
 
   def resolved(self, task) -> dict:
@@ -153,8 +169,16 @@ def _run(program, cfg, workdir, mesh, is_main, ckpt, stop) -> dict:
       print(f'{workdir}: already at step {latest} >= total_steps={cfg.total_steps}; nothing to do '
             '(raise --config.total_steps to train further).', flush=True)
     return {'step': latest}
+  # The training data is opened (a folder listed) once, before the model is built: its errors
+  # come first, and its listing is what the checkpoint records.
+  sources = program.train_sources()
   task = program.build(mesh)
   meta = program.meta(task)
+  if sources is not None:
+    # The loader's saved position is an index into this listing (grain 'next_index'): a resume
+    # on another listing (files added, removed, renamed; links followed) would continue silently
+    # on other data, so every checkpoint records it and resume.check_meta compares it.
+    meta['train_data'] = data_sources.train_data_fingerprint(sources)
   restored = None
   if latest is not None:
     restored = resume.restore(ckpt, task, meta, accept=tuple(cfg.get('resume_accept', ())))

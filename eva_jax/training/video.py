@@ -124,11 +124,7 @@ class VideoFinetuneProgram(trainer.Program):
     if v.model == 'frame_average' and v.tubelet != 1:
       raise ValueError('config.video.model=frame_average encodes single frames: set '
                        f'config.video.tubelet=1 (got {v.tubelet}).')
-    records = video_data.open_video_source(cfg.data.source, cfg.data)
-    found = records.num_classes
-    # The loader's resume state is a position in this listing (grain: an index), so the
-    # checkpoint records which listing it was (meta 'train_data'; resume.check_meta compares it).
-    self.train_listing = video_data.listing_fingerprint(records)
+    found = self.train_sources()[0][0].num_classes
     self.num_classes = cfg.num_classes or found
     if found > self.num_classes:
       raise ValueError(f'config.data.source={cfg.data.source!r} has {found} classes but '
@@ -141,15 +137,22 @@ class VideoFinetuneProgram(trainer.Program):
     task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes)
     return task
 
+  def open_train_sources(self):
+    return [(video_data.open_video_source(self.cfg.data.source, self.cfg.data), 1.0)]
+
   def loader(self, train: bool, source: str = ''):
-    data_cfg = self.cfg.data
+    """The video loader of config.data.source (the training source opened once), or of
+    `source`."""
+    data_cfg, records = self.cfg.data, None
     if source:
       data_cfg = data_cfg.copy_and_resolve_references()
       data_cfg.source = source
+    else:
+      records = self.train_sources()[0][0]
     return video_data.build_video_loader(
         data_cfg, num_frames=self.cfg.video.num_frames, image_size=self.cfg.image_size,
         batch_size=trainer.per_host_batch(self.cfg), seed=self.cfg.seed, train=train,
-        num_classes=self.num_classes)
+        num_classes=self.num_classes, records=records)
 
   def train_loader(self, task):
     return self.loader(train=True)
@@ -235,8 +238,7 @@ class VideoFinetuneProgram(trainer.Program):
     v = self.cfg.video
     return {'kind': self.kind, 'num_classes': self.num_classes, 'pool': 'mean',
             'num_frames': int(v.num_frames), 'tubelet': int(v.tubelet), 'video_model': v.model,
-            'student': clf_lib.finetune_encoder_config(self.encoder_cfg).to_dict(),
-            'train_data': self.train_listing}
+            'student': clf_lib.finetune_encoder_config(self.encoder_cfg).to_dict()}
 
   def resolved(self, task):
     return {'encoder': self.encoder_cfg.to_dict(), 'num_classes': self.num_classes,

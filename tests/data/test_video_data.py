@@ -263,8 +263,8 @@ def test_video_folder_plain_tree_lists_as_before(tmp_path):
   # a changed listing.
   import shutil
   copy = shutil.copytree(root, str(tmp_path / 'copy'))
-  want = video.listing_fingerprint(src)
-  assert video.listing_fingerprint(video.VideoFolderSource(copy)) == want
+  want = sources.listing_fingerprint(src)
+  assert sources.listing_fingerprint(video.VideoFolderSource(copy)) == want
   os.rename(os.path.join(copy, 'a', 'x-z', '3.mp4'), os.path.join(copy, 'a', 'x-z', '9.mp4'))
-  got = video.listing_fingerprint(video.VideoFolderSource(copy))
+  got = sources.listing_fingerprint(video.VideoFolderSource(copy))
   assert got['videos'] == want['videos'] and got['listing'] != want['listing']

@@ -53,14 +53,7 @@ def losses(workdir):
   return out
 
 
-def snapshot(workdir):
-  """Every file under workdir with its bytes: 'nothing was changed' is checked on all of them."""
-  out = {}
-  for root, _, files in os.walk(workdir):
-    for f in files:
-      p = os.path.join(root, f)
-      out[os.path.relpath(p, workdir)] = open(p, 'rb').read()
-  return out
+snapshot = support.snapshot
 
 
 @pytest.fixture(scope='module')

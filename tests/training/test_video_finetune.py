@@ -84,9 +84,9 @@ def test_video_finetune_from_timm_image_file(tmp_path, clips, timm_file):
   # sub-folder adds a video, as the link-following walk does for folders the old one ignored)
   # is refused before anything is restored, instead of continuing at a stale position.
   import shutil
-  from eva_jax.data import video as video_data
+  from eva_jax.data import sources, video as video_data
   moved = shutil.copytree(clips, tmp_path / 'moved')
-  assert meta['train_data'] == video_data.listing_fingerprint(
+  assert meta['train_data'] == sources.listing_fingerprint(
       video_data.VideoFolderSource(str(moved))) and meta['train_data']['videos'] == 6
   extra = tmp_path / 'extra'
   extra.mkdir()
