@@ -156,14 +156,7 @@ def check_meta(saved: dict, current: dict, step: int, step_dir: str, accept=()) 
   """Raises ValueError naming the first field of the checkpoint's metadata that this run changes
   (unless config.resume_accept lists it). Returns the accepted differences, for the log."""
   diffs = differences(saved, current)
-  # A field the old checkpoint never recorded (written by an older eva_jax) cannot be compared:
-  # said once, not silently passed.
   unrecorded = [f for f, s, _ in diffs if s is MISSING]
-  if unrecorded:
-    logging.warning('Checkpoint %s records no %s (written by an older eva_jax); those cannot be '
-                    'checked on this resume.', step_dir, ', '.join(unrecorded))
-    print(f'warning: checkpoint step {step} records no {", ".join(unrecorded)}; not checked.',
-          flush=True)
   diffs = [d for d in diffs if d[1] is not MISSING]
   # How a tower is executed (attention kernel, remat policy, scan unrolling) changes neither its
   # parameters nor its function: resuming on a GPU with attention=cudnn, or with more remat to fit
@@ -179,6 +172,14 @@ def check_meta(saved: dict, current: dict, step: int, step_dir: str, accept=()) 
         f'{_show(now)} in this run{more}. Nothing was changed. Use the original config (e.g. '
         f'--config=WORKDIR) to continue, a new --workdir for a new run, or, to continue on '
         f'purpose, --config.resume_accept={field!r} (a field, a section, or "*").')
+  # A field the old checkpoint never recorded (written by an older eva_jax) cannot be compared:
+  # said once, not silently passed. Only once the resume is accepted: next to a refusal (e.g.
+  # train_data of a folder vs a TFDS source, whose keys differ) it would misdirect.
+  if unrecorded:
+    logging.warning('Checkpoint %s records no %s (written by an older eva_jax); those cannot be '
+                    'checked on this resume.', step_dir, ', '.join(unrecorded))
+    print(f'warning: checkpoint step {step} records no {", ".join(unrecorded)}; not checked.',
+          flush=True)
   return [f'{f}: {_show(s)} -> {_show(c)}' for f, s, c in diffs]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax.data import pack, pair_sources, pairs, sources
-from eva_jax.training import clip, finetune, pretrain
+from eva_jax.training import clip, finetune, pretrain, resume
 
 import support
 
@@ -150,3 +150,18 @@ def test_pair_source_listings(tmp_path, demo_dir):
   assert sources.train_data_fingerprint(opened) == {'mixture': [
       {**sources.listing_fingerprint(src), 'weight': 3.0}, {**want, 'weight': 1.0}]}
   assert len(pairs.open_pair_sources(cfg.data)) == 2
+
+
+def test_changed_source_kind_is_refused_without_an_older_version_warning(capsys, caplog):
+  # A folder run resumed on a TFDS source: the fingerprints have different keys. The refusal names
+  # the first differing field; the "written by an older eva_jax" warning (for fields an old
+  # checkpoint never recorded) would misdirect here and is not printed.
+  saved = {'kind': 'pretrain', 'train_data': {'images': 16, 'listing': '0123456789abcdef'}}
+  now = {'kind': 'pretrain', 'train_data': {'records': 1000, 'name': 'tfds:imagenet2012:train'}}
+  with pytest.raises(ValueError, match=r"Resume refused: train_data.images was 16 .* is "
+                                       r"\(not recorded\)"):
+    resume.check_meta(saved, now, 2, '/w/checkpoints/2')
+  assert 'older eva_jax' not in caplog.text and 'records no' not in capsys.readouterr().out
+  # Accepted on purpose: the fields the old checkpoint lacks are then said once.
+  assert resume.check_meta(saved, now, 2, '/w/checkpoints/2', accept=('train_data',))
+  assert 'records no train_data.name, train_data.records' in capsys.readouterr().out
