@@ -73,3 +73,17 @@ def test_hybrid_on_one_process_equals_flat_and_unknown_layout_is_refused():
   cfg.mesh.layout = 'ring'   # refused by the config check, before anything is built
   with pytest.raises(ValueError, match="config.mesh.layout='ring' unknown"):
     checks.check_run(cfg)
+
+
+def test_hybrid_device_grid_per_process_counts(caplog):
+  # Device stand-ins (process_index, id) as a 4-process job would list them.
+  import types
+  fake = lambda p, i: types.SimpleNamespace(process_index=p, id=i)   # noqa: E731
+  one_each = [fake(p, p) for p in range(4)]
+  with caplog.at_level('WARNING'):
+    grid = parallel._hybrid_device_array(dict(data=1, fsdp=-1, tensor=1), one_each)
+  assert grid.shape == (4, 1, 1)   # one device per process: data 4 x fsdp 1, i.e. no FSDP at all
+  assert 'plain data parallelism (data 4 x fsdp 1)' in caplog.text
+  uneven = [fake(0, 0), fake(0, 1), fake(1, 2)]
+  with pytest.raises(ValueError, match='same number of devices on every process'):
+    parallel._hybrid_device_array(dict(data=1, fsdp=-1, tensor=1), uneven)
