@@ -84,11 +84,13 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
   mesh.layout (absent = 'flat'):
     'flat'    the sizes describe the whole job (one -1 takes the devices left);
-    'hybrid'  the sizes describe ONE process's devices (one host: FSDP and tensor parallelism stay
-              on its fast links, NVLink / ICI) and the data axis is repeated across processes
-              (InfiniBand / DCN carries only the gradient all-reduce): PyTorch FSDP's
-              HYBRID_SHARD, MaxText's ici_* x dcn_data_parallelism. 16 hosts x 8 GPUs with
-              data=1, fsdp=-1 give data 16 x fsdp 8. With one process it equals 'flat'.
+    'hybrid'  the sizes describe ONE granule's devices and the data axis is repeated across
+              granules, so FSDP and tensor parallelism stay on the fast links and the slow ones
+              carry only the gradient all-reduce: PyTorch FSDP's HYBRID_SHARD, MaxText's ici_* x
+              dcn_data_parallelism. A granule is a TPU slice (ICI joins every chip of a slice;
+              DCN joins slices) or elsewhere a process (one host: NVLink inside, InfiniBand
+              between). 16 hosts x 8 GPUs with data=1, fsdp=-1 give data 16 x fsdp 8. With one
+              granule (one process, one TPU slice) it equals 'flat'.
   Why hybrid: docs/speed.md section 2 (g/14 on 128 A100: 0.365 s per step with data 16 x fsdp 8,
   0.633 s with fsdp over all 128, which is bound by inter-node weight gathers).
   Raises ValueError for an unknown layout, sizes that do not match the devices, or processes
@@ -110,30 +112,35 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def _hybrid_device_array(mesh_cfg, devices) -> np.ndarray:
-  by_host: dict[int, list] = {}
-  for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
-    by_host.setdefault(d.process_index, []).append(d)
-  counts = {len(v) for v in by_host.values()}
+  # CPU and GPU devices carry a slice_index too (0): only TPU slices are granules.
+  tpu_slices = all(getattr(d, 'platform', '') == 'tpu' and hasattr(d, 'slice_index')
+                   for d in devices)
+  granule_of = (lambda d: d.slice_index) if tpu_slices else (lambda d: d.process_index)
+  kind = 'TPU slice' if tpu_slices else 'process'
+  groups: dict[int, list] = {}
+  for d in sorted(devices, key=lambda d: (granule_of(d), d.id)):
+    groups.setdefault(granule_of(d), []).append(d)
+  counts = {len(v) for v in groups.values()}
   if len(counts) != 1:
-    raise ValueError('mesh.layout="hybrid" needs the same number of devices on every process, got '
-                     f'{ {h: len(v) for h, v in by_host.items()} }; use layout="flat".')
-  n = counts.pop()
+    raise ValueError(f'mesh.layout="hybrid" needs the same number of devices on every {kind}, got '
+                     f'{ {h: len(v) for h, v in groups.items()} }; use layout="flat".')
+  n, granules = counts.pop(), len(groups)
   try:
-    per_host = resolve_mesh_shape(mesh_cfg, n)
+    per_granule = resolve_mesh_shape(mesh_cfg, n)
   except ValueError as e:
-    raise ValueError(f'mesh.layout="hybrid": the sizes are per host ({n} devices on each of '
-                     f'{len(by_host)} processes): {e}') from None
-  hosts = len(by_host)
-  if n == 1 and hosts > 1:
+    raise ValueError(f'mesh.layout="hybrid": the sizes are per {kind} ({n} devices on each of '
+                     f'{granules}): {e}') from None
+  if n == 1 and granules > 1:
     # One process per GPU (a common SLURM launch) makes every "host" one device: no FSDP at all.
-    logging.warning('mesh.layout="hybrid" with one device per process is plain data parallelism '
+    logging.warning('mesh.layout="hybrid" with one device per %s is plain data parallelism '
                     '(data %d x fsdp 1): every device holds all weights and optimizer state. '
-                    'Launch one process per host, or use --config.mesh.layout=flat.', hosts)
-  try:  # topology-aware order within each host, processes as the outer granule
+                    'Launch one process per host, or use --config.mesh.layout=flat.', kind,
+                    granules)
+  try:  # topology-aware order within each granule
     return jax.experimental.mesh_utils.create_hybrid_device_mesh(
-        per_host, (hosts, 1, 1), devices=devices, process_is_granule=True)
+        per_granule, (granules, 1, 1), devices=devices, process_is_granule=not tpu_slices)
   except Exception:
-    return np.concatenate([np.asarray(v).reshape(per_host) for _, v in sorted(by_host.items())],
+    return np.concatenate([np.asarray(v).reshape(per_granule) for _, v in sorted(groups.items())],
                           axis=0)
 
 

@@ -58,7 +58,7 @@ def test_hybrid_layout_puts_data_across_processes_and_fsdp_within():
   # flat FSDP over every device spans both processes on the fsdp axis.
   assert flat['shape'] == [1, 4, 1]
   assert sorted(t[0] for t in flat['process'][0]) == [0, 0, 1, 1]
-  assert 'per host (2 devices on each of 2 processes)' in res[0]['error']
+  assert 'per process (2 devices on each of 2)' in res[0]['error']
 
 
 def test_hybrid_on_one_process_equals_flat_and_unknown_layout_is_refused():
@@ -87,3 +87,10 @@ def test_hybrid_device_grid_per_process_counts(caplog):
   uneven = [fake(0, 0), fake(0, 1), fake(1, 2)]
   with pytest.raises(ValueError, match='same number of devices on every process'):
     parallel._hybrid_device_array(dict(data=1, fsdp=-1, tensor=1), uneven)
+  # TPU: a granule is a slice (ICI joins all its chips, over several hosts), not a process.
+  tpu = [types.SimpleNamespace(process_index=i // 2, id=i, slice_index=i // 4, platform='tpu')
+         for i in range(8)]
+  grid = parallel._hybrid_device_array(dict(data=1, fsdp=-1, tensor=1), tpu)
+  assert grid.shape == (2, 4, 1)
+  assert [{d.slice_index for d in row.ravel()} for row in grid] == [{0}, {1}]
+  assert {d.process_index for d in grid[0].ravel()} == {0, 1}   # fsdp spans the slice's hosts
