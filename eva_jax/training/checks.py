@@ -15,7 +15,7 @@ import logging
 
 import dataclasses
 
-from eva_jax import ranges
+from eva_jax import parallel, ranges
 from eva_jax.data.config import image_hw
 from eva_jax.models import config as model_config
 from eva_jax.ranges import Range, count, fraction, nonneg, positive
@@ -330,7 +330,7 @@ def _process_id(cfg):
 
 def _mesh_rest(cfg):
   layout = cfg.mesh.get('layout', 'flat')
-  if layout not in ('flat', 'hybrid'):
+  if layout not in parallel.MESH_LAYOUTS:
     raise ValueError(f"config.mesh.layout={layout!r} unknown; use 'flat' (sizes over all devices) "
                      "or 'hybrid' (sizes within each host, data repeated across hosts).")
   rest = [k for k in ('data', 'fsdp', 'tensor') if cfg.mesh[k] == -1]
