@@ -83,8 +83,14 @@ class FolderSource:
       return f.read(), self.labels[index]
 
 
+def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+  """A file the folder walk lists: its name ends with one of `extensions` (any case) and it is
+  not hidden (macOS '._x.jpg' resource forks, editor swap files)."""
+  return name.lower().endswith(extensions) and not name.startswith('.')
+
+
 def _is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+  return has_extension(name, IMAGE_EXTENSIONS)
 
 
 def warn_skipped_links(name: str, skipped: dict[str, int], examples: list[str], noun: str) -> None:

@@ -55,7 +55,7 @@ VIDEO_EXTENSIONS = ('.mp4', '.avi', '.webm', '.mkv', '.mov', '.m4v')
 
 
 def _is_video(name: str) -> bool:
-  return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith('.')
+  return sources.has_extension(name, VIDEO_EXTENSIONS)
 
 
 def video_data_config() -> ml_collections.ConfigDict:
