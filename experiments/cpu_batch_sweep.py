@@ -51,10 +51,8 @@ def torch_eager(preset: str, batch: int) -> dict:
 
 def fit(batches, seconds) -> tuple[float, float]:
   """(per-step s, per-image s) of the least-squares line seconds = a + b x batch."""
-  mb, ms = statistics.fmean(batches), statistics.fmean(seconds)
-  slope = sum((b - mb) * (s - ms) for b, s in zip(batches, seconds)) / \
-      sum((b - mb) ** 2 for b in batches)
-  return ms - slope * mb, slope
+  slope, intercept = statistics.linear_regression(batches, seconds)
+  return intercept, slope
 
 
 def main():
