@@ -55,18 +55,11 @@ class BlockMaskGenerator:
     """
     h, w = int(grid[0]), int(grid[1])
     n = h * w
+    count = max_masked(grid, m)
     num = int(m.get('num_masking_patches', 0) or 0)
-    ratio = m.get('ratio', RECIPE_RATIO)
-    ratio = float(RECIPE_RATIO if ratio is None else ratio)
-    if not 0.0 <= ratio < 1.0:
-      raise ValueError(f'config.data.mask.ratio must be in [0, 1) (the recipe: {RECIPE_RATIO:.4f} '
-                       f'= 105/256), got {ratio}.')
-    if num < 0 or num > n:
-      raise ValueError(f'config.data.mask.num_masking_patches={num} does not fit the {h}x{w} patch '
-                       f'grid ({n} cells). Set it to 0 and use config.data.mask.ratio (e.g. '
-                       f'{RECIPE_RATIO:.4f}) to mask a fraction of any grid.')
+    ratio = _ratio(m)
     if num:
-      count, source = num, 'config.data.mask.num_masking_patches'
+      source = 'config.data.mask.num_masking_patches'
       if ratio and abs(num / n - ratio) > RATIO_TOLERANCE:
         _warn_once((h, w, num, ratio), (
             'config.data.mask.num_masking_patches=%d masks %.0f%% of the %dx%d patch grid, but '
@@ -74,13 +67,7 @@ class BlockMaskGenerator:
             'num_masking_patches=0 to mask ratio * cells (%d here) on any grid, or set ratio to '
             'match.'), num, 100 * num / n, h, w, ratio, 100 * ratio, round(ratio * n))
     else:
-      if not ratio:
-        raise ValueError('config.data.mask: num_masking_patches and ratio are both 0; set ratio '
-                         f'(the recipe: {RECIPE_RATIO:.4f}) or an absolute num_masking_patches.')
-      count, source = int(round(ratio * n)), f'config.data.mask.ratio={ratio:.4f}'
-      if count == 0:
-        raise ValueError(f'config.data.mask.ratio={ratio} masks no patch of the {h}x{w} grid; '
-                         'raise it.')
+      source = f'config.data.mask.ratio={ratio:.4f}'
     gen = cls((h, w), count, m['min_num_patches'], m['max_aspect'], m.get('min_aspect', 0.3))
     gen.mean_ratio = gen.measure_mean_ratio()
     log.info('Block masking: %d of %dx%d patches (%.3f, from %s); mean masked ratio %.3f over %d '
@@ -131,6 +118,38 @@ class BlockMaskGenerator:
         break
       mask_count += delta
     return mask
+
+
+def _ratio(m) -> float:
+  ratio = m.get('ratio', RECIPE_RATIO)
+  return float(RECIPE_RATIO if ratio is None else ratio)
+
+
+def max_masked(grid: tuple[int, int], m) -> int:
+  """The generator's target count for `config.data.mask` block `m` on `grid`: no mask it draws
+  has more masked cells (the pretraining step sizes its masked-token path by it).
+  num_masking_patches > 0 is absolute, else round(ratio * cells). Raises ValueError naming the
+  field for a ratio outside [0, 1), a count that does not fit the grid, or one that is 0."""
+  h, w = int(grid[0]), int(grid[1])
+  n = h * w
+  num = int(m.get('num_masking_patches', 0) or 0)
+  ratio = _ratio(m)
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f'config.data.mask.ratio must be in [0, 1) (the recipe: {RECIPE_RATIO:.4f} '
+                     f'= 105/256), got {ratio}.')
+  if num < 0 or num > n:
+    raise ValueError(f'config.data.mask.num_masking_patches={num} does not fit the {h}x{w} patch '
+                     f'grid ({n} cells). Set it to 0 and use config.data.mask.ratio (e.g. '
+                     f'{RECIPE_RATIO:.4f}) to mask a fraction of any grid.')
+  if num:
+    return num
+  if not ratio:
+    raise ValueError('config.data.mask: num_masking_patches and ratio are both 0; set ratio '
+                     f'(the recipe: {RECIPE_RATIO:.4f}) or an absolute num_masking_patches.')
+  if round(ratio * n) == 0:
+    raise ValueError(f'config.data.mask.ratio={ratio} masks no patch of the {h}x{w} grid; '
+                     'raise it.')
+  return int(round(ratio * n))
 
 
 def _warn_once(key, msg: str, *args) -> None:

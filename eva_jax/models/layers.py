@@ -200,7 +200,9 @@ class Attention(nnx.Module):
     self.proj = param(rngs, init, (h, hd, d), ('heads', 'kv', 'embed'))
     self.proj_bias = param(rngs, zeros, (d,), ('embed',))
 
-  def __call__(self, x, rope=None, num_prefix: int = 1):
+  def __call__(self, x, rope=None, num_prefix: int = 1, query_index=None):
+    """x [B, T, D] -> [B, T, D]; with query_index (int [B, K] token indices) only those tokens'
+    queries are attended (keys and values from all T tokens), giving [B, K, D]."""
     dt = x.dtype
     # Three projections from the one (d, 3, h, hd) parameter rather than one fused einsum and a
     # split: the split's gradient is three zero-padded copies of the fused output that XLA then adds,
@@ -218,6 +220,8 @@ class Attention(nnx.Module):
       sin, cos = rope
       q = jnp.concatenate([q[:, :num_prefix], apply_rope(q[:, num_prefix:], sin, cos)], axis=1)
       k = jnp.concatenate([k[:, :num_prefix], apply_rope(k[:, num_prefix:], sin, cos)], axis=1)
+    if query_index is not None:   # after RoPE, so each kept query keeps its own rotation
+      q = jnp.take_along_axis(q, query_index[:, :, None, None], axis=1)
     # Logits and softmax run in float32 inside dot_product_attention for bf16/fp16 inputs.
     impl = None if self.attention == 'auto' else self.attention
     if dt == jnp.float16 and jax.default_backend() == 'cpu':
@@ -289,18 +293,23 @@ class Block(nnx.Module):
     else:
       self.ls1 = self.ls2 = None
 
-  def __call__(self, x, rope=None, num_prefix=1, dp_rate=None, dp_key=None, window=None):
+  def __call__(self, x, rope=None, num_prefix=1, dp_rate=None, dp_key=None, window=None,
+               query_index=None):
     """window: None (global attention) or a `Window` (ViTDet: attention inside each window of
-    the patch grid; `x` then holds patch tokens only, and `rope` is the window's table)."""
+    the patch grid; `x` then holds patch tokens only, and `rope` is the window's table).
+    query_index: optional int [B, K] token indices: the block outputs only those tokens
+    ([B, K, D]; their attention still reads every token), exactly the rows of the full output."""
     x = constrain_batch(x)
     if window is not None:
-      if self.post_norm:
-        raise ValueError('Window attention is not implemented for post-norm blocks.')
+      if self.post_norm or query_index is not None:
+        raise ValueError('Window attention is implemented for pre-norm blocks on every token only.')
       a = window.unpartition(self.attn(window.partition(self.norm1(x)), rope, 0))
     elif self.post_norm:
-      a = self.norm1(self.attn(x, rope, num_prefix))
+      a = self.norm1(self.attn(x, rope, num_prefix, query_index))
     else:
-      a = self.attn(self.norm1(x), rope, num_prefix)
+      a = self.attn(self.norm1(x), rope, num_prefix, query_index)
+    if query_index is not None:
+      x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
     if self.ls1 is not None:
       a = a * self.ls1[...].astype(a.dtype)
     if dp_key is not None:
@@ -339,7 +348,7 @@ class Blocks(nnx.Module):
     return self.run(x, 0, self.depth, rope, num_prefix, dp_rates, dp_key)
 
   def run(self, x, start: int, stop: int, rope=None, num_prefix=1, dp_rates=None, dp_key=None,
-          window=None, global_mask=None, rope_global=None):
+          window=None, global_mask=None, rope_global=None, query_index=None):
     """Blocks start..stop-1 (static ints) under one scan over that slice of the stacked params.
 
     Callers that need per-block outputs (forward_intermediates) or per-block attention kinds
@@ -352,10 +361,15 @@ class Blocks(nnx.Module):
     temporaries for all layers: separate scans per run of one kind did not share them (L/14 at
     1022, bf16, remat full, batch 1: 29.5 GiB of temporaries with 8 scans vs 8.5 GiB for one
     all-global scan on XLA:CPU; docs/memory_plan.md).
-    Raises ValueError for an empty or out-of-range run.
+    query_index: int [B, K] token indices for a run of ONE block (no scan: its output has K
+    tokens): see Block. Raises ValueError for an empty or out-of-range run, or query_index on a
+    longer run or with window attention.
     """
     if not 0 <= start < stop <= self.depth:
       raise ValueError(f'Block run {start}..{stop - 1} is outside 0..{self.depth - 1}.')
+    if query_index is not None and (stop - start != 1 or window is not None):
+      raise ValueError(f'query_index needs a run of one global-attention block, got blocks '
+                       f'{start}..{stop - 1}{" with window attention" if window else ""}.')
     graphdef, state = nnx.split(self.layers)
     if (start, stop) != (0, self.depth):
       state = jax.tree.map(lambda a: a[start:stop], state)
@@ -364,7 +378,7 @@ class Blocks(nnx.Module):
       layer_state, rate, key, is_global = xs
       block = nnx.merge(graphdef, layer_state)
       if is_global is None:
-        return block(x, rope, num_prefix, rate, key, window), None
+        return block(x, rope, num_prefix, rate, key, window, query_index), None
       return jax.lax.cond(is_global,
                           lambda x: block(x, rope_global, num_prefix, rate, key, None),
                           lambda x: block(x, rope, num_prefix, rate, key, window), x), None
@@ -378,6 +392,9 @@ class Blocks(nnx.Module):
     else:
       keys = rates = None
     flags = None if global_mask is None else jnp.asarray(np.asarray(global_mask, bool)[start:stop])
+    if query_index is not None:
+      first = lambda a: None if a is None else a[0]  # noqa: E731
+      return body(x, (jax.tree.map(first, state), first(rates), first(keys), None))[0]
     x, _ = jax.lax.scan(body, x, (state, rates, keys, flags), unroll=min(self.unroll, stop - start))
     return x
 

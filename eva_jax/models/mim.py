@@ -18,10 +18,27 @@ class MIM(nnx.Module):
     self.lm_head = Dense(encoder_cfg.width, teacher_dim, ('embed', 'out'),
                          init=trunc_normal(encoder_cfg.init_std), bias=True, rngs=rngs)
 
-  def __call__(self, images, mask, *, dropout_key=None):
-    """Predictions [B, N, teacher_dim] (float32) for every patch; the loss keeps the masked ones."""
-    x = self.encoder(images, mask, dropout_key=dropout_key)[:, self.encoder.num_prefix:]
+  def __call__(self, images, mask, *, dropout_key=None, patch_index=None):
+    """Predictions [B, N, teacher_dim] (float32) for every patch; the loss keeps the masked ones.
+    patch_index: optional int [B, K] patches to predict (`masked_first`): [B, K, teacher_dim], the
+    same rows, with the last block, final norm and lm_head run on those tokens only."""
+    if patch_index is None:
+      x = self.encoder(images, mask, dropout_key=dropout_key)[:, self.encoder.num_prefix:]
+    else:
+      x = self.encoder(images, mask, dropout_key=dropout_key,
+                       query_index=patch_index + self.encoder.num_prefix)
     return self.lm_head(x).astype(jnp.float32)
+
+
+def masked_first(mask, k: int):
+  """int32 [B, k]: each row's masked patch indices (ascending), then its unmasked ones to fill k.
+
+  mask: bool [B, N]. With at most k masked patches per row (the block-mask generator never masks
+  more than its count: data/masking.py), these k patches hold every token the loss reads, so
+  running the last blocks and the heads on them alone is exact. Not part of the official code,
+  which runs every token to the end and then gathers x[bool_masked_pos]; same values, fewer FLOPs.
+  """
+  return jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)[:, :k].astype(jnp.int32)
 
 
 def cosine_loss(pred, target, mask):

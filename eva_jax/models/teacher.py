@@ -125,22 +125,29 @@ def plan(tcfg, *, student_patch: int, image_size: int, rule: str = 'same',
   return TeacherInput(rule, (g, g), size, scale, shift)
 
 
-def targets(teacher, images, p: TeacherInput):
-  """Teacher targets [B, student grid cells, D] (float32, no gradient) for the student's images."""
+def targets(teacher, images, p: TeacherInput, patch_index=None):
+  """Teacher targets [B, student grid cells, D] (float32, no gradient) for the student's images.
+  patch_index: optional int [B, K] student-grid cells: only those targets, [B, K, D]. Where the
+  teacher's grid is the student's, its last block runs on those tokens only; otherwise (rule
+  'resize_targets') the full map is resized, then gathered."""
   x = jax.lax.stop_gradient(images)
   if p.scale is not None:
     x = x * jnp.asarray(p.scale, x.dtype) + jnp.asarray(p.shift, x.dtype)
   if tuple(x.shape[1:3]) != p.teacher_size:
     x = jax.image.resize(x, (x.shape[0],) + p.teacher_size + (x.shape[-1],), 'bicubic',
                          antialias=True)
-  t = teacher.targets(x)
   gh, gw = p.student_grid
+  tp = teacher.cfg.patch_size
+  if patch_index is not None and (x.shape[1] // tp, x.shape[2] // tp) == (gh, gw):
+    return jax.lax.stop_gradient(teacher.targets(x, patch_index).astype(jnp.float32))
+  t = teacher.targets(x)
   if t.shape[1] != gh * gw:
-    tp = teacher.cfg.patch_size
     th, tw = x.shape[1] // tp, x.shape[2] // tp
     t = t.reshape(t.shape[0], th, tw, t.shape[-1])
     t = jax.image.resize(t, (t.shape[0], gh, gw, t.shape[-1]), 'bilinear', antialias=True)
     t = t.reshape(t.shape[0], gh * gw, t.shape[-1])
+  if patch_index is not None:
+    t = jnp.take_along_axis(t, patch_index[:, :, None], axis=1)
   return jax.lax.stop_gradient(t.astype(jnp.float32))
 
 

@@ -174,7 +174,7 @@ class VisionTransformer(nnx.Module):
     sin, cos = rope_sincos(grid, hd, self.cfg.rope_theta, self.cfg.rope_ref_grid)
     return jnp.asarray(sin), jnp.asarray(cos)
 
-  def __call__(self, images, mask=None, *, dropout_key=None, keep_indices=None):
+  def __call__(self, images, mask=None, *, dropout_key=None, keep_indices=None, query_index=None):
     """Tokens [B, 1+N, D] after the final norm (student) or the last block (teacher).
 
     mask: optional bool [B, N], True = replace that patch by the [MASK] token.
@@ -182,6 +182,10 @@ class VisionTransformer(nnx.Module):
     keep_indices: optional int [B, K] patch indices (FLIP patch dropout, `patch_dropout_indices`):
       only those patch tokens (after pos-embed) enter the blocks, with their RoPE rows; prefix
       tokens are always kept. Output then [B, prefix + K, D].
+    query_index: optional int [B, Q] indices of the tokens entering the blocks (prefix included):
+      the LAST block computes only those tokens (their attention still reads every token), so the
+      output is [B, Q, D], exactly those rows of the full output. EVA's loss reads only the masked
+      tokens, which makes the last block's queries, MLP and the heads ~(1 - Q/T) cheaper.
     """
     x, grid = self.embed(images, mask)
     rope = self._rope(grid)
@@ -190,7 +194,14 @@ class VisionTransformer(nnx.Module):
     rates = np.linspace(0.0, self.cfg.drop_path, self.cfg.depth) if dropout_key is not None else None
     if dropout_key is not None and self.cfg.drop_path == 0.0:
       dropout_key = None
-    x = self.blocks(x, rope, self.num_prefix, rates, dropout_key)
+    if query_index is None:
+      x = self.blocks(x, rope, self.num_prefix, rates, dropout_key)
+    else:   # every block but the last as one scan, then the last on the chosen tokens
+      d = self.cfg.depth
+      if d > 1:
+        x = self.blocks.run(x, 0, d - 1, rope, self.num_prefix, rates, dropout_key)
+      x = self.blocks.run(x, d - 1, d, rope, self.num_prefix, rates, dropout_key,
+                          query_index=query_index)
     if self.norm is not None:
       x = self.norm(x)
     return x
@@ -239,13 +250,18 @@ class VisionTransformer(nnx.Module):
       x = self.norm(x)
     return x, out
 
-  def targets(self, images):
+  def targets(self, images, patch_index=None):
     """Teacher targets, float32 [B, N, out_dim]: the patch tokens (cls and registers dropped) after
     the tower's final norm (`norm` or CLIP's `ln_post`), then its projection where it has one
-    (CLIP: no bias; EVA-CLIP `head`: with bias). See the module docstring per family."""
+    (CLIP: no bias; EVA-CLIP `head`: with bias). See the module docstring per family.
+    patch_index: optional int [B, K] patch indices: only those targets, [B, K, out_dim] (the last
+    block runs on those tokens only: `__call__`'s query_index)."""
     if not self.cfg.out_dim:
       raise ValueError('targets() needs a teacher tower config (out_dim > 0); this is an encoder.')
-    x = self(images)[:, self.num_prefix:]
+    if patch_index is None:
+      x = self(images)[:, self.num_prefix:]
+    else:
+      x = self(images, query_index=patch_index + self.num_prefix)
     if self.ln_post is not None:
       x = self.ln_post(x)
     if self.proj is not None:

@@ -58,6 +58,9 @@ def _base_config(model='tiny', teacher='clip-tiny', family='clip', **over):
   cfg.teacher.allow_random_init = True
   cfg.image_size, cfg.batch_size, cfg.precision = IMAGE, BATCH, 'bf16'
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, FSDP, 1
+  # Pretraining runs the student's last block on the masked tokens only, outside the scan: depth 3
+  # keeps a scanned loop of two blocks before it (a one-block scan is unrolled by jax).
+  cfg.model.depth = 3
   for k, v in over.items():
     target = cfg
     *path, last = k.split('.')
@@ -150,10 +153,14 @@ STEPS = {
 # Scanned tower passes per step (student forward + backward, + teacher forward; two towers both
 # ways for the contrastive step) and attention forwards (their f32 logits).
 LOOPS = {'contrastive': 4, 'video': 2, 'finetune': 2}
-# Attention forwards with f32 logits: the video recipe's remat='full' recomputes the student's
-# inside the backward (one more), as its memory plan intends.
+# Attention forwards with f32 logits. Pretraining (default): student and teacher each have their
+# scanned blocks and their last block, which runs on the masked tokens only (models/mim.py
+# masked_first). The video recipe's remat='full' recomputes the student's inside the backward
+# (one more), as its memory plan intends.
 TOWERS = {'contrastive': 2, 'video': 2, 'finetune': 1}
-TRAINED = {'contrastive': 2}   # towers with a backward (default 1: the student)
+# Attention programs with a backward: pretraining (default) the student's scanned blocks and its
+# last block; the contrastive step both towers; fine-tuning and video the one scanned tower.
+TRAINED = {'contrastive': 2, 'finetune': 1, 'video': 1}
 # float32 matmuls we mean: the contrastive loss's similarity logits of the L2-normalized features
 # (training/contrastive.py computes them in f32 on purpose: forward and backward).
 LOSS_F32 = {'contrastive': 6}
@@ -281,18 +288,18 @@ def test_step_lowers_for_cuda_and_tpu(lowered, name):
 @pytest.mark.parametrize('name', list(STEPS))
 def test_bf16_matmuls(lowered, name):
   """(b) Every matmul runs on bf16 operands. The only f32 in sight is XLA attention's softmax
-  path, by design: QK^T accumulates into f32 logits (one per attention forward: the student's, and
-  the teacher's when pretraining), and the backward multiplies the f32 logit gradient by K and by Q
+  path, by design: QK^T accumulates into f32 logits (one per attention program: TOWERS),
+  and the backward multiplies the f32 logit gradient by K and by Q
   under the dot algorithm bf16 x bf16 -> f32 (the f32 operand is rounded to bf16 on the tensor
   cores). Loss, LayerNorm statistics and the lm_head/logits upcasts are elementwise (no matmul)."""
   for platform in PLATFORMS:
     s = lowered['summaries'][f'{name}_{platform}']
     dots = {k: v for k, v in s.items() if k.startswith('dot_general')}
-    towers = TOWERS.get(name, 2)
+    towers = TOWERS.get(name, 4)
     logits = 'dot_general bf16,bf16->f32 algorithm bf16,bf16->f32'
     logit_grads = 'dot_general f32,bf16->f32 algorithm bf16,bf16->f32'
     assert dots.get(logits) == towers, dots
-    assert dots.get(logit_grads) == 2 * TRAINED.get(name, 1), dots
+    assert dots.get(logit_grads) == 2 * TRAINED.get(name, 2), dots
     assert dots.get('dot_general f32,f32->f32', 0) == LOSS_F32.get(name, 0), dots
     others = {k: v for k, v in dots.items()
               if k not in (logits, logit_grads, 'dot_general f32,f32->f32')}
@@ -327,9 +334,10 @@ def test_cudnn_attention_on_cuda(lowered):
   # 'auto' = jax's implementation=None: XLA's attention in jax 0.10.2 (no cuDNN call).
   assert not any(t.startswith('__cudnn') for t in c['auto_one_device']), c['auto_one_device']
   # On a mesh the same calls sit inside jax's custom partitioning wrapper: forward + backward of
-  # the student and the teacher's forward (the teacher runs the run's attention kernel too).
+  # the student and the teacher's forward (the teacher runs the run's attention kernel too), each
+  # for the scanned blocks and for the last block on the masked tokens.
   s = c['cudnn_fsdp8']
-  assert s.get('custom_call CustomSPMDPartitioning') == 3, s
+  assert s.get('custom_call CustomSPMDPartitioning') == 6, s
   _golden('pretrain_clip_cudnn_cuda', _summary_lines(s))
 
 
