@@ -45,6 +45,7 @@ def _time(fn, args, steps: int, rounds: int) -> tuple[float, float]:
   """(median wall seconds, median process CPU seconds) per call. CPU time (all threads) is the
   steadier measure of work when other jobs share the cores."""
   import jax
+  import jax.numpy as jnp
   jax.block_until_ready(fn(*args))
   times, cpu = [], []
   for _ in range(rounds):
@@ -82,6 +83,7 @@ def op_breakdown(step, args, steps: int) -> tuple[dict, list]:
   import re
   import tempfile
   import jax
+  import jax.numpy as jnp
   text = step.lower(*args).compile().as_text()
   info = {}
   for line in text.splitlines():
@@ -123,6 +125,7 @@ def main():
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={a.xla_dump}'
                                ' --xla_dump_hlo_as_text').strip()
   import jax
+  import jax.numpy as jnp
   import optax
   from flax import nnx
   from eva_jax import benchmark, configs, parallel
@@ -141,18 +144,28 @@ def main():
   t_input = pretrain.teacher_input(cfg, scfg, tcfg)
   t_graphdef, t_template = nnx.split(vit.abstract(tcfg), nnx.Param)
 
-  @jax.jit
-  def teacher_part(tp, images):
-    return teacher_lib.targets(task_lib.merge_pure(t_graphdef, t_template, tp), images, t_input)
+  # As the step: the last blocks and heads on the masked-token bound (pretrain.build).
+  k = pretrain.masked_token_bound(cfg, t_input)
 
-  targets = teacher_part(teacher, batch['image'])
+  def index(mask):
+    return None if k is None else mim_lib.masked_first(mask, k)
+
+  @jax.jit
+  def teacher_part(tp, images, mask):
+    return teacher_lib.targets(task_lib.merge_pure(t_graphdef, t_template, tp), images, t_input,
+                               index(mask))
+
+  targets = teacher_part(teacher, batch['image'], batch['mask'])
   key = jax.random.key(0)
 
   @jax.jit
   def student_part(params, images, mask, targets):
     def loss(p):
       model = task.model(p)
-      return mim_lib.cosine_loss(model(images, mask, dropout_key=key), targets, mask)[0]
+      idx = index(mask)
+      w = mask if idx is None else jnp.take_along_axis(mask, idx, axis=1)
+      return mim_lib.cosine_loss(model(images, mask, dropout_key=key, patch_index=idx), targets,
+                                 w)[0]
     return jax.value_and_grad(loss)(params)
 
   _, grads = student_part(state.params, batch['image'], batch['mask'], targets)
@@ -163,12 +176,13 @@ def main():
     return optax.apply_updates(params, updates), opt_state
 
   step = jax.jit(lambda s, t, b: task.train_step(s, t, b))   # the step without donation
-  flops = benchmark.step_flops_per_image(scfg, tcfg)
+  flops = benchmark.step_flops_per_image(scfg, tcfg, masked_tokens=k)   # executed FLOPs
   b = cfg.batch_size
   rate = benchmark.matmul_rate(scfg, b * benchmark.tokens(scfg))
   parts = [
       ('step', step, (state, teacher, batch), flops['total'] * b),
-      ('teacher', teacher_part, (teacher, batch['image']), flops['teacher_forward'] * b),
+      ('teacher', teacher_part, (teacher, batch['image'], batch['mask']),
+       flops['teacher_forward'] * b),
       ('student', student_part, (state.params, batch['image'], batch['mask'], targets),
        flops['student_train'] * b),
       ('optimizer', optimizer_part, (grads, state.opt_state, state.params), 0.0),

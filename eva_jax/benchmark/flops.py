@@ -9,6 +9,11 @@ f MLP hidden, L layers):
   step per image         3 x student forward (forward + backward) + 1 x teacher forward (any
                          family: its own T with cls/registers, at the size config.teacher.grid
                          feeds it); MFU counts the teacher.
+  executed               the pretraining step runs the last block of each tower and the heads on
+                         the K masked-token slots only (training/pretrain.py masked_token_bound):
+                         `masked_tokens=K` counts that (q/k/v projections on T tokens, attention
+                         K x T, output projection, MLP and heads on K); eva-benchmark's MFU and
+                         matmul fraction use it, `model_tflops_per_step` is every token.
 Remat recomputation, LayerNorms, softmax, GELU and the optimizer are not counted (MFU convention).
 EVA-01 g/14 + CLIP-L/14 at 224: blocks only 1.7626 TFLOP/image (the spec's 1.76), with patch
 embedding and heads (x3 for the student) 1.7663. EVA-02 L/14 + EVA-CLIP g/14: blocks only
@@ -19,8 +24,6 @@ MFU divides the achieved TFLOP/s per device by the dense bf16 peak of the device
 from __future__ import annotations
 
 
-
-
 def tokens(cfg, image_size: int | None = None) -> int:
   """Tokens of one image: patches + cls + registers (DINOv2)."""
   n = ((image_size or cfg.image_size) // cfg.patch_size) ** 2
@@ -28,39 +31,56 @@ def tokens(cfg, image_size: int | None = None) -> int:
 
 
 def forward_flops(cfg, head_dim_out: int = 0, with_embed: bool = True,
-                  image_size: int | None = None) -> float:
+                  image_size: int | None = None, last_tokens: int | None = None) -> float:
   """Forward FLOPs per image of one tower (see module docstring) at `image_size` (default: the
-  config's)."""
+  config's). last_tokens: the last block and the head run on that many tokens only (pretraining's
+  masked-token path, models/mim.py masked_first): its q/k/v projections still see every token,
+  its attention K queries x T keys, its output projection and MLP K tokens."""
   t, d, f, depth = tokens(cfg, image_size), cfg.width, cfg.mlp_dim, cfg.depth
-  mlp = 6 * t * d * f if cfg.get('swiglu', False) else 4 * t * d * f
-  total = depth * (8 * t * d * d + mlp + 4 * t * t * d)
+  mlp_per_token = (6 if cfg.get('swiglu', False) else 4) * d * f
+  total = depth * (8 * t * d * d + t * mlp_per_token + 4 * t * t * d)
+  n = ((image_size or cfg.image_size) // cfg.patch_size) ** 2
+  heads_on = n
+  if last_tokens is not None:
+    k = int(last_tokens)
+    total -= (2 * (t - k) * d * d + (t - k) * mlp_per_token + 4 * (t - k) * t * d)
+    heads_on = k
   if with_embed:
-    n = ((image_size or cfg.image_size) // cfg.patch_size) ** 2
     total += 2 * n * cfg.patch_size ** 2 * cfg.get('in_chans', 3) * d
     if head_dim_out:
-      total += 2 * n * d * head_dim_out
+      total += 2 * heads_on * d * head_dim_out
   return float(total)
 
 
 def teacher_forward_flops(teacher_cfg, image_size: int | None = None,
-                          with_embed: bool = True) -> float:
+                          with_embed: bool = True, last_tokens: int | None = None) -> float:
   """Forward FLOPs per image of a frozen teacher of any family: its blocks (cls and registers
   included) and, with `with_embed`, the patch embedding and its projection where it has one
-  (CLIP proj, EVA-CLIP head; SigLIP / DINOv2 targets are the normed tokens, nothing to add)."""
+  (CLIP proj, EVA-CLIP head; SigLIP / DINOv2 targets are the normed tokens, nothing to add).
+  last_tokens: as forward_flops."""
   has_proj = bool(teacher_cfg.out_dim) and teacher_cfg.get('proj', True)
   return forward_flops(teacher_cfg, teacher_cfg.out_dim if has_proj else 0, with_embed,
-                       image_size)
+                       image_size, last_tokens)
 
 
 def step_flops_per_image(student_cfg, teacher_cfg, with_embed: bool = True,
-                         teacher_image_size: int | None = None) -> dict[str, float]:
+                         teacher_image_size: int | None = None,
+                         masked_tokens: int | None = None) -> dict[str, float]:
   """FLOPs per image of one pretraining step: 3x student forward (with its lm_head to the
   teacher's dim) + 1x teacher forward (at `teacher_image_size`: what config.teacher.grid feeds
-  it; default the student's image size)."""
+  it; default the student's image size).
+
+  masked_tokens: None = the model's FLOPs with every token through every block (the spec's
+  count, EVA-SPEC "Compute per image"); K = what the step executes, whose last blocks and heads
+  run on K tokens (training/pretrain.py masked_token_bound; the teacher's too when its patch
+  grid is the student's)."""
   out = teacher_cfg.out_dim
-  student = 3.0 * forward_flops(student_cfg, out, with_embed)
-  teacher = teacher_forward_flops(teacher_cfg, teacher_image_size or student_cfg.image_size,
-                                  with_embed)
+  student = 3.0 * forward_flops(student_cfg, out, with_embed, last_tokens=masked_tokens)
+  t_size = teacher_image_size or student_cfg.image_size
+  same_grid = (t_size // teacher_cfg.patch_size
+               == student_cfg.image_size // student_cfg.patch_size)
+  teacher = teacher_forward_flops(teacher_cfg, t_size, with_embed,
+                                  masked_tokens if same_grid else None)
   return {'student_train': student, 'teacher_forward': teacher, 'total': student + teacher,
           'teacher_share': teacher / (student + teacher)}
 

@@ -85,6 +85,18 @@ def teacher_input(cfg, scfg, tcfg) -> teacher_lib.TeacherInput:
                           std=tuple(t.get('std') or ()))
 
 
+def masked_token_bound(cfg, t_input: teacher_lib.TeacherInput) -> int | None:
+  """How many tokens the last blocks and the heads of a training step run on: the block-mask
+  generator's count for config.data.mask (no training mask has more; data/masking.py
+  max_masked), or None (every token) when that is the whole grid. The loss reads only masked
+  tokens, so this is exact and saves ~0.45 of a block per tower at the recipe's 40%. Evaluation's
+  fixed mask (every other patch) may exceed it, so eval_fn runs every token. ValueError naming
+  the field for a config.data.mask that fits no grid (as the loader's)."""
+  cells = t_input.student_grid[0] * t_input.student_grid[1]
+  k = masking.max_masked(t_input.student_grid, cfg.data.mask)
+  return k if k < cells else None
+
+
 def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
   """(Task, student ConfigDict, teacher ConfigDict). teacher_cfg: the architecture of a loaded
   teacher checkpoint (None = config.teacher.name). The step's consts are the teacher parameters."""
@@ -102,13 +114,7 @@ def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
     return mim_lib.MIM(scfg, tcfg.out_dim, rngs=nnx.Rngs(params=jax.random.key(seed)))
 
   t_input = teacher_input(cfg, scfg, tcfg)
-  # The loss reads only masked tokens, and no training mask has more than the generator's count:
-  # the last block of both towers and the heads run on that many tokens (exact; ~0.45 of a block
-  # per tower saved at the recipe's 40%). Evaluation's fixed mask (every other patch) may exceed
-  # it, so eval_fn runs every token.
-  cells = t_input.student_grid[0] * t_input.student_grid[1]
-  k = masking.max_masked(t_input.student_grid, cfg.data.mask)
-  k = k if k < cells else None
+  k = masked_token_bound(cfg, t_input)
 
   def targets(teacher_params, images, patch_index=None):
     return teacher_lib.targets(task_lib.merge_pure(t_graphdef, t_template, teacher_params),
