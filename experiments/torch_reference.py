@@ -123,7 +123,9 @@ def sync(device):
     torch.cuda.synchronize()
 
 
-def run_mode(mode, p, args, device):
+def make_step(mode, p, args, device):
+  """(step, teardown): one training step of `mode` (loss returned, not synchronized), and the
+  function that frees its models."""
   torch.manual_seed(0)
   sw, sd, sh, sm = p['student']
   tw, td, th, tm, tp = p['teacher']
@@ -160,6 +162,29 @@ def run_mode(mode, p, args, device):
     opt.zero_grad(set_to_none=True)
     return loss
 
+  def teardown():
+    nonlocal student, teacher, opt
+    del student, teacher, opt
+    if device.type == 'cuda':
+      torch.cuda.empty_cache()
+      torch.cuda.reset_peak_memory_stats()
+
+  return step, teardown
+
+
+def serve(step, device) -> None:
+  """One timed step per line read from stdin, its seconds printed (experiments/paired_ratio.py
+  alternates this with eva_jax's step, each process idle while the other runs)."""
+  print('ready', flush=True)
+  for _ in sys.stdin:
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    print(time.perf_counter() - t0, flush=True)
+
+
+def run_mode(mode, p, args, device):
+  step, teardown = make_step(mode, p, args, device)
   t0 = time.perf_counter()
   loss = step()            # first step: torch.compile traces and compiles here
   sync(device)
@@ -176,14 +201,11 @@ def run_mode(mode, p, args, device):
     cpu.append(time.process_time() - c0)
   out = {'step_s': statistics.median(times), 'step_s_min': min(times),
          'step_cpu_s': statistics.median(cpu),
-         'images_per_s': b / statistics.median(times), 'first_step_s': first_s,
+         'images_per_s': p['batch'] / statistics.median(times), 'first_step_s': first_s,
          'loss': float(loss)}
   if device.type == 'cuda':
     out['peak_bytes'] = int(torch.cuda.max_memory_allocated())
-  del student, teacher, opt
-  if device.type == 'cuda':
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+  teardown()
   return out
 
 
@@ -198,6 +220,8 @@ def main():
   ap.add_argument('--device', default='auto')
   ap.add_argument('--threads', type=int, default=0, help='torch intra-op threads (0 = default)')
   ap.add_argument('--compile_optimizer', action='store_true')
+  ap.add_argument('--serve', action='store_true',
+                  help='build the first of --modes, warm it up, then time one step per stdin line')
   args = ap.parse_args()
   p = dict(PRESETS[args.preset])
   if args.batch:
@@ -215,6 +239,12 @@ def main():
             'device': str(device), 'torch': torch.__version__, 'threads': torch.get_num_threads()}
   if device.type == 'cuda':
     result['device_name'] = torch.cuda.get_device_name()
+  if args.serve:
+    step, _ = make_step(args.modes.split(',')[0], p, args, device)
+    for _ in range(max(args.warmup, 1)):
+      step()
+    serve(step, device)
+    return
   for mode in args.modes.split(','):
     try:
       result[mode] = run_mode(mode, p, args, device)
