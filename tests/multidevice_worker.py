@@ -15,6 +15,8 @@ from eva_jax import checkpoint as ckpt_lib
 from eva_jax import defaults, parallel
 from eva_jax.training import pretrain
 
+import support   # tests/support.py (this script runs from tests/)
+
 
 def small_config():
   cfg = defaults.pretrain_defaults(model='tiny', teacher='clip-tiny')
@@ -28,11 +30,7 @@ def small_config():
 
 
 def batches(n, cfg, seed=0):
-  rng = np.random.default_rng(seed)
-  grid = (cfg.image_size // 14) ** 2
-  for _ in range(n):
-    yield {'image': rng.normal(size=(cfg.batch_size, cfg.image_size, cfg.image_size, 3)).astype(np.float32),
-           'mask': rng.random((cfg.batch_size, grid)) < 0.4}
+  return iter(support.pretrain_batches(cfg, n, seed))
 
 
 def run(cfg, devices, steps=5):

@@ -42,3 +42,18 @@ def snapshot(workdir):
       with open(p, 'rb') as fh:
         out[os.path.relpath(p, workdir)] = fh.read()
   return out
+
+
+def pretrain_batches(cfg, n, seed=0):
+  """n host batches for a pretraining step: random images, each with max_masked random patches
+  masked (~40%, the most the step's masked-token slots hold; the block generator masks as many or
+  fewer). Patch 14, as the tiny test models."""
+  import numpy as np
+  from eva_jax.data.masking import max_masked
+  rng = np.random.default_rng(seed)
+  g = cfg.image_size // 14
+  k = max_masked((g, g), cfg.data.mask)
+  return [{'image': rng.normal(size=(cfg.batch_size, cfg.image_size, cfg.image_size, 3)
+                               ).astype(np.float32),
+           'mask': np.stack([rng.permuted(np.arange(g * g) < k) for _ in range(cfg.batch_size)])}
+          for _ in range(n)]

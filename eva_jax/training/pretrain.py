@@ -126,7 +126,10 @@ def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
     weights = mask if idx is None else jnp.take_along_axis(mask, idx, axis=1)
     loss, n = mim_lib.cosine_loss(model(images, mask, dropout_key=key, patch_index=idx),
                                   targets(teacher_params, images, idx), weights)
-    return loss, {'masked_tokens': n, 'mask_ratio': jnp.mean(mask.astype(jnp.float32))}
+    metrics = {'masked_tokens': n, 'mask_ratio': jnp.mean(mask.astype(jnp.float32))}
+    if idx is not None:   # masked patches past the K slots (none from our loader): counted, logged
+      metrics['masked_beyond_bound'] = jnp.sum(mask.astype(jnp.float32)) - n
+    return loss, metrics
 
   def eval_fn(model, teacher_params, batch):
     images, mask = batch['image'], batch['mask']

@@ -116,13 +116,6 @@ def test_saved_input_positions_are_per_process(caplog):
   assert 'written by 2 processes and this run has 1' in caplog.text
 
 
-def _synthetic(cfg, n, seed=0):
-  rng = np.random.default_rng(seed)
-  grid = (cfg.image_size // 14) ** 2
-  return [{'image': rng.normal(size=(cfg.batch_size, cfg.image_size, cfg.image_size, 3)).astype(np.float32),
-           'mask': rng.random((cfg.batch_size, grid)) < 0.4} for _ in range(n)]
-
-
 def _small(precision='fp32'):
   cfg = defaults.pretrain_defaults()
   cfg.image_size, cfg.batch_size, cfg.total_steps = 56, 8, 50
@@ -142,8 +135,30 @@ def _run_losses(cfg, batches):
   return losses
 
 
+def test_masks_beyond_the_bound_are_counted():
+  """The step runs its last blocks on K = the generator's count of token slots; masks from
+  elsewhere with more masked patches lose the rest from the loss, and the step counts them."""
+  from eva_jax.data.masking import max_masked
+  cfg = _small()
+  k = max_masked((4, 4), cfg.data.mask)
+  good, = support.pretrain_batches(cfg, 1)
+  rng = np.random.default_rng(0)
+  random_masks = dict(good, mask=rng.random((cfg.batch_size, 16)) < 0.45)   # rows may exceed k
+  gen = BlockMaskGenerator.from_config((4, 4), cfg.data.mask)
+  drawn = dict(good, mask=np.stack([gen(rng).reshape(-1) for _ in range(cfg.batch_size)]))
+  beyond = int(np.maximum(random_masks['mask'].sum(1) - k, 0).sum())
+  assert k == 7 and beyond > 0
+  mesh = parallel.make_mesh(cfg.mesh)
+  task, _, tcfg = pretrain.build(cfg, mesh)
+  state, teacher = task.init(0), pretrain.random_teacher(tcfg, task.consts_shardings, 1)
+  for batch, want in ((random_masks, beyond), (drawn, 0)):
+    state, m = task.train_step(state, teacher, parallel.host_to_global(batch, mesh))
+    assert float(m['masked_beyond_bound']) == want
+    assert float(m['masked_tokens']) == batch['mask'].sum() - want
+
+
 def test_bf16_and_fp16_track_fp32():
-  batches = _synthetic(_small(), 8)
+  batches = support.pretrain_batches(_small(), 8)
   ref = _run_losses(_small('fp32'), batches)
   for p in ('bf16', 'fp16'):
     got = _run_losses(_small(p), batches)
@@ -165,7 +180,7 @@ def test_fp16_overflow_skips_update_and_lowers_scale():
   mesh = parallel.make_mesh(cfg.mesh)
   task, _, tcfg = pretrain.build(cfg, mesh)
   state, teacher = task.init(0), pretrain.random_teacher(tcfg, task.consts_shardings, 1)
-  good, = _synthetic(cfg, 1)
+  good, = support.pretrain_batches(cfg, 1)
   bad = dict(good, image=good['image'] * 1e6)   # activations overflow float16 (max 65504)
 
   def params_of(s):
