@@ -45,7 +45,6 @@ def _time(fn, args, steps: int, rounds: int) -> tuple[float, float]:
   """(median wall seconds, median process CPU seconds) per call. CPU time (all threads) is the
   steadier measure of work when other jobs share the cores."""
   import jax
-  import jax.numpy as jnp
   jax.block_until_ready(fn(*args))
   times, cpu = [], []
   for _ in range(rounds):
@@ -83,7 +82,6 @@ def op_breakdown(step, args, steps: int) -> tuple[dict, list]:
   import re
   import tempfile
   import jax
-  import jax.numpy as jnp
   text = step.lower(*args).compile().as_text()
   info = {}
   for line in text.splitlines():

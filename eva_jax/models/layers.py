@@ -158,25 +158,30 @@ def apply_rope(x, sin, cos):
 
 def attend(q, k, v, *, scale: float, causal: bool = False, implementation=None,
            pad_to_even: bool | None = None):
-  """jax.nn.dot_product_attention on [B, T, H, D] q/k/v, returning [B, T, H, D].
+  """jax.nn.dot_product_attention on q [B, Tq, H, D] and k, v [B, Tk, H, D], returning
+  [B, Tq, H, D] (Tq < Tk: the pretraining step's last block, queries on the masked tokens only).
 
   cuDNN's fused attention trains only on even sequence lengths (jax 0.10.2 raises
   NotImplementedError "Unsupported sequence length Q 257, KV 257": every EVA recipe at 224 is
-  16x16 + cls). With pad_to_even (default: implementation == 'cudnn') an odd T gets one zero token
-  that is masked out as a key (seq lengths) and whose query row is sliced off, so values and
-  gradients equal the unpadded ones."""
-  t = q.shape[1]
+  16x16 + cls). With pad_to_even (default: implementation == 'cudnn') an odd Tq or Tk gets one
+  zero token, each on its own: a padded key is masked out (key_value_seq_lengths = Tk) and a
+  padded query row is sliced off, so values and gradients equal the unpadded ones."""
+  tq, tk = q.shape[1], k.shape[1]
   if pad_to_even is None:
     pad_to_even = implementation == 'cudnn'
-  lengths = None
-  if pad_to_even and t % 2:
+  q_lengths = kv_lengths = None
+  if pad_to_even and (tq % 2 or tk % 2):
     pad = ((0, 0), (0, 1), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-    lengths = jnp.full((q.shape[0],), t, jnp.int32)
+    if tq % 2:
+      q = jnp.pad(q, pad)
+    if tk % 2:
+      k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    q_lengths = jnp.full((q.shape[0],), tq, jnp.int32)
+    kv_lengths = jnp.full((q.shape[0],), tk, jnp.int32)
   o = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                   query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                   query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths,
                                    implementation=implementation)
-  return o[:, :t]
+  return o[:, :tq]
 
 
 class Attention(nnx.Module):

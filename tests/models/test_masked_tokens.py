@@ -112,6 +112,21 @@ def test_clip_teacher_targets_same_grid_and_resized():
     np.testing.assert_allclose(part, jnp.take_along_axis(full, idx[..., None], 1), atol=2e-5)
 
 
+@pytest.mark.parametrize('tq,tk', [(3, 7), (4, 7), (3, 8), (5, 5)])
+def test_padded_attention_with_fewer_queries_than_keys(tq, tk):
+  """The padding cuDNN needs (odd lengths padded to even, each on its own) gives the unpadded
+  result when queries are a subset of the keys: the last block on the masked tokens."""
+  from eva_jax.models.layers import attend
+  q = jax.random.normal(jax.random.key(0), (2, tq, 2, 8))
+  k, v = jax.random.normal(jax.random.key(1), (2, 2, tk, 2, 8))
+  want = attend(q, k, v, scale=0.35, pad_to_even=False)
+  np.testing.assert_allclose(attend(q, k, v, scale=0.35, pad_to_even=True), want, atol=1e-6)
+  # and the same as attending from every position, then keeping the first tq rows
+  qk = jnp.concatenate([q, jax.random.normal(jax.random.key(2), (2, tk - tq, 2, 8))], 1) \
+      if tk > tq else q
+  np.testing.assert_allclose(attend(qk, k, v, scale=0.35)[:, :tq], want, atol=1e-6)
+
+
 def test_query_index_needs_a_single_global_block():
   model = abstract(encoder_config('tiny'))     # the check comes before any computation
   x = jnp.zeros((1, 17, model.cfg.width))
