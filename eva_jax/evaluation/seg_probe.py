@@ -78,8 +78,7 @@ def patch_features(encoder, images: np.ndarray, *, batch_size: int = 32, mean=No
   std = np.asarray(CLIP_STD if std is None else std, np.float32)
   n, h, w, _ = images.shape
   gh, gw = checks.image_grid((h, w), encoder.cfg.patch_size, 'image size')
-  prefix = encoder.num_prefix
-  fwd = jax.jit(lambda x: encoder(x)[:, prefix:].astype(jnp.float32))
+  fwd = jax.jit(lambda x: encoder.patch_tokens(x).astype(jnp.float32))
   bs = min(batch_size, n)
   out = []
   for i in range(0, n, bs):

@@ -310,7 +310,7 @@ class Analysis:
 
 def _forward(mim, teacher, images, mask, plan):
   pred = mim(images, mask)                                       # masked forward, [B, N, Dt]
-  feats = mim.encoder(images)[:, mim.encoder.num_prefix:]        # unmasked forward, [B, N, D]
+  feats = mim.encoder.patch_tokens(images)                       # unmasked forward, [B, N, D]
   return pred, feats.astype(jnp.float32), teacher_lib.targets(teacher, images, plan)
 
 

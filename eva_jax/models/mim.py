@@ -22,11 +22,7 @@ class MIM(nnx.Module):
     """Predictions [B, N, teacher_dim] (float32) for every patch; the loss keeps the masked ones.
     patch_index: optional int [B, K] patches to predict (`masked_first`): [B, K, teacher_dim], the
     same rows, with the last block, final norm and lm_head run on those tokens only."""
-    if patch_index is None:
-      x = self.encoder(images, mask, dropout_key=dropout_key)[:, self.encoder.num_prefix:]
-    else:
-      x = self.encoder(images, mask, dropout_key=dropout_key,
-                       query_index=patch_index + self.encoder.num_prefix)
+    x = self.encoder.patch_tokens(images, mask, dropout_key=dropout_key, patch_index=patch_index)
     return self.lm_head(x).astype(jnp.float32)
 
 

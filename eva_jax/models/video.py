@@ -217,6 +217,6 @@ class FrameAveragedClassifier(clf_lib.Classifier):
       raise ValueError(f'Expected videos [batch, frames, height, width, channels], got shape '
                        f'{tuple(videos.shape)}.')
     b, t = videos.shape[:2]
-    x = self.encoder(videos.reshape((b * t,) + videos.shape[2:]), dropout_key=dropout_key)
-    x = x[:, self.encoder.num_prefix:]
+    x = self.encoder.patch_tokens(videos.reshape((b * t,) + videos.shape[2:]),
+                                  dropout_key=dropout_key)
     return self.fc_norm(x.reshape(b, t * x.shape[1], x.shape[2]).mean(1))

@@ -206,6 +206,14 @@ class VisionTransformer(nnx.Module):
       x = self.norm(x)
     return x
 
+  def patch_tokens(self, images, mask=None, *, dropout_key=None, patch_index=None):
+    """The output's patch tokens [B, N, D] (prefix dropped), or with patch_index (int [B, K]
+    patch indices) only those [B, K, D], the last block run on them alone (`__call__`'s
+    query_index): what the MIM student's lm_head and the teacher's targets read."""
+    if patch_index is None:
+      return self(images, mask, dropout_key=dropout_key)[:, self.num_prefix:]
+    return self(images, mask, dropout_key=dropout_key, query_index=patch_index + self.num_prefix)
+
   def forward_intermediates(self, images, indices=None, *, norm: bool = False,
                             output_fmt: str = 'NHWC', return_prefix_tokens: bool = False,
                             intermediates_only: bool = False):
@@ -258,10 +266,7 @@ class VisionTransformer(nnx.Module):
     block runs on those tokens only: `__call__`'s query_index)."""
     if not self.cfg.out_dim:
       raise ValueError('targets() needs a teacher tower config (out_dim > 0); this is an encoder.')
-    if patch_index is None:
-      x = self(images)[:, self.num_prefix:]
-    else:
-      x = self(images, query_index=patch_index + self.num_prefix)
+    x = self.patch_tokens(images, patch_index=patch_index)
     if self.ln_post is not None:
       x = self.ln_post(x)
     if self.proj is not None:
