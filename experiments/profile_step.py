@@ -123,7 +123,6 @@ def main():
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={a.xla_dump}'
                                ' --xla_dump_hlo_as_text').strip()
   import jax
-  import jax.numpy as jnp
   import optax
   from flax import nnx
   from eva_jax import benchmark, configs, parallel
@@ -145,13 +144,10 @@ def main():
   # As the step: the last blocks and heads on the masked-token bound (pretrain.build).
   k = pretrain.masked_token_bound(cfg, t_input)
 
-  def index(mask):
-    return None if k is None else mim_lib.masked_first(mask, k)
-
   @jax.jit
   def teacher_part(tp, images, mask):
     return teacher_lib.targets(task_lib.merge_pure(t_graphdef, t_template, tp), images, t_input,
-                               index(mask))
+                               mim_lib.masked_slots(mask, k)[0])
 
   targets = teacher_part(teacher, batch['image'], batch['mask'])
   key = jax.random.key(0)
@@ -160,8 +156,7 @@ def main():
   def student_part(params, images, mask, targets):
     def loss(p):
       model = task.model(p)
-      idx = index(mask)
-      w = mask if idx is None else jnp.take_along_axis(mask, idx, axis=1)
+      idx, w = mim_lib.masked_slots(mask, k)
       return mim_lib.cosine_loss(model(images, mask, dropout_key=key, patch_index=idx), targets,
                                  w)[0]
     return jax.value_and_grad(loss)(params)

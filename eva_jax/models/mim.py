@@ -37,6 +37,15 @@ def masked_first(mask, k: int):
   return jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)[:, :k].astype(jnp.int32)
 
 
+def masked_slots(mask, k: int | None):
+  """(patch_index, loss weights) of the masked-token path: `masked_first(mask, k)` and the mask
+  at those slots (bool [B, k]); k None = every token: (None, mask)."""
+  if k is None:
+    return None, mask
+  idx = masked_first(mask, k)
+  return idx, jnp.take_along_axis(mask, idx, axis=1)
+
+
 def cosine_loss(pred, target, mask):
   """-mean over all masked tokens of the batch of cos(pred, target): token-weighted, float32.
 

@@ -122,8 +122,7 @@ def build(cfg, mesh, teacher_cfg: ml_collections.ConfigDict | None = None):
 
   def loss_fn(model, teacher_params, batch, key):
     images, mask = batch['image'], batch['mask']
-    idx = None if k is None else mim_lib.masked_first(mask, k)
-    weights = mask if idx is None else jnp.take_along_axis(mask, idx, axis=1)
+    idx, weights = mim_lib.masked_slots(mask, k)
     loss, n = mim_lib.cosine_loss(model(images, mask, dropout_key=key, patch_index=idx),
                                   targets(teacher_params, images, idx), weights)
     metrics = {'masked_tokens': n, 'mask_ratio': jnp.mean(mask.astype(jnp.float32))}
