@@ -137,15 +137,12 @@ def targets(teacher, images, p: TeacherInput, patch_index=None):
     x = jax.image.resize(x, (x.shape[0],) + p.teacher_size + (x.shape[-1],), 'bicubic',
                          antialias=True)
   gh, gw = p.student_grid
-  tp = teacher.cfg.patch_size
-  if patch_index is not None and (x.shape[1] // tp, x.shape[2] // tp) == (gh, gw):
+  th, tw = x.shape[1] // teacher.cfg.patch_size, x.shape[2] // teacher.cfg.patch_size
+  if (th, tw) == (gh, gw):
     return jax.lax.stop_gradient(teacher.targets(x, patch_index).astype(jnp.float32))
-  t = teacher.targets(x)
-  if t.shape[1] != gh * gw:
-    th, tw = x.shape[1] // tp, x.shape[2] // tp
-    t = t.reshape(t.shape[0], th, tw, t.shape[-1])
-    t = jax.image.resize(t, (t.shape[0], gh, gw, t.shape[-1]), 'bilinear', antialias=True)
-    t = t.reshape(t.shape[0], gh * gw, t.shape[-1])
+  t = teacher.targets(x).reshape(x.shape[0], th, tw, -1)
+  t = jax.image.resize(t, (t.shape[0], gh, gw, t.shape[-1]), 'bilinear', antialias=True)
+  t = t.reshape(t.shape[0], gh * gw, t.shape[-1])
   if patch_index is not None:
     t = jnp.take_along_axis(t, patch_index[:, :, None], axis=1)
   return jax.lax.stop_gradient(t.astype(jnp.float32))
