@@ -45,10 +45,11 @@ class FolderSource:
     real path lies in another class's real folder (one linked in from outside the root too), or
     elsewhere in the root (e.g. top-level images), is skipped; it is listed under the class it
     really belongs to.
-  Every skip is counted in `skipped_links` ({'loop_or_duplicate': n, 'other_class': n}) and
-  logged once as a warning with examples. The classes are the first-level directories holding
-  images (an empty class folder takes no index); images are listed depth-first in sorted name
-  order. data/video.py VideoFolderSource lists videos with the same walk (`_walk_images`).
+  - a dangling link (its target is gone: an unmounted disk, a moved dataset) is skipped.
+  Every skip is counted in `skipped_links` ({'loop_or_duplicate': n, 'other_class': n,
+  'dangling': n}) and logged once as a warning with examples. The classes are the first-level
+  directories holding images (an empty class folder takes no index); images are listed
+  depth-first in sorted name order. data/video.py VideoFolderSource lists videos with the same walk (`_walk_images`).
   """
 
   unit = 'images'   # what listing_fingerprint counts
@@ -61,11 +62,13 @@ class FolderSource:
           f'Image folder {self.root} does not exist. Set config.data.source to folder:<an '
           'existing directory of images>, or use source=demo for the bundled photos.')
     paths, tops, self.skipped_links, examples, _ = _walk_images(self.root)
-    if not paths:
-      raise ValueError(
-          f'No images ({", ".join(IMAGE_EXTENSIONS)}) found under {self.root}. Put images (or '
-          'class sub-folders of images) there, or point config.data.source elsewhere.')
     warn_skipped_links(self.name, self.skipped_links, examples, 'image')
+    if not paths:
+      gone = (f' {self.skipped_links["dangling"]} links there point at nothing (examples logged '
+              'above): mount or restore their targets.' if self.skipped_links['dangling'] else '')
+      raise ValueError(
+          f'No images ({", ".join(IMAGE_EXTENSIONS)}) found under {self.root}.{gone} Put images '
+          '(or class sub-folders of images) there, or point config.data.source elsewhere.')
     if all(t is not None for t in tops):
       self.classes = sorted(set(tops))
       index = {c: i for i, c in enumerate(self.classes)}
@@ -98,9 +101,10 @@ def warn_skipped_links(name: str, skipped: dict[str, int], examples: list[str], 
   if sum(skipped.values()):
     logging.getLogger(__name__).warning(
         '%s: skipped %d linked directories/%ss reached a second time (symlink loops, duplicate '
-        'links) and %d links into another class or the root (a link never lends a class); e.g. '
-        '%s. Each %s is listed once, under its real class.', name,
-        skipped['loop_or_duplicate'], noun, skipped['other_class'], '; '.join(examples[:3]), noun)
+        'links), %d links into another class or the root (a link never lends a class) and %d '
+        'dangling links (target missing: mount or restore it to list them); e.g. %s. Each %s is '
+        'listed once, under its real class.', name, skipped['loop_or_duplicate'], noun,
+        skipped['other_class'], skipped['dangling'], '; '.join(examples[:3]), noun)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -115,7 +119,7 @@ def _walk_images(root: str, accept: Callable[[str], bool] = _is_image):
   (empty ones too); top-level files come first with class None, then each class depth-first in
   sorted name order."""
   real_root = os.path.realpath(root)
-  skipped = {'loop_or_duplicate': 0, 'other_class': 0}
+  skipped = {'loop_or_duplicate': 0, 'other_class': 0, 'dangling': 0}
   examples: list[str] = []
 
   def skip(kind, path, why):
@@ -123,10 +127,20 @@ def _walk_images(root: str, accept: Callable[[str], bool] = _is_image):
     if len(examples) < 5:
       examples.append(f'{os.path.relpath(path, root)} ({why})')
 
+  def dangling(e) -> bool:
+    # Neither a file nor a folder behind the link: the walk cannot tell what it was, so every
+    # such link is counted (a missing class folder or image would otherwise vanish unseen).
+    if e.is_symlink() and not os.path.exists(e.path):
+      skip('dangling', e.path, f'link to missing {os.readlink(e.path)}')
+      return True
+    return False
+
   entries = sorted(os.scandir(root), key=lambda e: e.name)
   # Classes: first-level directories; a first-level link into the root lends no class.
   classes: dict[str, str] = {}   # name -> real path
   for e in entries:
+    if dangling(e):
+      continue
     if e.is_dir(follow_symlinks=True):
       real = os.path.realpath(e.path)
       if e.is_symlink() and _inside(real, real_root):
@@ -180,6 +194,8 @@ def _walk_images(root: str, accept: Callable[[str], bool] = _is_image):
                          f'{root}.') from err
       dirs = []
       for e in sub:
+        if dangling(e):
+          continue
         if e.is_dir(follow_symlinks=True):
           dirs.append(e.path)
         elif e.is_file(follow_symlinks=True) and accept(e.name):

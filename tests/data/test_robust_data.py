@@ -41,7 +41,7 @@ def test_symlink_loop_lists_each_image_once_with_its_class(tmp_path, caplog):
     src = FolderSource(root)
   assert len(src) == 5 and src.classes == ['cat', 'dog']
   assert _labels(src) == EXPECTED
-  assert src.skipped_links == {'loop_or_duplicate': 2, 'other_class': 0}
+  assert src.skipped_links == {'loop_or_duplicate': 2, 'other_class': 0, 'dangling': 0}
   assert 'symlink loops' in caplog.text and 'cat/sub/back' in caplog.text
 
 
@@ -67,8 +67,27 @@ def test_plain_tree_is_unchanged(tmp_path):
   _classes_tree(root)
   src = FolderSource(root)
   assert list(_labels(src)) == list(EXPECTED) and _labels(src) == EXPECTED   # order kept
-  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 0}
+  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 0, 'dangling': 0}
 
+
+def test_dangling_links_are_counted_and_named(tmp_path, caplog):
+  root = str(tmp_path / 'data')
+  _classes_tree(root)
+  gone = str(tmp_path / 'unmounted')
+  os.symlink(os.path.join(gone, '9.jpg'), os.path.join(root, 'cat', '9.jpg'))   # an image
+  os.symlink(os.path.join(gone, 'bird'), os.path.join(root, 'bird'))            # a class folder
+  os.symlink(os.path.join(gone, 'deep'), os.path.join(root, 'dog', 'deep'))     # a sub-folder
+  with caplog.at_level(logging.WARNING):
+    src = FolderSource(root)
+  assert _labels(src) == EXPECTED and src.classes == ['cat', 'dog']
+  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 0, 'dangling': 3}
+  assert '3 dangling links' in caplog.text and 'link to missing' in caplog.text
+
+  only_broken = tmp_path / 'broken'
+  only_broken.mkdir()
+  os.symlink(os.path.join(gone, 'a.jpg'), str(only_broken / 'a.jpg'))
+  with pytest.raises(ValueError, match='1 links there point at nothing'):
+    FolderSource(str(only_broken))
 
 def _pack(tmp_path, n=8, per_shard=4):
   src = tmp_path / 'src'

@@ -205,7 +205,7 @@ def test_video_folder_follows_links_once(tmp_path, caplog):
     src = video.VideoFolderSource(root)
   assert _by_class(src) == {'a/0.mp4': 'a', 'a/more/2.mp4': 'a', 'a/more/3.AVI': 'a',
                             'a/sub/4.mp4': 'a', 'b/1.mp4': 'b'}
-  assert src.skipped_links == {'loop_or_duplicate': 2, 'other_class': 0}
+  assert src.skipped_links == {'loop_or_duplicate': 2, 'other_class': 0, 'dangling': 0}
   assert 'symlink loops' in caplog.text and 'a/sub/back' in caplog.text
   assert len(_old_listing(root)[1]) == 3        # the old walk dropped the linked folder, uncounted
 
@@ -223,7 +223,7 @@ def test_video_folder_links_never_lend_a_class(tmp_path, caplog):
     src = video.VideoFolderSource(root)
   assert src.classes == ['a', 'b', 'c'] and src.num_classes == 3
   assert _by_class(src) == {'a/0.mp4': 'a', 'b/1.mp4': 'b', 'b/2.mp4': 'b', 'c/5.mp4': 'c'}
-  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 4}
+  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 4, 'dangling': 0}
   assert 'a link never lends a class' in caplog.text and 'videos' in caplog.text
 
 
@@ -258,7 +258,7 @@ def test_video_folder_plain_tree_lists_as_before(tmp_path):
   # The shared walk is depth-first, so without the sort the order would have changed.
   from eva_jax.data import sources
   assert sources._walk_images(root, accept=video._is_video)[0] != paths
-  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 0} and src.top_level == 0
+  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 0, 'dangling': 0} and src.top_level == 0
   # The listing fingerprint a resume is checked against: the same for a copy elsewhere, not for
   # a changed listing.
   import shutil
