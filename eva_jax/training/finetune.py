@@ -199,23 +199,8 @@ class FinetuneProgram(trainer.Program):
       raise ValueError(f'config.data.source={cfg.data.source!r} has no labels; fine-tuning needs '
                        'a labeled source (class sub-folders, a packed folder with classes, or a '
                        'TFDS dataset with a label feature).')
-    # A head smaller than the label set trains anyway (the missing labels one-hot to zeros) and
-    # reports nonsense (an 8-class set on a 3-way head scores top-5 = 1.0): refuse it here.
-    sources = [('config.data.source', cfg.data.source, found)]
-    if cfg.eval_source:
-      eval_cfg = cfg.data.copy_and_resolve_references()
-      eval_cfg.source = cfg.eval_source
-      sources.append(('config.eval_source', cfg.eval_source,
-                      data_lib.source_num_classes(eval_cfg)))
     self.num_classes = cfg.num_classes or found
-    for field, source, n in sources:
-      if n is None:
-        raise ValueError(f'{field}={source!r} has no labels; evaluation needs a labeled source.')
-      if n > self.num_classes:
-        raise ValueError(f'{field}={source!r} has {n} classes but config.num_classes='
-                         f'{cfg.num_classes}: the head would have no logit for labels '
-                         f'{self.num_classes}..{n - 1}. Set config.num_classes to 0 (= the '
-                         f'source\'s {found}) or at least {n}.')
+    self.check_label_range(self.num_classes)
     # Each side a multiple of the patch, before anything is read or compiled.
     checks.image_grid(cfg.image_size, cfg.model.get('patch_size') or model_config.encoder_config(
         cfg.model.get('name') or 'tiny').patch_size)
@@ -249,18 +234,16 @@ class FinetuneProgram(trainer.Program):
   def open_train_sources(self):
     return data_lib.open_sources(self.cfg.data)
 
-  def loader(self, train: bool, source: str = ''):
-    """The classification loader of config.data (the training sources opened once), or of the
-    image source `source`."""
-    data_cfg, sources = self.cfg.data, None
-    if source:
-      data_cfg = data_cfg.copy_and_resolve_references()
-      data_cfg.source = source
-    else:
-      sources = self.train_sources()
+  def open_eval_source(self, spec):
+    return data_lib.open_source(spec, self.cfg.data)
+
+  def loader(self, train: bool):
+    """The classification loader of config.data: training reads the training sources, evaluation
+    the evaluation sources (both opened once)."""
     return data_lib.build_classification_loader(
-        data_cfg, image_size=self.cfg.image_size, batch_size=trainer.per_host_batch(self.cfg),
-        seed=self.cfg.seed, train=train, num_classes=self.num_classes, sources=sources)
+        self.cfg.data, image_size=self.cfg.image_size, batch_size=trainer.per_host_batch(self.cfg),
+        seed=self.cfg.seed, train=train, num_classes=self.num_classes,
+        sources=self.train_sources() if train else self.eval_sources())
 
   def train_loader(self, task):
     return self.loader(train=True)
@@ -296,7 +279,7 @@ class FinetuneProgram(trainer.Program):
 
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
-    rec = eval_top_k(task, state, consts, self.loader(train=False, source=cfg.eval_source),
+    rec = eval_top_k(task, state, consts, self.loader(train=False),
                      cfg.eval_batches, 'image')
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} "

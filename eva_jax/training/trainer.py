@@ -54,6 +54,42 @@ class Program:
       self._train_sources = self.open_train_sources()
     return self._train_sources
 
+  def open_eval_source(self, spec: str) -> Any:
+    """The evaluation source named by config.eval_source (this program's kind of source)."""
+    raise NotImplementedError
+
+  def eval_sources(self) -> list[tuple[Any, float]] | None:
+    """[(config.eval_source opened, 1.0)], opened on the first call and kept, so a folder is
+    listed once (validate's class check and every evaluation read the same listing); the training
+    sources when config.eval_source is unset."""
+    spec = self.cfg.get('eval_source', '')
+    if not spec:
+      return self.train_sources()
+    if not hasattr(self, '_eval_sources'):
+      self._eval_sources = [(self.open_eval_source(spec), 1.0)]
+    return self._eval_sources
+
+  def check_label_range(self, num_classes: int) -> None:
+    """Refuses a training or evaluation source with more classes than the head's `num_classes`:
+    it would train anyway (the missing labels one-hot to zeros) and report nonsense (an 8-class
+    set on a 3-way head scores top-5 = 1.0). ValueError naming the field and the fix; also for an
+    evaluation source without labels."""
+    cfg = self.cfg
+    named = [('config.data.source', cfg.data.source, self.train_sources())]
+    if cfg.get('eval_source'):
+      named.append(('config.eval_source', cfg.eval_source, self.eval_sources()))
+    for field, spec, opened in named:
+      for source, _ in opened:
+        n = source.num_classes
+        if n is None:
+          raise ValueError(f'{field}={spec!r} has no labels; training and evaluation of a '
+                           'classifier need a labeled source.')
+        if n > num_classes:
+          raise ValueError(f'{field}={spec!r} has {n} classes but config.num_classes='
+                           f'{cfg.num_classes}: the head would have no logit for labels '
+                           f'{num_classes}..{n - 1}. Set config.num_classes to 0 (= the '
+                           f'training source\'s classes) or at least {n}.')
+
   def train_loader(self, task):
     """The training loader (yields data.pipeline.Batch; get_state/set_state/close), reading
     `train_sources()`."""

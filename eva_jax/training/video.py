@@ -124,11 +124,8 @@ class VideoFinetuneProgram(trainer.Program):
     if v.model == 'frame_average' and v.tubelet != 1:
       raise ValueError('config.video.model=frame_average encodes single frames: set '
                        f'config.video.tubelet=1 (got {v.tubelet}).')
-    found = self.train_sources()[0][0].num_classes
-    self.num_classes = cfg.num_classes or found
-    if found > self.num_classes:
-      raise ValueError(f'config.data.source={cfg.data.source!r} has {found} classes but '
-                       f'config.num_classes={cfg.num_classes}; set it to 0 or at least {found}.')
+    self.num_classes = cfg.num_classes or self.train_sources()[0][0].num_classes
+    self.check_label_range(self.num_classes)   # config.eval_source too, before any step
     if cfg.pool != 'mean':
       raise ValueError(f"config.pool={cfg.pool!r}: the video model mean-pools (EVA-01/video); "
                        "set config.pool='mean'.")
@@ -140,19 +137,17 @@ class VideoFinetuneProgram(trainer.Program):
   def open_train_sources(self):
     return [(video_data.open_video_source(self.cfg.data.source, self.cfg.data), 1.0)]
 
-  def loader(self, train: bool, source: str = ''):
-    """The video loader of config.data.source (the training source opened once), or of
-    `source`."""
-    data_cfg, records = self.cfg.data, None
-    if source:
-      data_cfg = data_cfg.copy_and_resolve_references()
-      data_cfg.source = source
-    else:
-      records = self.train_sources()[0][0]
+  def open_eval_source(self, spec):
+    return video_data.open_video_source(spec, self.cfg.data)
+
+  def loader(self, train: bool):
+    """The video loader: training reads the training source, evaluation config.eval_source (else
+    the training source), each opened once."""
     return video_data.build_video_loader(
-        data_cfg, num_frames=self.cfg.video.num_frames, image_size=self.cfg.image_size,
+        self.cfg.data, num_frames=self.cfg.video.num_frames, image_size=self.cfg.image_size,
         batch_size=trainer.per_host_batch(self.cfg), seed=self.cfg.seed, train=train,
-        num_classes=self.num_classes, records=records)
+        num_classes=self.num_classes,
+        records=(self.train_sources() if train else self.eval_sources())[0][0])
 
   def train_loader(self, task):
     return self.loader(train=True)
@@ -224,8 +219,7 @@ class VideoFinetuneProgram(trainer.Program):
 
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
-    rec = finetune.eval_top_k(task, state, consts,
-                              self.loader(train=False, source=cfg.eval_source), cfg.eval_batches,
+    rec = finetune.eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches,
                               'video')
     v = cfg.data.video
     if jax.process_index() == 0:

@@ -149,8 +149,8 @@ def test_known_errors_are_one_line_and_exit_2(tmp_path):
 def test_finetune_program_is_only_its_own_pieces():
   # The skeleton owns start-up, restore-or-init, the loop and closing: a program overrides hooks.
   own = {k for k, v in vars(finetune.FinetuneProgram).items() if callable(v)}
-  hooks = {'validate', 'build', 'loader', 'open_train_sources', 'train_loader', 'init_state',
-           'evaluate', 'meta', 'resolved'}
+  hooks = {'validate', 'build', 'loader', 'open_train_sources', 'open_eval_source',
+           'train_loader', 'init_state', 'evaluate', 'meta', 'resolved'}
   # ...plus reading config.init_from once (its weights and native size), fine-tuning's own job.
   assert own <= hooks | {'init_weights', 'native_image_size'}, own - hooks
   assert isinstance(configs.get('finetune_demo').model, ml_collections.ConfigDict)

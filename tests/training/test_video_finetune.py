@@ -151,3 +151,20 @@ def test_bad_input(tmp_path, clips, timm_file):
   cfg.data.source = f'video_list:{lst}'
   with pytest.raises(FileNotFoundError, match='All 2 videos listed'):
     trainer.run(video_train.VideoFinetuneProgram(cfg), str(tmp_path / 'c'))
+  # An evaluation source with more classes than the head: refused by validate, before any step
+  # (it used to surface at the first evaluation, after training), and opened only once.
+  wide = tmp_path / 'wide'
+  for c in range(3):
+    (wide / f'c{c}').mkdir(parents=True)
+    (wide / f'c{c}' / '0.mp4').symlink_to(clips / 'c0' / '0.mp4')
+  cfg = _cfg(clips)
+  cfg.num_classes = 2
+  cfg.eval_source = f'video_folder:{wide}'
+  with pytest.raises(ValueError, match=r"config.eval_source='video_folder:.*' has 3 classes but "
+                     r'config.num_classes=2: the head would have no logit for labels 2..2'):
+    video_train.VideoFinetuneProgram(cfg).validate()
+  cfg.num_classes = 3
+  program = video_train.VideoFinetuneProgram(cfg)
+  program.validate()
+  assert program.eval_sources() is program.eval_sources()
+  assert program.eval_sources()[0][0].num_classes == 3
