@@ -358,6 +358,53 @@ class TfdsSource:
     return ex[self.image_key], int(ex[self.label_key]) if self.label_key else -1
 
 
+class RelabeledSource:
+  """`source` read with its labels renumbered: label i becomes `index_map[i]` (-1 stays -1). Made
+  by `align_classes`; `classes` are the names the new labels index."""
+
+  def __init__(self, source, classes: Sequence[str], index_map: Sequence[int]):
+    self.source, self.classes, self.index_map = source, list(classes), list(index_map)
+    self.name, self.num_classes = source.name, len(self.classes)
+    self.unit = getattr(source, 'unit', 'records')
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    item, label = self.source[index]
+    return item, self.index_map[label] if label >= 0 else label
+
+
+def align_classes(source, classes: Sequence[str], field: str):
+  """`source` (an evaluation split) with labels that mean the classes of training: each source
+  numbers its own sorted class names (folders, packed folders), so a validation folder that lacks
+  a class, or lists one more, would otherwise shift every later label onto the wrong class
+  without a sound (torchvision's ImageFolder has the same trap).
+
+  Returns `source` itself when its class names equal `classes` or either side has no names (TFDS,
+  video lists: their integer labels are taken as they are). When its names are a subset of
+  `classes`, returns a RelabeledSource that maps each label by name (logged). ValueError naming
+  `field` when it has classes the training source lacks."""
+  names = list(getattr(source, 'classes', None) or [])
+  classes = list(classes or [])
+  if not names or not classes or names == classes:
+    return source
+  unknown = [n for n in names if n not in set(classes)]
+  if unknown:
+    raise ValueError(
+        f'{field}: {source.name} has {len(unknown)} classes the training source does not have '
+        f'(e.g. {", ".join(map(repr, unknown[:3]))}); its labels cannot be matched to the head. '
+        'Use an evaluation split with the training class names (folder names), or train on a '
+        'source that has them.')
+  index = {n: i for i, n in enumerate(classes)}
+  moved = [f'{n} {i}->{index[n]}' for i, n in enumerate(names) if i != index[n]]
+  logging.getLogger(__name__).warning(
+      "%s: %s has %d of the %d training classes; its labels are renumbered by class name to the "
+      "training source's (%d moved%s).", field, source.name, len(names), len(classes), len(moved),
+      f': {", ".join(moved[:4])}' + (', ...' if len(moved) > 4 else '') if moved else '')
+  return RelabeledSource(source, classes, [index[n] for n in names])
+
+
 def open_source(spec: str, data_cfg) -> FolderSource | ArrayRecordSource | TfdsSource:
   """The record source named by `spec` (see the module docstring)."""
   kind, _, arg = spec.partition(':')

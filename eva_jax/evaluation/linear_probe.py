@@ -19,13 +19,15 @@ import optax
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax.data import pipeline as data_lib
+from eva_jax.data import sources as sources_lib
 from eva_jax.data.config import format_hw, image_hw
 from eva_jax.training import checks
 
 
 def extract(encoder, data_cfg, *, image_size, batch_size: int, pool: str, seed: int = 0,
-            limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(features [N, D] float32, labels [N]) of one ordered pass over `data_cfg.source`.
+            limit: int = 0, sources=None) -> tuple[np.ndarray, np.ndarray]:
+  """(features [N, D] float32, labels [N]) of one ordered pass over `data_cfg.source` (or over
+  `sources`, [(source, 1.0)] already opened).
 
   image_size: an int S (S x S) or (height, width) / 'HxW', each side a multiple of the patch; the
   encoder interpolates its pos-embed (and RoPE) to that grid.
@@ -35,8 +37,9 @@ def extract(encoder, data_cfg, *, image_size, batch_size: int, pool: str, seed: 
   if pool == 'token' and not prefix:
     raise ValueError("pool='token' needs a class token; this encoder has none: use pool='mean'.")
   fwd = jax.jit(lambda x: encoder(x))
-  loader = data_lib.build_classification_loader(data_cfg, image_size=image_size,
-                                                batch_size=batch_size, seed=seed, train=False)
+  loader = data_lib.build_classification_loader(
+      data_cfg, image_size=image_size, batch_size=batch_size, seed=seed, train=False,
+      sources=sources)
   feats, labels = [], []
   for b in loader:
     tokens = np.asarray(fwd(b.arrays['image']))
@@ -116,11 +119,13 @@ def evaluate(cfg) -> dict:
   size = cfg.image_size or encoder.cfg.image_size
   checks.image_grid(size, encoder.cfg.patch_size)   # a side off the patch grid: refused here
   kw = dict(image_size=size, batch_size=cfg.batch_size, pool=cfg.pool, seed=cfg.seed)
-  train_x, train_y = extract(encoder, cfg.data, **kw)
+  train = data_lib.open_sources(cfg.data)
+  train_x, train_y = extract(encoder, cfg.data, sources=train, **kw)
   if cfg.eval_source:
-    eval_cfg = cfg.data.copy_and_resolve_references()
-    eval_cfg.source = cfg.eval_source
-    test_x, test_y = extract(encoder, eval_cfg, **kw)
+    # Labels by the training split's class names (data/sources.py align_classes).
+    test = sources_lib.align_classes(data_lib.open_source(cfg.eval_source, cfg.data),
+                                     getattr(train[0][0], 'classes', None), 'config.eval_source')
+    test_x, test_y = extract(encoder, cfg.data, sources=[(test, 1.0)], **kw)
   else:
     train_x, train_y, test_x, test_y = split_holdout(train_x, train_y, cfg.holdout, cfg.seed)
   num_classes = int(max(train_y.max(), test_y.max())) + 1

@@ -60,13 +60,18 @@ class Program:
 
   def eval_sources(self) -> list[tuple[Any, float]] | None:
     """[(config.eval_source opened, 1.0)], opened on the first call and kept, so a folder is
-    listed once (validate's class check and every evaluation read the same listing); the training
-    sources when config.eval_source is unset."""
+    listed once (validate's class check and every evaluation read the same listing), with its
+    labels numbered by the training source's class names (data/sources.py align_classes); the
+    training sources when config.eval_source is unset."""
     spec = self.cfg.get('eval_source', '')
     if not spec:
       return self.train_sources()
     if not hasattr(self, '_eval_sources'):
-      self._eval_sources = [(self.open_eval_source(spec), 1.0)]
+      # Labels by the training source's class names (a split lacking a class shifts no label).
+      train = (self.train_sources() or [(None, 1.0)])[0][0]
+      self._eval_sources = [(data_sources.align_classes(
+          self.open_eval_source(spec), getattr(train, 'classes', None), 'config.eval_source'),
+          1.0)]
     return self._eval_sources
 
   def check_label_range(self, num_classes: int) -> None:

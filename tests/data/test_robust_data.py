@@ -179,3 +179,38 @@ def test_sharded_safetensors_with_a_missing_shard_is_named(tmp_path):
   with pytest.raises(CheckpointError, match=r"names the shard .*model-00002-of-00002\.safetensors'"
                      r', which does not exist'):
     TensorSource(str(tmp_path))
+
+
+def test_eval_split_labels_follow_the_training_class_names(tmp_path, caplog):
+  """A validation folder without 'cat' used to number 'dog' 0 and 'emu' 1, the training set's
+  'cat' and 'dog': every label shifted onto the wrong class, silently."""
+  from eva_jax.data.decode import DecodedSource
+  from eva_jax.data.sources import RelabeledSource, align_classes
+  train, val, extra = (str(tmp_path / n) for n in ('train', 'val', 'extra'))
+  for i, c in enumerate(['cat', 'dog', 'emu']):
+    _jpeg(os.path.join(train, c, f'{i}.jpg'), i)
+  for i, c in enumerate(['dog', 'emu']):
+    _jpeg(os.path.join(val, c, f'{i}.jpg'), 10 + i)
+  classes = FolderSource(train).classes
+  src = FolderSource(val)
+  assert [src[i][1] for i in range(len(src))] == [0, 1]   # its own numbering
+  with caplog.at_level(logging.WARNING):
+    aligned = align_classes(src, classes, 'config.eval_source')
+  assert isinstance(aligned, RelabeledSource) and aligned.num_classes == 3
+  assert [aligned[i][1] for i in range(len(aligned))] == [1, 2]        # dog, emu of training
+  assert [DecodedSource(aligned)[i]['label'] for i in range(2)] == [1, 2]
+  assert '2 of the 3 training classes' in caplog.text and 'dog 0->1' in caplog.text
+  # The same split packed as ArrayRecord (classes from the pack's metadata) aligns the same way.
+  out = tmp_path / 'packed'
+  pack_folder(val, str(out), images_per_shard=4, progress=False)
+  packed = align_classes(ArrayRecordSource(str(out)), classes, 'config.eval_source')
+  assert [packed[i][1] for i in range(len(packed))] == [1, 2]
+  # Equal names, or no names on one side (TFDS, video lists): the source itself.
+  same = FolderSource(train)
+  assert align_classes(same, classes, 'f') is same and align_classes(src, None, 'f') is src
+  # A class the training set lacks cannot be matched: refused, naming it.
+  _jpeg(os.path.join(extra, 'dog', '0.jpg'), 20)
+  _jpeg(os.path.join(extra, 'yak', '1.jpg'), 21)
+  with pytest.raises(ValueError, match=r"config.eval_source: folder:.* has 1 classes the training "
+                     r"source does not have \(e.g. 'yak'\)"):
+    align_classes(FolderSource(extra), classes, 'config.eval_source')

@@ -172,23 +172,31 @@ def test_head_smaller_than_the_label_set_is_refused(demo_dir, tmp_path):
   p = finetune.FinetuneProgram(cfg)
   p.validate()
   assert p.num_classes == 8                     # 0 = from the source
-  # An eval split with more classes than the head is refused the same way.
+  # An eval split with a class the training set lacks is refused (its labels cannot be matched);
+  # one with a subset of the classes is read with the training set's numbering.
+  import os
+  names = sorted(os.listdir(demo_dir))
   cfg.num_classes = 8
-  cfg.eval_source = 'folder:' + str(_folder_with_classes(demo_dir, 9, tmp_path))
-  with pytest.raises(ValueError, match=r'config.eval_source=.* has 9 classes but '
-                     r'config.num_classes=8'):
+  cfg.eval_source = 'folder:' + _folder_with_classes(demo_dir, names + ['zebra'], tmp_path / 'a')
+  with pytest.raises(ValueError, match=r"config.eval_source: folder:.* has 1 classes the training "
+                     r"source does not have \(e.g. 'zebra'\)"):
     finetune.FinetuneProgram(cfg).validate()
+  cfg.eval_source = 'folder:' + _folder_with_classes(demo_dir, names[5:], tmp_path / 'b')
+  p = finetune.FinetuneProgram(cfg)
+  p.validate()
+  (val, _), = p.eval_sources()
+  assert val.num_classes == 8 and [val[i][1] for i in range(len(val))] == [5, 6, 7]
 
 
-def _folder_with_classes(demo_dir, n, root):
+def _folder_with_classes(demo_dir, names, root):
   import os
   import shutil
   photo = os.path.join(demo_dir, sorted(os.listdir(demo_dir))[0])
   first = os.path.join(photo, sorted(os.listdir(photo))[0])
-  for c in range(n):
-    os.makedirs(os.path.join(root, f'c{c}'))
-    shutil.copy(first, os.path.join(root, f'c{c}', '0.jpg'))
-  return root
+  for name in names:
+    os.makedirs(os.path.join(root, name))
+    shutil.copy(first, os.path.join(root, name, '0.jpg'))
+  return str(root)
 
 
 def test_loaders_refuse_labels_outside_the_head(demo_dir):

@@ -151,16 +151,14 @@ def test_bad_input(tmp_path, clips, timm_file):
   cfg.data.source = f'video_list:{lst}'
   with pytest.raises(FileNotFoundError, match='All 2 videos listed'):
     trainer.run(video_train.VideoFinetuneProgram(cfg), str(tmp_path / 'c'))
-  # An evaluation source with more classes than the head: refused by validate, before any step
-  # (it used to surface at the first evaluation, after training), and opened only once.
-  wide = tmp_path / 'wide'
-  for c in range(3):
-    (wide / f'c{c}').mkdir(parents=True)
-    (wide / f'c{c}' / '0.mp4').symlink_to(clips / 'c0' / '0.mp4')
+  # An evaluation list with more classes than the head: refused by validate, before any step (it
+  # used to surface at the first evaluation, after training), and opened only once.
+  wide = tmp_path / 'wide.txt'
+  wide.write_text(''.join(f'{clips}/c{c % 2}/0.mp4 {c}\n' for c in range(3)))
   cfg = _cfg(clips)
   cfg.num_classes = 2
-  cfg.eval_source = f'video_folder:{wide}'
-  with pytest.raises(ValueError, match=r"config.eval_source='video_folder:.*' has 3 classes but "
+  cfg.eval_source = f'video_list:{wide}'
+  with pytest.raises(ValueError, match=r"config.eval_source='video_list:.*' has 3 classes but "
                      r'config.num_classes=2: the head would have no logit for labels 2..2'):
     video_train.VideoFinetuneProgram(cfg).validate()
   cfg.num_classes = 3
@@ -168,3 +166,11 @@ def test_bad_input(tmp_path, clips, timm_file):
   program.validate()
   assert program.eval_sources() is program.eval_sources()
   assert program.eval_sources()[0][0].num_classes == 3
+  # A class folder the training set lacks: its labels cannot be matched to the head.
+  other = tmp_path / 'other'
+  (other / 'c9').mkdir(parents=True)
+  (other / 'c9' / '0.mp4').symlink_to(clips / 'c0' / '0.mp4')
+  cfg.eval_source = f'video_folder:{other}'
+  with pytest.raises(ValueError, match=r"config.eval_source: video_folder:.* has 1 classes the "
+                     r"training source does not have \(e.g. 'c9'\)"):
+    video_train.VideoFinetuneProgram(cfg).validate()
