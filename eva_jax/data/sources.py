@@ -14,6 +14,7 @@ meta 'train_data' (`train_data_fingerprint`) and a resume must match it (trainin
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -45,7 +46,8 @@ class FolderSource:
     real path lies in another class's real folder (one linked in from outside the root too), or
     elsewhere in the root (e.g. top-level images), is skipped; it is listed under the class it
     really belongs to.
-  - a dangling link (its target is gone: an unmounted disk, a moved dataset) is skipped.
+  - a dangling link (its target is gone: an unmounted disk, a moved dataset) whose name could be
+    an image or a folder is skipped, as is a loop of links.
   Every skip is counted in `skipped_links` ({'loop_or_duplicate': n, 'other_class': n,
   'dangling': n}) and logged once as a warning with examples. The classes are the first-level
   directories holding images (an empty class folder takes no index); images are listed
@@ -64,11 +66,10 @@ class FolderSource:
     paths, tops, self.skipped_links, examples, _ = _walk_images(self.root)
     warn_skipped_links(self.name, self.skipped_links, examples, 'image')
     if not paths:
-      gone = (f' {self.skipped_links["dangling"]} links there point at nothing (examples logged '
-              'above): mount or restore their targets.' if self.skipped_links['dangling'] else '')
       raise ValueError(
-          f'No images ({", ".join(IMAGE_EXTENSIONS)}) found under {self.root}.{gone} Put images '
-          '(or class sub-folders of images) there, or point config.data.source elsewhere.')
+          f'No images ({", ".join(IMAGE_EXTENSIONS)}) found under {self.root}.'
+          f'{dangling_note(self.skipped_links)} Put images (or class sub-folders of images) '
+          'there, or point config.data.source elsewhere.')
     if all(t is not None for t in tops):
       self.classes = sorted(set(tops))
       index = {c: i for i, c in enumerate(self.classes)}
@@ -107,6 +108,13 @@ def warn_skipped_links(name: str, skipped: dict[str, int], examples: list[str], 
         skipped['other_class'], skipped['dangling'], '; '.join(examples[:3]), noun)
 
 
+def dangling_note(skipped: dict[str, int]) -> str:
+  """The sentence an empty listing's error adds when dangling links were skipped ('' if none)."""
+  n = skipped.get('dangling', 0)
+  return (f' {n} links there point at nothing (examples logged above): mount or restore their '
+          'targets.' if n else '')
+
+
 def _inside(path: str, folder: str) -> bool:
   return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -127,21 +135,34 @@ def _walk_images(root: str, accept: Callable[[str], bool] = _is_image):
     if len(examples) < 5:
       examples.append(f'{os.path.relpath(path, root)} ({why})')
 
-  def dangling(e) -> bool:
-    # Neither a file nor a folder behind the link: the walk cannot tell what it was, so every
-    # such link is counted (a missing class folder or image would otherwise vanish unseen).
-    if e.is_symlink() and not os.path.exists(e.path):
-      skip('dangling', e.path, f'link to missing {os.readlink(e.path)}')
-      return True
-    return False
+  def kind(e) -> str | None:
+    # 'dir', 'file' or None. DirEntry caches the stat; a loop of links makes it raise (ELOOP).
+    try:
+      return 'dir' if e.is_dir(follow_symlinks=True) else (
+          'file' if e.is_file(follow_symlinks=True) else None)
+    except OSError:
+      return None
+
+  def unreachable_link(e) -> None:
+    # Called for entries that are neither a file nor a folder.
+    # A link there is a loop of links, or dangling (an unmounted disk, a moved dataset); one whose
+    # name could be an image or a folder is counted, or it would vanish from the listing unseen.
+    if not e.is_symlink() or not (accept(e.name) or not os.path.splitext(e.name)[1]):
+      return
+    try:
+      os.stat(e.path)
+    except OSError as err:
+      if err.errno == errno.ELOOP:
+        skip('loop_or_duplicate', e.path, 'a loop of links')
+      else:
+        skip('dangling', e.path, f'link to missing {os.readlink(e.path)}')
 
   entries = sorted(os.scandir(root), key=lambda e: e.name)
   # Classes: first-level directories; a first-level link into the root lends no class.
   classes: dict[str, str] = {}   # name -> real path
+  kinds = {e.name: kind(e) for e in entries}
   for e in entries:
-    if dangling(e):
-      continue
-    if e.is_dir(follow_symlinks=True):
+    if kinds[e.name] == 'dir':
       real = os.path.realpath(e.path)
       if e.is_symlink() and _inside(real, real_root):
         skip('other_class', e.path, f'first-level link to {os.path.relpath(real, real_root)} '
@@ -173,8 +194,11 @@ def _walk_images(root: str, accept: Callable[[str], bool] = _is_image):
     return _inside(real, real_root) or any(_inside(real, h) for h in classes.values())
 
   for e in entries:            # files at the top level: unlabeled
-    if e.is_file(follow_symlinks=True) and accept(e.name):
-      add_file(e.path, None)
+    if kinds[e.name] == 'file':
+      if accept(e.name):
+        add_file(e.path, None)
+    elif kinds[e.name] is None:
+      unreachable_link(e)
   for name in sorted(classes):
     stack = [os.path.join(root, name)]
     while stack:
@@ -194,12 +218,14 @@ def _walk_images(root: str, accept: Callable[[str], bool] = _is_image):
                          f'{root}.') from err
       dirs = []
       for e in sub:
-        if dangling(e):
-          continue
-        if e.is_dir(follow_symlinks=True):
+        k = kind(e)
+        if k == 'dir':
           dirs.append(e.path)
-        elif e.is_file(follow_symlinks=True) and accept(e.name):
-          add_file(e.path, name)
+        elif k == 'file':
+          if accept(e.name):
+            add_file(e.path, name)
+        else:
+          unreachable_link(e)
       stack.extend(reversed(dirs))   # depth-first in sorted order, as os.walk listed them
   return paths, tops, skipped, examples, sorted(classes)
 
@@ -375,33 +401,36 @@ class RelabeledSource:
     return item, self.index_map[label] if label >= 0 else label
 
 
-def align_classes(source, classes: Sequence[str], field: str):
-  """`source` (an evaluation split) with labels that mean the classes of training: each source
-  numbers its own sorted class names (folders, packed folders), so a validation folder that lacks
-  a class, or lists one more, would otherwise shift every later label onto the wrong class
-  without a sound (torchvision's ImageFolder has the same trap).
+def align_classes(source, train, field: str):
+  """`source` (an evaluation split) with labels that mean the classes of `train` (the training
+  source): each source numbers its own sorted class names (folders, packed folders), so a
+  validation folder that lacks a class, or lists one more, would otherwise shift every later label
+  onto the wrong class without a sound (torchvision's ImageFolder has the same trap).
 
-  Returns `source` itself when its class names equal `classes` or either side has no names (TFDS,
-  video lists: their integer labels are taken as they are). When its names are a subset of
-  `classes`, returns a RelabeledSource that maps each label by name (logged). ValueError naming
-  `field` when it has classes the training source lacks."""
+  Returns `source` itself when its class names equal the training ones or either side has no
+  names (TFDS, video lists: their integer labels are taken as they are). When its names are a
+  subset, returns a RelabeledSource that maps each label by name (logged; top-1 is then over the
+  full training head). ValueError naming `field` when it has classes the training source lacks."""
   names = list(getattr(source, 'classes', None) or [])
-  classes = list(classes or [])
+  classes = list(getattr(train, 'classes', None) or [])
   if not names or not classes or names == classes:
     return source
-  unknown = [n for n in names if n not in set(classes)]
+  known = set(classes)
+  unknown = [n for n in names if n not in known]
   if unknown:
     raise ValueError(
-        f'{field}: {source.name} has {len(unknown)} classes the training source does not have '
-        f'(e.g. {", ".join(map(repr, unknown[:3]))}); its labels cannot be matched to the head. '
-        'Use an evaluation split with the training class names (folder names), or train on a '
-        'source that has them.')
+        f'{field}: {source.name} has {len(unknown)} of {len(names)} class names that the training '
+        f'source {train.name} ({len(classes)} classes) does not have, e.g. '
+        f'{", ".join(map(repr, unknown[:3]))}, so its labels cannot be matched to the head. Name '
+        'its class folders as the training ones (then pack it again if it is packed).')
   index = {n: i for i, n in enumerate(classes)}
   moved = [f'{n} {i}->{index[n]}' for i, n in enumerate(names) if i != index[n]]
   logging.getLogger(__name__).warning(
       "%s: %s has %d of the %d training classes; its labels are renumbered by class name to the "
-      "training source's (%d moved%s).", field, source.name, len(names), len(classes), len(moved),
-      f': {", ".join(moved[:4])}' + (', ...' if len(moved) > 4 else '') if moved else '')
+      "training source's (%d moved%s), and top-1 is over the full %d-way head.", field,
+      source.name, len(names), len(classes), len(moved),
+      f': {", ".join(moved[:4])}' + (', ...' if len(moved) > 4 else '') if moved else '',
+      len(classes))
   return RelabeledSource(source, classes, [index[n] for n in names])
 
 

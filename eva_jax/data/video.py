@@ -174,7 +174,7 @@ class VideoFolderSource:
     if not self.paths:
       raise ValueError(f'No videos ({", ".join(VIDEO_EXTENSIONS)}) in class sub-folders of '
                        f'{self.root} ({len(self.classes)} class folders, {self.top_level} videos '
-                       f'at the top level). {fix}')
+                       f'at the top level).{sources.dangling_note(self.skipped_links)} {fix}')
     self.num_classes = len(self.classes)
     self.missing = 0
 

@@ -120,11 +120,12 @@ def evaluate(cfg) -> dict:
   checks.image_grid(size, encoder.cfg.patch_size)   # a side off the patch grid: refused here
   kw = dict(image_size=size, batch_size=cfg.batch_size, pool=cfg.pool, seed=cfg.seed)
   train = data_lib.open_sources(cfg.data)
+  # Opened and labelled by the training split's class names (data/sources.py align_classes)
+  # before the training pass, so a split that cannot be matched is refused at once.
+  test = cfg.eval_source and sources_lib.align_classes(
+      data_lib.open_source(cfg.eval_source, cfg.data), train[0][0], 'config.eval_source')
   train_x, train_y = extract(encoder, cfg.data, sources=train, **kw)
   if cfg.eval_source:
-    # Labels by the training split's class names (data/sources.py align_classes).
-    test = sources_lib.align_classes(data_lib.open_source(cfg.eval_source, cfg.data),
-                                     getattr(train[0][0], 'classes', None), 'config.eval_source')
     test_x, test_y = extract(encoder, cfg.data, sources=[(test, 1.0)], **kw)
   else:
     train_x, train_y, test_x, test_y = split_holdout(train_x, train_y, cfg.holdout, cfg.seed)

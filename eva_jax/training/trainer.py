@@ -69,31 +69,36 @@ class Program:
     if not hasattr(self, '_eval_sources'):
       # Labels by the training source's class names (a split lacking a class shifts no label).
       train = (self.train_sources() or [(None, 1.0)])[0][0]
-      self._eval_sources = [(data_sources.align_classes(
-          self.open_eval_source(spec), getattr(train, 'classes', None), 'config.eval_source'),
-          1.0)]
+      self._eval_sources = [(data_sources.align_classes(self.open_eval_source(spec), train,
+                                                        'config.eval_source'), 1.0)]
     return self._eval_sources
 
   def check_label_range(self, num_classes: int) -> None:
     """Refuses a training or evaluation source with more classes than the head's `num_classes`:
     it would train anyway (the missing labels one-hot to zeros) and report nonsense (an 8-class
-    set on a 3-way head scores top-5 = 1.0). ValueError naming the field and the fix; also for an
-    evaluation source without labels."""
+    set on a 3-way head scores top-5 = 1.0). ValueError naming the field and the fix; also for a
+    source without labels, and for config.data.mixture (one labeled source trains a classifier).
+    Called by validate, before anything is built."""
     cfg = self.cfg
-    named = [('config.data.source', cfg.data.source, self.train_sources())]
+    if cfg.data.get('mixture'):
+      raise ValueError('config.data.mixture is for pretraining: a classifier trains on one '
+                       'labeled source. Set config.data.source and config.data.mixture=().')
+    named = [(f'config.data.source={cfg.data.source!r}', 'config.data.source',
+              self.train_sources()[0][0])]
     if cfg.get('eval_source'):
-      named.append(('config.eval_source', cfg.eval_source, self.eval_sources()))
-    for field, spec, opened in named:
-      for source, _ in opened:
-        n = source.num_classes
-        if n is None:
-          raise ValueError(f'{field}={spec!r} has no labels; training and evaluation of a '
-                           'classifier need a labeled source.')
-        if n > num_classes:
-          raise ValueError(f'{field}={spec!r} has {n} classes but config.num_classes='
-                           f'{cfg.num_classes}: the head would have no logit for labels '
-                           f'{num_classes}..{n - 1}. Set config.num_classes to 0 (= the '
-                           f'training source\'s classes) or at least {n}.')
+      named.append((f'config.eval_source={cfg.eval_source!r}', 'config.eval_source',
+                    self.eval_sources()[0][0]))
+    for what, field, source in named:
+      n = source.num_classes
+      if n is None:
+        raise ValueError(f'{what} has no labels; a classifier needs a labeled source (class '
+                         'sub-folders, a folder packed with its classes, a TFDS label feature).')
+      if n > num_classes:
+        fix = (f'at least {n}' if field == 'config.eval_source' else
+               f'0 (= the source\'s {n}) or at least {n}')
+        raise ValueError(f'{what} has {n} classes but the head has {num_classes} '
+                         f'(config.num_classes={cfg.num_classes}): no logit for labels '
+                         f'{num_classes}..{n - 1}. Set config.num_classes to {fix}.')
 
   def train_loader(self, task):
     """The training loader (yields data.pipeline.Batch; get_state/set_state/close), reading

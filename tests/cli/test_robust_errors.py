@@ -76,7 +76,7 @@ def test_each_error_category_is_one_line_and_exit_2(tmp_path, demo_dir):
                             f'--config.init_from={notes}'), str(notes))
   # data: the 8-class demo with a 3-way head (was: trained and reported top-5 = 1.0).
   _one_line(support.run_cli('finetune', '--config=finetune_demo', w, '--config.num_classes=3'),
-            "config.data.source='demo' has 8 classes but config.num_classes=3")
+            "config.data.source='demo' has 8 classes but the head has 3 (config.num_classes=3)")
   assert not (tmp_path / 'w').exists()     # nothing written by any refused run
   # The trace on request.
   shown = support.run_cli('pretrain', '--config=pretrain_demo', w, '--config.keep_checkpoints=0',

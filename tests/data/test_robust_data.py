@@ -2,6 +2,7 @@
 truncated / corrupt ArrayRecord shards and truncated safetensors files, all with real files."""
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -77,10 +78,12 @@ def test_dangling_links_are_counted_and_named(tmp_path, caplog):
   os.symlink(os.path.join(gone, '9.jpg'), os.path.join(root, 'cat', '9.jpg'))   # an image
   os.symlink(os.path.join(gone, 'bird'), os.path.join(root, 'bird'))            # a class folder
   os.symlink(os.path.join(gone, 'deep'), os.path.join(root, 'dog', 'deep'))     # a sub-folder
+  os.symlink(os.path.join(gone, 'notes.txt'), os.path.join(root, 'dog', 'notes.txt'))  # no image
+  os.symlink('self.jpg', os.path.join(root, 'dog', 'self.jpg'))                 # a loop of links
   with caplog.at_level(logging.WARNING):
     src = FolderSource(root)
   assert _labels(src) == EXPECTED and src.classes == ['cat', 'dog']
-  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 0, 'dangling': 3}
+  assert src.skipped_links == {'loop_or_duplicate': 1, 'other_class': 0, 'dangling': 3}
   assert '3 dangling links' in caplog.text and 'link to missing' in caplog.text
 
   only_broken = tmp_path / 'broken'
@@ -191,26 +194,28 @@ def test_eval_split_labels_follow_the_training_class_names(tmp_path, caplog):
     _jpeg(os.path.join(train, c, f'{i}.jpg'), i)
   for i, c in enumerate(['dog', 'emu']):
     _jpeg(os.path.join(val, c, f'{i}.jpg'), 10 + i)
-  classes = FolderSource(train).classes
+  train_src = FolderSource(train)
   src = FolderSource(val)
   assert [src[i][1] for i in range(len(src))] == [0, 1]   # its own numbering
   with caplog.at_level(logging.WARNING):
-    aligned = align_classes(src, classes, 'config.eval_source')
+    aligned = align_classes(src, train_src, 'config.eval_source')
   assert isinstance(aligned, RelabeledSource) and aligned.num_classes == 3
   assert [aligned[i][1] for i in range(len(aligned))] == [1, 2]        # dog, emu of training
   assert [DecodedSource(aligned)[i]['label'] for i in range(2)] == [1, 2]
+  shipped = pickle.loads(pickle.dumps(aligned))                        # as grain workers get it
+  assert [shipped[i][1] for i in range(2)] == [1, 2] and shipped.name == src.name
   assert '2 of the 3 training classes' in caplog.text and 'dog 0->1' in caplog.text
   # The same split packed as ArrayRecord (classes from the pack's metadata) aligns the same way.
   out = tmp_path / 'packed'
   pack_folder(val, str(out), images_per_shard=4, progress=False)
-  packed = align_classes(ArrayRecordSource(str(out)), classes, 'config.eval_source')
+  packed = align_classes(ArrayRecordSource(str(out)), train_src, 'config.eval_source')
   assert [packed[i][1] for i in range(len(packed))] == [1, 2]
   # Equal names, or no names on one side (TFDS, video lists): the source itself.
   same = FolderSource(train)
-  assert align_classes(same, classes, 'f') is same and align_classes(src, None, 'f') is src
+  assert align_classes(same, train_src, 'f') is same and align_classes(src, None, 'f') is src
   # A class the training set lacks cannot be matched: refused, naming it.
   _jpeg(os.path.join(extra, 'dog', '0.jpg'), 20)
   _jpeg(os.path.join(extra, 'yak', '1.jpg'), 21)
-  with pytest.raises(ValueError, match=r"config.eval_source: folder:.* has 1 classes the training "
-                     r"source does not have \(e.g. 'yak'\)"):
-    align_classes(FolderSource(extra), classes, 'config.eval_source')
+  with pytest.raises(ValueError, match=r"config.eval_source: folder:.* has 1 of 2 class names "
+                     r"that the training source folder:.* \(3 classes\) does not have, e.g. 'yak'"):
+    align_classes(FolderSource(extra), train_src, 'config.eval_source')

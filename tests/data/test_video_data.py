@@ -227,6 +227,21 @@ def test_video_folder_links_never_lend_a_class(tmp_path, caplog):
   assert 'a link never lends a class' in caplog.text and 'videos' in caplog.text
 
 
+
+def test_video_folder_dangling_links_are_counted(tmp_path, caplog):
+  root, gone = str(tmp_path / 'data'), str(tmp_path / 'unmounted')
+  _touch(root, 'a/0.mp4')
+  os.symlink(os.path.join(gone, '1.mp4'), os.path.join(root, 'a', '1.mp4'))
+  os.symlink(os.path.join(gone, 'b'), os.path.join(root, 'b'))        # a class folder
+  with caplog.at_level(logging.WARNING):
+    src = video.VideoFolderSource(root)
+  assert _by_class(src) == {'a/0.mp4': 'a'}
+  assert src.skipped_links == {'loop_or_duplicate': 0, 'other_class': 0, 'dangling': 2}
+  assert '2 dangling links' in caplog.text
+  os.remove(os.path.join(root, 'a', '0.mp4'))
+  with pytest.raises(ValueError, match='No videos .* 2 links there point at nothing'):
+    video.VideoFolderSource(root)
+
 def test_video_folder_top_level_videos_are_counted(tmp_path, caplog):
   root = str(tmp_path / 'data')
   _touch(root, 'top.mp4', 'top2.webm', 'a/0.mp4')

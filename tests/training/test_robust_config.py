@@ -164,7 +164,7 @@ def test_head_smaller_than_the_label_set_is_refused(demo_dir, tmp_path):
   cfg = support.recipe('finetune_demo', num_classes=3)
   program = finetune.FinetuneProgram(cfg)
   with pytest.raises(ValueError, match=r"config.data.source='demo' has 8 classes but "
-                     r'config.num_classes=3: the head would have no logit for labels 3..7'):
+                     r'the head has 3 \(config.num_classes=3\): no logit for labels 3..7'):
     program.validate()
   cfg.num_classes = 8
   finetune.FinetuneProgram(cfg).validate()      # exactly the label set: fine
@@ -178,14 +178,23 @@ def test_head_smaller_than_the_label_set_is_refused(demo_dir, tmp_path):
   names = sorted(os.listdir(demo_dir))
   cfg.num_classes = 8
   cfg.eval_source = 'folder:' + _folder_with_classes(demo_dir, names + ['zebra'], tmp_path / 'a')
-  with pytest.raises(ValueError, match=r"config.eval_source: folder:.* has 1 classes the training "
-                     r"source does not have \(e.g. 'zebra'\)"):
+  with pytest.raises(ValueError, match=r"config.eval_source: folder:.* has 1 of 9 class names "
+                     r"that the training source .* \(8 classes\) does not have, e.g. 'zebra'"):
     finetune.FinetuneProgram(cfg).validate()
   cfg.eval_source = 'folder:' + _folder_with_classes(demo_dir, names[5:], tmp_path / 'b')
+  cfg.image_size, cfg.batch_size = 28, 4
   p = finetune.FinetuneProgram(cfg)
   p.validate()
   (val, _), = p.eval_sources()
   assert val.num_classes == 8 and [val[i][1] for i in range(len(val))] == [5, 6, 7]
+  loader = p.loader(train=False)   # what evaluation reads: the training numbering
+  batch = next(iter(loader))
+  assert batch.arrays['label'][batch.valid].tolist() == [5, 6, 7]
+  loader.close()
+  # A mixture cannot train a classifier: refused up front, naming the field.
+  cfg.data.mixture = (('demo', 1.0),)
+  with pytest.raises(ValueError, match='config.data.mixture is for pretraining'):
+    finetune.FinetuneProgram(cfg).validate()
 
 
 def _folder_with_classes(demo_dir, names, root):

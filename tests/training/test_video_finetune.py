@@ -158,8 +158,9 @@ def test_bad_input(tmp_path, clips, timm_file):
   cfg = _cfg(clips)
   cfg.num_classes = 2
   cfg.eval_source = f'video_list:{wide}'
-  with pytest.raises(ValueError, match=r"config.eval_source='video_list:.*' has 3 classes but "
-                     r'config.num_classes=2: the head would have no logit for labels 2..2'):
+  with pytest.raises(ValueError, match=r"config.eval_source='video_list:.*' has 3 classes but the "
+                     r'head has 2 \(config.num_classes=2\): no logit for labels 2..2. Set '
+                     r'config.num_classes to at least 3'):
     video_train.VideoFinetuneProgram(cfg).validate()
   cfg.num_classes = 3
   program = video_train.VideoFinetuneProgram(cfg)
@@ -171,6 +172,6 @@ def test_bad_input(tmp_path, clips, timm_file):
   (other / 'c9').mkdir(parents=True)
   (other / 'c9' / '0.mp4').symlink_to(clips / 'c0' / '0.mp4')
   cfg.eval_source = f'video_folder:{other}'
-  with pytest.raises(ValueError, match=r"config.eval_source: video_folder:.* has 1 classes the "
-                     r"training source does not have \(e.g. 'c9'\)"):
+  with pytest.raises(ValueError, match=r"config.eval_source: video_folder:.* has 1 of 1 class "
+                     r"names that the training source .* \(2 classes\) does not have, e.g. 'c9'"):
     video_train.VideoFinetuneProgram(cfg).validate()
