@@ -172,13 +172,31 @@ def make_step(mode, p, args, device):
   return step, teardown
 
 
-def serve(step, device) -> None:
-  """One timed step per line read from stdin, its seconds printed (experiments/paired_ratio.py
-  alternates this with eva_jax's step, each process idle while the other runs)."""
+def matmul_block(p, device):
+  """(fn, FLOPs): one student block's weight matmuls (q, k, v, attention output, MLP in and out)
+  on batch x tokens rows, fp32: the shapes of eva_jax.benchmark.matmul_block."""
+  sw, _, _, sm = p['student']
+  rows = p['batch'] * ((p['image'] // p['patch']) ** 2 + 1)
+  g = torch.Generator().manual_seed(0)
+  x = torch.randn(rows, sw, generator=g).to(device)
+  w = [torch.randn(sw, sw, generator=g).to(device) for _ in range(4)]
+  w1, w2 = torch.randn(sw, sm, generator=g).to(device), torch.randn(sm, sw, generator=g).to(device)
+
+  def block():
+    return [x @ wi for wi in w], (x @ w1) @ w2
+
+  return block, 2.0 * rows * sw * (4 * sw + 2 * sm)
+
+
+def serve(step, device, matmul=None) -> None:
+  """Per line read from stdin, one timed step ('step') or matmul block ('matmul'), its seconds
+  printed (experiments/paired_ratio.py alternates this with eva_jax's, each process idle while
+  the other runs)."""
   print('ready', flush=True)
-  for _ in sys.stdin:
+  for line in sys.stdin:
+    run = matmul if line.strip() == 'matmul' else step
     t0 = time.perf_counter()
-    step()
+    run()
     sync(device)
     print(time.perf_counter() - t0, flush=True)
 
@@ -243,7 +261,7 @@ def main():
     step, _ = make_step(args.modes.split(',')[0], p, args, device)
     for _ in range(max(args.warmup, 1)):
       step()
-    serve(step, device)
+    serve(step, device, matmul_block(p, device)[0])
     return
   for mode in args.modes.split(','):
     try:

@@ -16,7 +16,7 @@ from eva_jax.benchmark.hlo import (
     HOST_TRANSFER_OPS, COLLECTIVES, stablehlo_summary, hlo_collectives,
     collective_bytes_per_step)
 from eva_jax.benchmark.machine import (
-    PEAK_TFLOPS, peak_tflops, memory_stats, device_peak_bytes, matmul_rate)
+    PEAK_TFLOPS, peak_tflops, memory_stats, device_peak_bytes, matmul_block, matmul_rate)
 from eva_jax.benchmark.steps import (
     benchmark_defaults, add_benchmark_defaults, synthetic_host_batch, vitdet_config_from,
     backbone_step, run_backbone, run, run_clip, run_video)
@@ -39,7 +39,7 @@ __all__ = [
     'peak_tflops',
     'memory_stats',
     'device_peak_bytes',
-    'matmul_rate',
+    'matmul_block', 'matmul_rate',
     'benchmark_defaults',
     'add_benchmark_defaults',
     'synthetic_host_batch',

@@ -74,12 +74,10 @@ def device_peak_bytes(device) -> int | None:
   return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
 
 
-def matmul_rate(cfg, rows: int, dtype=None, repeats: int = 5) -> float:
-  """The machine's matmul rate in TFLOP/s on the step's own shapes: one block's weight matmuls
-  (q, k, v, attention output, MLP in and out) of encoder `cfg` on `rows` = batch x tokens rows, in
-  the compute dtype, jitted, median of `repeats` timed runs after one warm-up. The step's achieved
-  TFLOP/s divided by this is the fraction of matmul-bound time it reaches (issue 17: the step
-  cannot beat its own matmuls; the rest is attention, norms, elementwise work and the optimizer)."""
+def matmul_block(cfg, rows: int, dtype=None):
+  """(jitted fn, its args, FLOPs): one block's weight matmuls (q, k, v, attention output, MLP in
+  and out) of encoder `cfg` on `rows` = batch x tokens rows of random inputs in `dtype` (default:
+  the compute dtype). experiments/torch_reference.py `matmul_block` builds the same in PyTorch."""
   from eva_jax.training.precision import DTYPES
   dt = DTYPES[cfg.dtype] if dtype is None else dtype
   d, f = cfg.width, cfg.mlp_dim
@@ -96,11 +94,19 @@ def matmul_rate(cfg, rows: int, dtype=None, repeats: int = 5) -> float:
     h = [x @ w1[i] for i in range(mlp_in)]
     return outs, [hi @ w2 for hi in h]
 
-  flops = 2.0 * rows * d * (4 * d + 2 * mlp_in * f)
-  jax.block_until_ready(block(x, w, w1, w2))
+  return block, (x, w, w1, w2), 2.0 * rows * d * (4 * d + 2 * mlp_in * f)
+
+
+def matmul_rate(cfg, rows: int, dtype=None, repeats: int = 5) -> float:
+  """The machine's matmul rate in TFLOP/s on the step's own shapes (`matmul_block`), jitted,
+  median of `repeats` timed runs after one warm-up. The step's achieved TFLOP/s divided by this is
+  the fraction of matmul-bound time it reaches (issue 17: the step cannot beat its own matmuls;
+  the rest is attention, norms, elementwise work and the optimizer)."""
+  block, args, flops = matmul_block(cfg, rows, dtype)
+  jax.block_until_ready(block(*args))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(block(x, w, w1, w2))
+    jax.block_until_ready(block(*args))
     times.append(time.perf_counter() - t0)
   return flops / statistics.median(times) / 1e12
