@@ -51,7 +51,8 @@ class FolderSource:
   Every skip is counted in `skipped_links` ({'loop_or_duplicate': n, 'other_class': n,
   'dangling': n}) and logged once as a warning with examples. The classes are the first-level
   directories holding images (an empty class folder takes no index); images are listed
-  depth-first in sorted name order. data/video.py VideoFolderSource lists videos with the same walk (`_walk_images`).
+  depth-first in sorted name order. data/video.py VideoFolderSource lists videos with the same
+  walk (`_walk_images`).
   """
 
   unit = 'images'   # what listing_fingerprint counts

@@ -120,10 +120,11 @@ def evaluate(cfg) -> dict:
   checks.image_grid(size, encoder.cfg.patch_size)   # a side off the patch grid: refused here
   kw = dict(image_size=size, batch_size=cfg.batch_size, pool=cfg.pool, seed=cfg.seed)
   train = data_lib.open_sources(cfg.data)
-  # Opened and labelled by the training split's class names (data/sources.py align_classes)
-  # before the training pass, so a split that cannot be matched is refused at once.
-  test = cfg.eval_source and sources_lib.align_classes(
-      data_lib.open_source(cfg.eval_source, cfg.data), train[0][0], 'config.eval_source')
+  if cfg.eval_source:
+    # Opened and labelled by the training split's class names (data/sources.py align_classes)
+    # before the training pass, so a split that cannot be matched is refused at once.
+    test = sources_lib.align_classes(data_lib.open_source(cfg.eval_source, cfg.data),
+                                     train[0][0], 'config.eval_source')
   train_x, train_y = extract(encoder, cfg.data, sources=train, **kw)
   if cfg.eval_source:
     test_x, test_y = extract(encoder, cfg.data, sources=[(test, 1.0)], **kw)

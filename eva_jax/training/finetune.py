@@ -194,13 +194,7 @@ class FinetuneProgram(trainer.Program):
 
   def validate(self):
     cfg = self.cfg
-    found = self.train_sources()[0][0].num_classes
-    if not found:
-      raise ValueError(f'config.data.source={cfg.data.source!r} has no labels; fine-tuning needs '
-                       'a labeled source (class sub-folders, a packed folder with classes, or a '
-                       'TFDS dataset with a label feature).')
-    self.num_classes = cfg.num_classes or found
-    self.check_label_range(self.num_classes)
+    self.num_classes = self.classifier_num_classes()   # config.eval_source too
     # Each side a multiple of the patch, before anything is read or compiled.
     checks.image_grid(cfg.image_size, cfg.model.get('patch_size') or model_config.encoder_config(
         cfg.model.get('name') or 'tiny').patch_size)

@@ -73,32 +73,34 @@ class Program:
                                                         'config.eval_source'), 1.0)]
     return self._eval_sources
 
-  def check_label_range(self, num_classes: int) -> None:
-    """Refuses a training or evaluation source with more classes than the head's `num_classes`:
-    it would train anyway (the missing labels one-hot to zeros) and report nonsense (an 8-class
-    set on a 3-way head scores top-5 = 1.0). ValueError naming the field and the fix; also for a
-    source without labels, and for config.data.mixture (one labeled source trains a classifier).
-    Called by validate, before anything is built."""
+  def classifier_num_classes(self) -> int:
+    """The head size of a classifier program: config.num_classes, or 0 = the training source's
+    class count. Refuses, before anything is built (ValueError naming the field and the fix):
+    config.data.mixture (one labeled source trains a classifier; refused before any source is
+    opened), a training or evaluation source without labels, and one with more classes than the
+    head, which would train anyway (the missing labels one-hot to zeros) and report nonsense (an
+    8-class set on a 3-way head scores top-5 = 1.0)."""
     cfg = self.cfg
     if cfg.data.get('mixture'):
       raise ValueError('config.data.mixture is for pretraining: a classifier trains on one '
                        'labeled source. Set config.data.source and config.data.mixture=().')
-    named = [(f'config.data.source={cfg.data.source!r}', 'config.data.source',
-              self.train_sources()[0][0])]
+    named = [(f'config.data.source={cfg.data.source!r}', self.train_sources()[0][0])]
     if cfg.get('eval_source'):
-      named.append((f'config.eval_source={cfg.eval_source!r}', 'config.eval_source',
-                    self.eval_sources()[0][0]))
-    for what, field, source in named:
-      n = source.num_classes
-      if n is None:
+      named.append((f'config.eval_source={cfg.eval_source!r}', self.eval_sources()[0][0]))
+    for what, source in named:
+      if source.num_classes is None:
         raise ValueError(f'{what} has no labels; a classifier needs a labeled source (class '
-                         'sub-folders, a folder packed with its classes, a TFDS label feature).')
+                         'sub-folders, a packed folder with classes, or a TFDS dataset with a '
+                         'label feature).')
+    num_classes = cfg.num_classes or named[0][1].num_classes
+    for i, (what, source) in enumerate(named):
+      n = source.num_classes
       if n > num_classes:
-        fix = (f'at least {n}' if field == 'config.eval_source' else
-               f'0 (= the source\'s {n}) or at least {n}')
+        fix = f'0 (= the source\'s {n}) or at least {n}' if i == 0 else f'at least {n}'
         raise ValueError(f'{what} has {n} classes but the head has {num_classes} '
                          f'(config.num_classes={cfg.num_classes}): no logit for labels '
                          f'{num_classes}..{n - 1}. Set config.num_classes to {fix}.')
+    return num_classes
 
   def train_loader(self, task):
     """The training loader (yields data.pipeline.Batch; get_state/set_state/close), reading

@@ -124,8 +124,7 @@ class VideoFinetuneProgram(trainer.Program):
     if v.model == 'frame_average' and v.tubelet != 1:
       raise ValueError('config.video.model=frame_average encodes single frames: set '
                        f'config.video.tubelet=1 (got {v.tubelet}).')
-    self.num_classes = cfg.num_classes or self.train_sources()[0][0].num_classes
-    self.check_label_range(self.num_classes)   # config.eval_source too, before any step
+    self.num_classes = self.classifier_num_classes()   # config.eval_source too, before any step
     if cfg.pool != 'mean':
       raise ValueError(f"config.pool={cfg.pool!r}: the video model mean-pools (EVA-01/video); "
                        "set config.pool='mean'.")
