@@ -46,6 +46,7 @@ from eva_jax.data.masking import BlockMaskGenerator
 from eva_jax.data.transforms import resize_center_crop
 from eva_jax.models import TEACHER_NAMES, teacher_config, vit
 from eva_jax.models import mim as mim_lib
+from eva_jax.models.layers import create_module
 from eva_jax.models import teacher as teacher_lib
 from eva_jax.evaluation.plot import save_figure
 from eva_jax.training import checks, pretrain, task as task_lib
@@ -238,8 +239,8 @@ def random_models(cfg=None, image_size=None) -> Models:
   size = image_hw(raw, '--image_size')
   grid = checks.image_grid(raw, scfg.patch_size, '--image_size')
   plan = teacher_plan(tcfg, cfg.to_dict(), scfg.patch_size, size)
-  mim = nnx.jit(lambda: mim_lib.MIM(scfg, tcfg.out_dim,
-                                    rngs=nnx.Rngs(params=jax.random.key(cfg.seed))))()
+  mim = create_module(lambda: mim_lib.MIM(scfg, tcfg.out_dim,
+                                          rngs=nnx.Rngs(params=jax.random.key(cfg.seed))))
   return Models(mim=mim, teacher=random_teacher(tcfg, cfg.seed + 1), image_size=size,
                 patch_size=int(scfg.patch_size), mask=_mask_settings(cfg.data.mask, grid),
                 plan=plan, step=0, source='random init',

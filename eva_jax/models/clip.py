@@ -32,7 +32,7 @@ from flax import nnx
 
 from eva_jax.models import config as config_lib
 from eva_jax.models import vit
-from eva_jax.models.layers import Blocks, Dense, LayerNorm, param
+from eva_jax.models.layers import Blocks, Dense, LayerNorm, create_module, param
 from eva_jax.parallel import constrain_batch
 from eva_jax.training.precision import DTYPES
 
@@ -262,7 +262,7 @@ def l2_normalize(x, eps: float = 1e-12):
 
 def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> ClipModel:
   """A randomly initialized ClipModel (one compiled init)."""
-  return nnx.jit(lambda: ClipModel(cfg, rngs=nnx.Rngs(params=seed)))()
+  return create_module(lambda: ClipModel(cfg, rngs=nnx.Rngs(params=seed)))
 
 
 def abstract(cfg: ml_collections.ConfigDict) -> ClipModel:

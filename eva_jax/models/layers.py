@@ -33,6 +33,41 @@ REMAT_POLICIES = {
 }
 
 
+def jit_init(fn: Callable, **jit_kwargs):
+  """jax.jit(fn, **jit_kwargs) for a program that only creates parameters (random draws, zeros).
+
+  On XLA:CPU it is compiled at LLVM O0. Such a program runs once per run, in milliseconds, but at
+  the default O2 its threefry and erfinv code took 5.3 s to compile per tiny model on a 2-core
+  CPU: a demo pretraining run compiled two of them against 8.9 s for its train step. At O0 it
+  compiles 3.6x faster (1.7 s). The draws differ from an O2 build only by float rounding
+  (contracted multiply-adds, ~1e-7) and are the same on every run with the same jaxlib. Other
+  backends keep their default options.
+  """
+  plain = jax.jit(fn, **jit_kwargs)
+  if jax.default_backend() != 'cpu':
+    return plain
+  fast = jax.jit(fn, compiler_options={'xla_backend_optimization_level': 0}, **jit_kwargs)
+
+  def init(*args):
+    # jax takes compiler options on a top-level jit only; inside an outer transformation (a
+    # jax.eval_shape of the whole build) the plain jit is traced into the outer program instead.
+    return (plain if _tracing() else fast)(*args)
+  return init
+
+
+def _tracing() -> bool:
+  """True inside an outer jax transformation (jit, eval_shape, vmap): a constant made there is a
+  Tracer. (jax has no public query for this.)"""
+  return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
+def create_module(ctor: Callable[[], nnx.Module]) -> nnx.Module:
+  """`ctor()` (which builds an nnx.Module from its own seeded nnx.Rngs) run as one compiled
+  program (`jit_init`) on the default device, instead of eager op-by-op initialization."""
+  graphdef, _ = nnx.split(nnx.eval_shape(ctor))
+  return nnx.merge(graphdef, jit_init(lambda: nnx.state(ctor()))())
+
+
 def param(rngs: nnx.Rngs, init: Initializer, shape, axes) -> nnx.Param:
   """A float32 parameter annotated with logical axis names (sharded later, never eagerly)."""
   assert len(axes) == len(shape), (shape, axes)

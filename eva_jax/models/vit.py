@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.models import config as config_lib
-from eva_jax.models.layers import (Blocks, norm_layer, param, resize_grid, rope_sincos,
-                                   trunc_normal, xavier_normal)
+from eva_jax.models.layers import (Blocks, create_module, norm_layer, param, resize_grid,
+                                   rope_sincos, trunc_normal, xavier_normal)
 from eva_jax.training.precision import DTYPES  # the one dtype table
 
 
@@ -324,7 +324,7 @@ def take_indices(depth: int, indices=None) -> list[int]:
 
 def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> VisionTransformer:
   """Builds a randomly initialized model on the default device (one compiled init, not eager ops)."""
-  return nnx.jit(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(params=seed)))()
+  return create_module(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(params=seed)))
 
 
 def abstract(cfg: ml_collections.ConfigDict) -> VisionTransformer:

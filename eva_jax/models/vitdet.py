@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.models import vit as vit_lib
-from eva_jax.models.layers import LayerNorm, Window, param, rope_sincos, zeros
+from eva_jax.models.layers import (LayerNorm, Window, create_module, param, rope_sincos,
+                                   zeros)
 
 
 def vitdet_config(**overrides) -> ml_collections.ConfigDict:
@@ -200,7 +201,8 @@ class ViTDetBackbone(nnx.Module):
 
 def create(encoder_cfg, det_cfg, seed: int = 0) -> ViTDetBackbone:
   """A randomly initialized backbone (one compiled init)."""
-  return nnx.jit(lambda: ViTDetBackbone(encoder_cfg, det_cfg, rngs=nnx.Rngs(params=seed)))()
+  return create_module(
+      lambda: ViTDetBackbone(encoder_cfg, det_cfg, rngs=nnx.Rngs(params=seed)))
 
 
 def from_pretrained(encoder_cfg, det_cfg, encoder_params: dict, seed: int = 0):

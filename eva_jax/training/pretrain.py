@@ -25,6 +25,7 @@ from eva_jax.models import config as model_config
 from eva_jax.models import mim as mim_lib
 from eva_jax.models import teacher as teacher_lib
 from eva_jax.models import vit
+from eva_jax.models.layers import jit_init
 from eva_jax.training import precision, task as task_lib, trainer
 
 
@@ -148,7 +149,7 @@ def random_teacher(tcfg, shardings, seed: int):
   def init(key):
     return nnx.to_pure_dict(nnx.state(vit.VisionTransformer(tcfg, rngs=nnx.Rngs(params=key)),
                                       nnx.Param))
-  jitted = jax.jit(init) if shardings is None else jax.jit(init, out_shardings=shardings)
+  jitted = jit_init(init) if shardings is None else jit_init(init, out_shardings=shardings)
   return jitted(jax.random.key(seed))
 
 

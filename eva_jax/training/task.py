@@ -25,6 +25,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eva_jax import parallel
+from eva_jax.models.layers import jit_init
 from eva_jax.training import optim, precision
 
 
@@ -149,7 +150,7 @@ def build(cfg, mesh: Mesh, *, make_model: Callable[[int], nnx.Module], loss_fn: 
       cfg=cfg, mesh=mesh, graphdef=graphdef, template=template, tx=tx, schedule=schedule,
       abstract_state=abstract_state, state_shardings=state_sh, param_shardings=param_sh,
       consts_shardings=consts_shardings,
-      init=jax.jit(init, out_shardings=state_sh),
+      init=jit_init(init, out_shardings=state_sh),
       with_params=jax.jit(with_params, in_shardings=(state_sh, param_sh), out_shardings=state_sh,
                           donate_argnums=0),
       train_step=jax.jit(under_mesh(mesh, train_step),

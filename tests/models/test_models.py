@@ -173,3 +173,29 @@ def test_odd_length_padding_for_cudnn_changes_nothing(causal):
   np.testing.assert_allclose(o1, o0, atol=1e-6)
   for a, b in zip(g1, g0):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_init_program_matches_a_default_compile_and_nests():
+  """layers.jit_init (LLVM O0 on CPU, for start-up time) draws the same parameters as a default
+  jax.jit up to float rounding, and still works inside jax.eval_shape (where jax refuses
+  compiler options), as the abstract builds use it."""
+  from eva_jax.models import layers
+  cfg = encoder_config('tiny')
+  cfg.image_size = 56
+
+  def make(key):
+    return nnx.to_pure_dict(nnx.state(vit.VisionTransformer(cfg, rngs=nnx.Rngs(params=key)),
+                                      nnx.Param))
+  ours = jax.tree.leaves(layers.jit_init(make)(jax.random.key(3)))
+  ref = jax.tree.leaves(jax.jit(make)(jax.random.key(3)))
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(np.asarray(b)).max()))
+  assert any(float(np.std(np.asarray(a))) > 0 for a in ours)   # real draws, not zeros
+  shapes = jax.tree.leaves(jax.eval_shape(lambda: layers.jit_init(make)(jax.random.key(3))))
+  assert [s.shape for s in shapes] == [a.shape for a in ours]
+  # create() goes through the same program: equal to the jitted constructor.
+  model = create(cfg, seed=3)
+  got = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  for a, b in zip(got, ours):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
