@@ -38,8 +38,8 @@ def jit_init(fn: Callable, **jit_kwargs):
 
   On XLA:CPU it is compiled at LLVM O0. Such a program runs once per run, in milliseconds, but at
   the default O2 its threefry and erfinv code took 5.3 s to compile per tiny model on a 2-core
-  CPU: a demo pretraining run compiled two of them against 8.9 s for its train step. At O0 it
-  compiles 3.6x faster (1.7 s). The draws differ from an O2 build only by float rounding
+  CPU: a demo pretraining run compiled two of them against 8.9 s for its train step. At O0 each
+  compiled in 1.7 s. The draws differ from an O2 build only by float rounding
   (contracted multiply-adds, ~1e-7) and are the same on every run with the same jaxlib. Other
   backends keep their default options.
   """
