@@ -41,23 +41,35 @@ def jit_init(fn: Callable, **jit_kwargs):
   CPU: a demo pretraining run compiled two of them against 8.9 s for its train step. At O0 each
   compiled in 1.7 s. The draws differ from an O2 build only by float rounding
   (contracted multiply-adds, ~1e-7) and are the same on every run with the same jaxlib. Other
-  backends keep their default options.
+  platforms (that of `out_shardings` when given, else the default backend) keep their default
+  options. The result has the jitted function's `lower` and `trace`.
   """
   plain = jax.jit(fn, **jit_kwargs)
-  if jax.default_backend() != 'cpu':
+  if _platform(jit_kwargs.get('out_shardings')) != 'cpu':
     return plain
   fast = jax.jit(fn, compiler_options={'xla_backend_optimization_level': 0}, **jit_kwargs)
 
-  def init(*args):
-    # jax takes compiler options on a top-level jit only; inside an outer transformation (a
-    # jax.eval_shape of the whole build) the plain jit is traced into the outer program instead.
-    return (plain if _tracing() else fast)(*args)
+  @functools.wraps(fn)
+  def init(*args, **kwargs):
+    # jax takes compiler options on a top-level jit only; while staged into another program (a
+    # jax.eval_shape of the whole build, a jit, a lowering) the plain jit is inlined there.
+    return (plain if _staged() else fast)(*args, **kwargs)
+  init.lower, init.trace = plain.lower, plain.trace
   return init
 
 
-def _tracing() -> bool:
-  """True inside an outer jax transformation (jit, eval_shape, vmap): a constant made there is a
-  Tracer. (jax has no public query for this.)"""
+def _platform(out_shardings) -> str:
+  """The platform a program with these output shardings runs on (default backend if none)."""
+  for s in jax.tree.leaves(out_shardings,
+                           is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)):
+    if isinstance(s, jax.sharding.Sharding):
+      return next(iter(s.device_set)).platform
+  return jax.default_backend()
+
+
+def _staged() -> bool:
+  """True while being staged into an outer program (jit, eval_shape, scan, lowering): a constant
+  made there is a Tracer. (jax has no public query for this.)"""
   return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 

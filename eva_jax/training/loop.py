@@ -61,8 +61,8 @@ class Preemption:
 def param_health(params) -> tuple[jax.Array, jax.Array]:
   """(global L2 norm, float32 scalar; all finite, bool scalar) of a parameter tree, in ONE compiled
   program. Eager `optax.tree.norm` and per-leaf `isfinite` compile a small program for every
-  distinct leaf shape and op (about 60 for the demo model: 7 s of compiling at each start on 2 CPU
-  cores); this is one compile per parameter tree, its work sharded like the parameters."""
+  distinct leaf shape and op (about 100 for the demo model: 7 s of compiling at each start on 2
+  CPU cores); this is one compile per parameter tree, its work sharded like the parameters."""
   return optax.tree.norm(params), precision.all_finite(params)
 
 

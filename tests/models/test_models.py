@@ -194,6 +194,7 @@ def test_init_program_matches_a_default_compile_and_nests():
   assert any(float(np.std(np.asarray(a))) > 0 for a in ours)   # real draws, not zeros
   shapes = jax.tree.leaves(jax.eval_shape(lambda: layers.jit_init(make)(jax.random.key(3))))
   assert [s.shape for s in shapes] == [a.shape for a in ours]
+  assert 'threefry' in layers.jit_init(make).lower(jax.random.key(3)).as_text()   # AOT API kept
   # create() goes through the same program: equal to the jitted constructor.
   model = create(cfg, seed=3)
   got = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
