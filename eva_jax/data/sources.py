@@ -410,8 +410,9 @@ def align_classes(source, train, field: str):
 
   Returns `source` itself when its class names equal the training ones or either side has no
   names (TFDS, video lists: their integer labels are taken as they are). When its names are a
-  subset, returns a RelabeledSource that maps each label by name (logged; top-1 is then over the
-  full training head). ValueError naming `field` when it has classes the training source lacks."""
+  subset, returns a RelabeledSource that maps each label by name (logged); evaluation then predicts
+  among the split's classes only (`split_labels`). ValueError naming `field` when it has classes
+  the training source lacks."""
   names = list(getattr(source, 'classes', None) or [])
   classes = list(getattr(train, 'classes', None) or [])
   if not names or not classes or names == classes:
@@ -428,11 +429,23 @@ def align_classes(source, train, field: str):
   moved = [f'{n} {i}->{index[n]}' for i, n in enumerate(names) if i != index[n]]
   logging.getLogger(__name__).warning(
       "%s: %s has %d of the %d training classes; its labels are renumbered by class name to the "
-      "training source's (%d moved%s), and top-1 is over the full %d-way head.", field,
-      source.name, len(names), len(classes), len(moved),
+      "training source's (%d moved%s), and predictions are restricted to its %d classes (the "
+      "ImageNet-A / -R protocol).", field, source.name, len(names), len(classes), len(moved),
       f': {", ".join(moved[:4])}' + (', ...' if len(moved) > 4 else '') if moved else '',
-      len(classes))
+      len(names))
   return RelabeledSource(source, classes, [index[n] for n in names])
+
+
+def split_labels(source) -> list[int] | None:
+  """The training labels an evaluation split made a subset by `align_classes` holds (sorted), or
+  None when it is not one (it has every class, or no class names).
+
+  Evaluation predicts among these classes only: the other logits are excluded before top-1 / top-5,
+  the loss and k-NN votes. This is how ImageNet-A and -R (200 of the 1,000 classes) are scored by
+  the official EVA fine-tuning evaluation (its imagenet_a_r_indices) and timm's validate.py
+  (valid_labels); over the full head their top-1 would also count confusions with classes that
+  cannot occur."""
+  return sorted(set(source.index_map)) if isinstance(source, RelabeledSource) else None
 
 
 def open_source(spec: str, data_cfg) -> FolderSource | ArrayRecordSource | TfdsSource:

@@ -53,7 +53,10 @@ def extract(encoder, data_cfg, *, image_size, batch_size: int, pool: str, seed: 
 
 
 def knn_top1(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07,
-             num_classes: int | None = None) -> float:
+             num_classes: int | None = None, classes=None) -> float:
+  """Weighted k-NN top-1 (cosine similarity, votes exp(sim / temperature)). classes: the labels
+  predicted among (data/sources.py split_labels; None = all); a neighbour of another class then
+  casts no vote."""
   num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
   a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
   b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
@@ -63,13 +66,18 @@ def knn_top1(train_x, train_y, test_x, test_y, k: int = 20, temperature: float =
   w = np.exp(np.take_along_axis(sim, idx, 1) / temperature)
   votes = np.zeros((len(test_y), num_classes))
   np.add.at(votes, (np.arange(len(test_y))[:, None], train_y[idx]), w)
+  if classes is not None:
+    excluded = np.ones(num_classes, bool)
+    excluded[np.asarray(classes, int)] = False
+    votes[:, excluded] = -np.inf
   return float((votes.argmax(1) == test_y).mean())
 
 
 def linear_probe_top1(train_x, train_y, test_x, test_y, *, num_classes: int, epochs: int = 100,
                       lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 256,
-                      seed: int = 0) -> float:
-  """BatchNorm(affine=False, eps 1e-6) + linear head trained with AdamW; returns test top-1."""
+                      seed: int = 0, classes=None) -> float:
+  """BatchNorm(affine=False, eps 1e-6) + linear head trained with AdamW; returns test top-1,
+  predicting among `classes` (data/sources.py split_labels; None = all)."""
   mean, var = train_x.mean(0), train_x.var(0)
   norm = lambda x: (x - mean) / np.sqrt(var + 1e-6)
   xtr, xte = jnp.asarray(norm(train_x)), jnp.asarray(norm(test_x))
@@ -94,8 +102,12 @@ def linear_probe_top1(train_x, train_y, test_x, test_y, *, num_classes: int, epo
     for i in range(steps_per_epoch):
       sel = perm[i * batch_size:(i + 1) * batch_size]
       params, opt = step(params, opt, xtr[sel], ytr[sel])
-  pred = np.asarray(jnp.argmax(xte @ params['w'] + params['b'], -1))
-  return float((pred == test_y).mean())
+  logits = np.array(xte @ params['w'] + params['b'])   # a writable host copy
+  if classes is not None:
+    excluded = np.ones(num_classes, bool)
+    excluded[np.asarray(classes, int)] = False
+    logits[:, excluded] = -np.inf
+  return float((logits.argmax(-1) == test_y).mean())
 
 
 def split_holdout(x, y, fraction: float, seed: int):
@@ -131,14 +143,18 @@ def evaluate(cfg) -> dict:
   else:
     train_x, train_y, test_x, test_y = split_holdout(train_x, train_y, cfg.holdout, cfg.seed)
   num_classes = int(max(train_y.max(), test_y.max())) + 1
+  # A split holding a subset of the training classes is scored among its classes only.
+  classes = sources_lib.split_labels(test) if cfg.eval_source else None
   out = {
       'init_from': cfg.init_from, 'weights': meta['weights_used'], 'pool': cfg.pool,
       'image_size': format_hw(image_hw(size)), 'train_images': int(len(train_y)),
       'test_images': int(len(test_y)), 'num_classes': num_classes,
+      'test_classes': len(classes) if classes is not None else num_classes,
       'knn_top1': knn_top1(train_x, train_y, test_x, test_y, cfg.knn_k, cfg.knn_temperature,
-                           num_classes),
+                           num_classes, classes),
       'probe_top1': linear_probe_top1(train_x, train_y, test_x, test_y, num_classes=num_classes,
                                       epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      batch_size=cfg.probe_batch_size, seed=cfg.seed),
+                                      batch_size=cfg.probe_batch_size, seed=cfg.seed,
+                                      classes=classes),
   }
   return out

@@ -103,12 +103,13 @@ def build(cfg, mesh, num_classes: int, native: int | None = None):
     return optax.softmax_cross_entropy(logits, targets).mean(), {'train_top1': acc}
 
   def eval_fn(model, consts, batch):
-    logits, labels = model(batch['image']), batch['label']
-    valid = batch['valid'].astype(jnp.float32)
+    logits = restrict_logits(model(batch['image']), batch['class_mask'])
+    labels, valid = batch['label'], batch['valid'].astype(jnp.float32)
     top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
     hit1 = (top5[:, 0] == labels).astype(jnp.float32)
     hit5 = jnp.any(top5 == labels[:, None], -1).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    ce = jnp.where(valid > 0, ce, 0.0)   # a padding row's label may be an excluded class
     return {'loss': jnp.sum(ce * valid), 'top1': jnp.sum(hit1 * valid),
             'top5': jnp.sum(hit5 * valid), 'count': jnp.sum(valid)}
 
@@ -117,7 +118,7 @@ def build(cfg, mesh, num_classes: int, native: int | None = None):
   task = task_lib.build(
       cfg, mesh, make_model=make_model, loss_fn=loss_fn, eval_fn=eval_fn,
       batch_ndims={'image': 4, 'label': 2 if soft else 1},
-      eval_batch_ndims={'image': 4, 'label': 1, 'valid': 1}, depth=ecfg.depth,
+      eval_batch_ndims={'image': 4, 'label': 1, 'valid': 1, 'class_mask': 2}, depth=ecfg.depth,
       trainable=trainable(nnx.to_pure_dict(template), cfg.freeze_patch_embed))
   return task, ecfg
 
@@ -168,16 +169,25 @@ def pretrained_into(abstract_params: dict, encoder_params: dict, *, grid_from: t
   return common.unflatten(out), dropped
 
 
-def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str) -> dict:
+def restrict_logits(logits, class_mask):
+  """logits [B, C] with the classes where class_mask [B, C] (bool) is False set to the dtype's
+  lowest finite value: no prediction, no softmax mass (trainer.Program.eval_class_mask)."""
+  return jnp.where(class_mask, logits, jnp.finfo(logits.dtype).min)
+
+
+def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str,
+               class_mask: np.ndarray) -> dict:
   """Loss, top-1 and top-5 over `loader` (at most eval_batches batches; 0 = all; closed after)
   with the weights evaluation uses: {'eval_loss', 'eval_top1', 'eval_top5', 'eval_count'}.
-  input_key: the batch array the model reads ('image', or 'video' for training/video.py)."""
+  input_key: the batch array the model reads ('image', or 'video' for training/video.py).
+  class_mask: bool [num_classes], the classes predicted among (trainer.Program.eval_class_mask)."""
   sums = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
   try:
     for i, b in enumerate(loader):
       if eval_batches > 0 and i >= eval_batches:
         break
-      arrays = {input_key: b.arrays[input_key], 'label': b.arrays['label'], 'valid': b.valid}
+      arrays = {input_key: b.arrays[input_key], 'label': b.arrays['label'], 'valid': b.valid,
+                'class_mask': np.repeat(class_mask[None], len(b.valid), 0)}
       out = jax.device_get(task.eval_step(task.eval_params(state), consts,
                                           parallel.host_to_global(arrays, task.mesh)))
       for k in sums:
@@ -273,8 +283,8 @@ class FinetuneProgram(trainer.Program):
 
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
-    rec = eval_top_k(task, state, consts, self.loader(train=False),
-                     cfg.eval_batches, 'image')
+    rec = eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches, 'image',
+                     self.eval_class_mask(self.num_classes))
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} "
             f"on {rec['eval_count']} images{' (EMA)' if state.ema is not None else ''}",

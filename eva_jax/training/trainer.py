@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 
 from eva_jax import checkpoint as ckpt_lib
@@ -72,6 +73,18 @@ class Program:
       self._eval_sources = [(data_sources.align_classes(self.open_eval_source(spec), train,
                                                         'config.eval_source'), 1.0)]
     return self._eval_sources
+
+  def eval_class_mask(self, num_classes: int) -> np.ndarray:
+    """bool [num_classes]: the classes evaluation predicts among. Those of config.eval_source when
+    it holds a subset of the training classes (data/sources.py split_labels: the ImageNet-A / -R
+    protocol), else every class."""
+    labels = (data_sources.split_labels(self.eval_sources()[0][0])
+              if self.cfg.get('eval_source') else None)
+    mask = np.ones(num_classes, bool)
+    if labels is not None:
+      mask[:] = False
+      mask[labels] = True
+    return mask
 
   def classifier_num_classes(self) -> int:
     """The head size of a classifier program: config.num_classes, or 0 = the training source's

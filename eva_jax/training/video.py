@@ -93,7 +93,9 @@ def build(cfg, mesh, num_classes: int):
   def eval_fn(model, consts, batch):
     clips, labels = batch['video'], batch['label']          # [B, V, T, H, W, C]
     b, views = clips.shape[:2]
-    scores = multi_view_scores(model(clips.reshape((b * views,) + clips.shape[2:])), views)
+    logits = model(clips.reshape((b * views,) + clips.shape[2:]))
+    scores = multi_view_scores(
+        finetune.restrict_logits(logits, jnp.repeat(batch['class_mask'], views, axis=0)), views)
     valid = batch['valid'].astype(jnp.float32)
     top5 = jax.lax.top_k(scores, min(5, num_classes))[1]
     hit1 = (top5[:, 0] == labels).astype(jnp.float32)
@@ -107,7 +109,7 @@ def build(cfg, mesh, num_classes: int):
   task = task_lib.build(
       cfg, mesh, make_model=make_model, loss_fn=loss_fn, eval_fn=eval_fn,
       batch_ndims={'video': 5, 'label': 2 if soft else 1},
-      eval_batch_ndims={'video': 6, 'label': 1, 'valid': 1}, depth=ecfg.depth,
+      eval_batch_ndims={'video': 6, 'label': 1, 'valid': 1, 'class_mask': 2}, depth=ecfg.depth,
       trainable=finetune.trainable(nnx.to_pure_dict(template), cfg.freeze_patch_embed))
   return task, ecfg
 
@@ -219,7 +221,7 @@ class VideoFinetuneProgram(trainer.Program):
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
     rec = finetune.eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches,
-                              'video')
+                              'video', self.eval_class_mask(self.num_classes))
     v = cfg.data.video
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} on "

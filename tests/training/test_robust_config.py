@@ -191,10 +191,38 @@ def test_head_smaller_than_the_label_set_is_refused(demo_dir, tmp_path):
   batch = next(iter(loader))
   assert batch.arrays['label'][batch.valid].tolist() == [5, 6, 7]
   loader.close()
+  # ... and scores it among its own 3 classes (the ImageNet-A / -R protocol), checked against
+  # numpy on the model's own logits; the full-head figures stay as they were.
+  _check_subset_scoring(p, batch)
   # A mixture cannot train a classifier: refused up front, naming the field.
   cfg.data.mixture = (('demo', 1.0),)
   with pytest.raises(ValueError, match='config.data.mixture is for pretraining'):
     finetune.FinetuneProgram(cfg).validate()
+
+
+def _check_subset_scoring(program, batch):
+  from eva_jax import parallel
+  from eva_jax.training import task as task_lib
+  mask = program.eval_class_mask(8)
+  assert mask.tolist() == [False] * 5 + [True] * 3
+  task, _ = finetune.build(program.cfg, parallel.make_mesh(program.cfg.mesh), 8)
+  state = task.init(0)
+  model = task_lib.merge_pure(task.graphdef, task.template, task.eval_params(state))
+  valid = batch.valid
+  logits = np.asarray(model(batch.arrays['image']), np.float64)[valid]
+  labels = batch.arrays['label'][valid]
+  for m in (mask, np.ones(8, bool)):
+    got = finetune.eval_top_k(task, state, {}, program.loader(train=False), 0, 'image', m)
+    z = np.where(m, logits, -np.inf)
+    order = np.argsort(-z, 1)
+    ce = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(3), labels]
+    assert got['eval_count'] == 3
+    assert got['eval_top1'] == np.mean(order[:, 0] == labels)
+    assert got['eval_top5'] == np.mean([l in o[:5] for l, o in zip(labels, order)])
+    np.testing.assert_allclose(got['eval_loss'], ce.mean(), rtol=1e-4)
+  # With 3 allowed classes every label is in the top 5; over the 8-way head it need not be.
+  assert finetune.eval_top_k(task, state, {}, program.loader(train=False), 0, 'image',
+                             mask)['eval_top5'] == 1.0
 
 
 def _folder_with_classes(demo_dir, names, root):
