@@ -145,6 +145,8 @@ def evaluate(cfg) -> dict:
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   # A split holding a subset of the training classes is scored among its classes only.
   classes = sources_lib.split_labels(test) if cfg.eval_source else None
+  if classes is not None:   # the head covers every training class, even one with no image read
+    num_classes = max(num_classes, max(classes) + 1)
   out = {
       'init_from': cfg.init_from, 'weights': meta['weights_used'], 'pool': cfg.pool,
       'image_size': format_hw(image_hw(size)), 'train_images': int(len(train_y)),

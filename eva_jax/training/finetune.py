@@ -175,6 +175,13 @@ def restrict_logits(logits, class_mask):
   return jnp.where(class_mask, logits, jnp.finfo(logits.dtype).min)
 
 
+def classes_note(class_mask: np.ndarray) -> str:
+  """' among K of N classes' for an evaluation restricted to a subset (printed with its scores,
+  which do not compare with full-head ones), else ''."""
+  k = int(class_mask.sum())
+  return '' if k == class_mask.size else f' among {k} of {class_mask.size} classes'
+
+
 def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str,
                class_mask: np.ndarray) -> dict:
   """Loss, top-1 and top-5 over `loader` (at most eval_batches batches; 0 = all; closed after)
@@ -283,12 +290,12 @@ class FinetuneProgram(trainer.Program):
 
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
-    rec = eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches, 'image',
-                     self.eval_class_mask(self.num_classes))
+    mask = self.eval_class_mask(self.num_classes)
+    rec = eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches, 'image', mask)
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} "
-            f"on {rec['eval_count']} images{' (EMA)' if state.ema is not None else ''}",
-            flush=True)
+            f"on {rec['eval_count']} images{classes_note(mask)}"
+            f"{' (EMA)' if state.ema is not None else ''}", flush=True)
     return rec
 
   def meta(self, task):

@@ -220,13 +220,14 @@ class VideoFinetuneProgram(trainer.Program):
 
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
+    mask = self.eval_class_mask(self.num_classes)
     rec = finetune.eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches,
-                              'video', self.eval_class_mask(self.num_classes))
+                              'video', mask)
     v = cfg.data.video
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} on "
-            f"{rec['eval_count']} videos ({v.test_clips} clips x {v.test_crops} crops)",
-            flush=True)
+            f"{rec['eval_count']} videos ({v.test_clips} clips x {v.test_crops} crops)"
+            f"{finetune.classes_note(mask)}", flush=True)
     return rec
 
   def meta(self, task):

@@ -205,6 +205,8 @@ def _check_subset_scoring(program, batch):
   from eva_jax.training import task as task_lib
   mask = program.eval_class_mask(8)
   assert mask.tolist() == [False] * 5 + [True] * 3
+  assert finetune.classes_note(mask) == ' among 3 of 8 classes'   # printed with the scores
+  assert finetune.classes_note(np.ones(8, bool)) == ''
   task, _ = finetune.build(program.cfg, parallel.make_mesh(program.cfg.mesh), 8)
   state = task.init(0)
   model = task_lib.merge_pure(task.graphdef, task.template, task.eval_params(state))
