@@ -66,11 +66,17 @@ def knn_top1(train_x, train_y, test_x, test_y, k: int = 20, temperature: float =
   w = np.exp(np.take_along_axis(sim, idx, 1) / temperature)
   votes = np.zeros((len(test_y), num_classes))
   np.add.at(votes, (np.arange(len(test_y))[:, None], train_y[idx]), w)
+  return float((_among(votes, classes).argmax(1) == test_y).mean())
+
+
+def _among(scores: np.ndarray, classes) -> np.ndarray:
+  """scores [N, C] (writable, changed in place) with every class outside `classes` at -inf; all
+  kept when classes is None."""
   if classes is not None:
-    excluded = np.ones(num_classes, bool)
+    excluded = np.ones(scores.shape[1], bool)
     excluded[np.asarray(classes, int)] = False
-    votes[:, excluded] = -np.inf
-  return float((votes.argmax(1) == test_y).mean())
+    scores[:, excluded] = -np.inf
+  return scores
 
 
 def linear_probe_top1(train_x, train_y, test_x, test_y, *, num_classes: int, epochs: int = 100,
@@ -103,11 +109,7 @@ def linear_probe_top1(train_x, train_y, test_x, test_y, *, num_classes: int, epo
       sel = perm[i * batch_size:(i + 1) * batch_size]
       params, opt = step(params, opt, xtr[sel], ytr[sel])
   logits = np.array(xte @ params['w'] + params['b'])   # a writable host copy
-  if classes is not None:
-    excluded = np.ones(num_classes, bool)
-    excluded[np.asarray(classes, int)] = False
-    logits[:, excluded] = -np.inf
-  return float((logits.argmax(-1) == test_y).mean())
+  return float((_among(logits, classes).argmax(-1) == test_y).mean())
 
 
 def split_holdout(x, y, fraction: float, seed: int):
