@@ -1,9 +1,11 @@
 """Turning encoded records into RGB images without ever stopping a run on bad data.
 
 `DecodedSource` wraps any record source (index -> (encoded bytes, label)) as a grain random-access
-source. A record that cannot be read or decoded is skipped: its slot is filled by the next
-decodable record and the element carries `skipped=1`, so batch shapes never change and the count
-rides inside the batch through grain's worker processes (summed by the loader as `data/skipped`).
+source. A record that cannot be read or decoded is skipped and the element carries `skipped=1`, so
+the count rides inside the batch through grain's worker processes (summed by the loader as
+`data/skipped`). In training its slot is filled by the next decodable record, so batch shapes and
+the stream never change; in evaluation (substitute=False) the slot becomes a padding element
+(valid False), so no image is scored twice and the scores are over the readable ones.
 """
 from __future__ import annotations
 
@@ -84,10 +86,14 @@ def decode_image(data: Any) -> Image.Image:
 
 
 class DecodedSource:
-  """grain random-access source of {'image': RGB PIL, 'label', 'skipped', 'valid'}."""
+  """grain random-access source of {'image': RGB PIL, 'label', 'skipped', 'valid'}.
 
-  def __init__(self, records: RecordSource):
+  substitute: True (training) fills an unreadable record's slot with the next readable one;
+  False (evaluation) returns a padding element (image None, valid False, skipped 1) instead."""
+
+  def __init__(self, records: RecordSource, substitute: bool = True):
     self.records = records
+    self.substitute = substitute
     self._n = len(records)
     self._logged = 0
 
@@ -110,6 +116,8 @@ class DecodedSource:
         img, label = self._read(j)
       except (BadImageError, OSError, KeyError, ValueError) as e:
         first_error = first_error or e
+        if not self.substitute:
+          return self._not_scored(index, e)
         continue
       if k and self._logged < _MAX_LOGGED:
         self._logged += 1
@@ -120,3 +128,10 @@ class DecodedSource:
         f'{min(self._n, MAX_CONSECUTIVE_BAD)} consecutive records from record {index} of '
         f'{self.records.name} could not be decoded as images (first error: {first_error}). '
         'Check that the source holds encoded images (JPEG/PNG/WebP/...).')
+
+  def _not_scored(self, index: int, error: Exception) -> dict[str, Any]:
+    if self._logged < _MAX_LOGGED:
+      self._logged += 1
+      log.warning('skipped undecodable record %d of %s (%s); evaluation leaves it out', index,
+                  self.records.name, error)
+    return {'image': None, 'label': 0, 'skipped': 1, 'valid': False}

@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 from eva_jax.data import pipeline
-from eva_jax.data.decode import BadImageError, MAX_CONSECUTIVE_BAD, Padding, decode_image
+from eva_jax.data.decode import BadImageError, MAX_CONSECUTIVE_BAD, decode_image
 from eva_jax.data.pair_sources import BadPairError, Pair, open_pair_source
 from eva_jax.data.tokenizer import CONTEXT_LENGTH, clip_tokenizer, tokenize
 from eva_jax.data.transforms import NormalizeBatch, resize_center_crop, resized_crop, rrc_params
@@ -70,10 +70,13 @@ class DecodedPairSource:
   """grain source of {'image': PIL, 'text': str, 'skipped', 'skipped_kinds' int32 [K], 'valid'}.
 
   A bad pair at `index` is replaced by the next good one; the element then counts the bad pair's
-  kind (once: later bad pairs it passed over are counted at their own index)."""
+  kind (once: later bad pairs it passed over are counted at their own index). substitute=False
+  (evaluation): a bad pair becomes a padding element (image None, valid False) that counts it,
+  so no pair is scored twice (decode.DecodedSource)."""
 
-  def __init__(self, pairs):
+  def __init__(self, pairs, substitute: bool = True):
     self.pairs, self._n, self._logged = pairs, len(pairs), 0
+    self.substitute = substitute
 
   def __len__(self) -> int:
     return self._n
@@ -88,23 +91,30 @@ class DecodedPairSource:
         image, text = check_pair(self.pairs[(index + k) % self._n])
       except BadPairError as e:
         first = first or e
-        continue
       except (OSError, KeyError, ValueError) as e:   # unreadable record or shard
         first = first or BadPairError('unreadable', str(e))
-        continue
-      kinds = np.zeros(len(SKIP_KINDS), np.int32)
-      if k:
-        kinds[SKIP_KINDS.index(first.kind)] = 1
-        if self._logged < _MAX_LOGGED:
-          self._logged += 1
-          log.warning('skipped pair %d of %s (%s: %s); used pair %d instead', index,
-                      self.pairs.name, first.kind, first, (index + k) % self._n)
-      return {'image': image, 'text': text, 'skipped': int(k > 0), 'skipped_kinds': kinds,
-              'valid': True}
-    raise ValueError(
-        f'{min(self._n, MAX_CONSECUTIVE_BAD)} consecutive pairs from pair {index} of '
-        f'{self.pairs.name} are unusable (first: {first.kind}: {first}). Check that the source '
-        'holds images with UTF-8 captions.')
+      else:
+        break
+      if not self.substitute:
+        break
+    else:
+      raise ValueError(
+          f'{min(self._n, MAX_CONSECUTIVE_BAD)} consecutive pairs from pair {index} of '
+          f'{self.pairs.name} are unusable (first: {first.kind}: {first}). Check that the source '
+          'holds images with UTF-8 captions.')
+    kinds = np.zeros(len(SKIP_KINDS), np.int32)
+    if first is not None:
+      kinds[SKIP_KINDS.index(first.kind)] = 1
+      if self._logged < _MAX_LOGGED:
+        self._logged += 1
+        instead = (f'used pair {(index + k) % self._n} instead' if self.substitute
+                   else 'evaluation leaves it out')
+        log.warning('skipped pair %d of %s (%s: %s); %s', index, self.pairs.name, first.kind,
+                    first, instead)
+    if not self.substitute and first is not None:
+      return {'image': None, 'text': '', 'skipped': 1, 'skipped_kinds': kinds, 'valid': False}
+    return {'image': image, 'text': text, 'skipped': int(k > 0), 'skipped_kinds': kinds,
+            'valid': True}
 
 
 class PairTransform:
@@ -193,25 +203,11 @@ def build_pair_loader(data_cfg, *, image_size: int, batch_size: int, seed: int,
   `sources`: `open_pair_sources(data_cfg)` already opened (None = open them here)."""
   pi, pc = pipeline._process(process_index, process_count)   # pylint: disable=protected-access
   sources = sources if sources is not None else open_pair_sources(data_cfg)
-  parts = [grain.MapDataset.source(DecodedPairSource(src)) for src, _ in sources]
-  if train:
-    if data_cfg.shuffle:
-      parts = [p.shuffle(seed=pipeline._sub_seed(seed, k))   # pylint: disable=protected-access
-               for k, p in enumerate(parts)]
-    if len(parts) == 1:
-      ds = parts[0].repeat(num_epochs)
-    else:
-      ds = grain.MapDataset.mix([p.repeat() for p in parts], [w for _, w in sources])
-      if num_epochs is not None:
-        ds = ds[:num_epochs * sum(len(p) for p in parts)]
-  else:
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
-    chunk = pc * max(1, data_cfg.workers) * batch_size
-    pad = -len(ds) % chunk
-    if pad:
-      ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source(Padding(pad))])
-  ds = ds.map_with_index(PairTransform(data_cfg, image_size, seed, train, context_length))
-  ds = ds[pi::pc]
+  ds = pipeline.host_stream(
+      [(grain.MapDataset.source(DecodedPairSource(src, train)), w) for src, w in sources],
+      PairTransform(data_cfg, image_size, seed, train, context_length), data_cfg, seed=seed,
+      train=train, batch_size=batch_size, process_index=pi, process_count=pc,
+      num_epochs=num_epochs)
   # pylint: disable-next=protected-access
   inner = pipeline._finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed,
                            process_index=pi)

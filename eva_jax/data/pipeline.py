@@ -63,25 +63,29 @@ def _sub_seed(seed: int, k: int) -> int:
   return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])   # fits grain's uint32
 
 
-def _host_stream(data_cfg, transform: Callable, *, sources, seed: int, train: bool,
-                 batch_size: int, process_index: int, process_count: int,
-                 num_epochs: int | None) -> grain.MapDataset:
-  """The transformed examples this host reads, in order."""
-  parts = [grain.MapDataset.source(DecodedSource(rec)) for rec, _ in sources]
+def host_stream(parts: list[tuple[grain.MapDataset, float]], transform: Callable, data_cfg, *,
+                seed: int, train: bool, batch_size: int, process_index: int, process_count: int,
+                num_epochs: int | None) -> grain.MapDataset:
+  """The transformed examples this host reads, in order, from (decoded MapDataset, weight) parts
+  (image, image-text and video loaders alike). Train: each part shuffled (data_cfg.shuffle) and
+  repeated num_epochs times (None = forever), several parts mixed by weight. Eval: one ordered
+  pass over the parts in order, padded (`Padding`) so that every host and worker gets the same
+  number of full batches. Rows are dealt to hosts round-robin after `transform`."""
+  ds = [p for p, _ in parts]
   if train:
     if data_cfg.shuffle:    # reshuffled every epoch: repeat() reseeds upstream shuffles
-      parts = [p.shuffle(seed=_sub_seed(seed, k)) for k, p in enumerate(parts)]
-    if len(parts) == 1:
-      ds = parts[0].repeat(num_epochs)
+      ds = [p.shuffle(seed=_sub_seed(seed, k)) for k, p in enumerate(ds)]
+    if len(ds) == 1:
+      ds = ds[0].repeat(num_epochs)
     else:
       # grain's mix interleaves by exact proportions; components repeat so none runs dry. One
       # "epoch" of a mixture is as many examples as all sources hold together.
-      ds = grain.MapDataset.mix([p.repeat() for p in parts], [w for _, w in sources])
+      n = sum(len(p) for p in ds)
+      ds = grain.MapDataset.mix([p.repeat() for p in ds], [w for _, w in parts])
       if num_epochs is not None:
-        ds = ds[:num_epochs * sum(len(p) for p in parts)]
+        ds = ds[:num_epochs * n]
   else:
-    # One ordered pass, padded so every host and worker gets the same number of full batches.
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    ds = ds[0] if len(ds) == 1 else grain.MapDataset.concatenate(ds)
     chunk = process_count * max(1, data_cfg.workers) * batch_size
     pad = math.ceil(len(ds) / chunk) * chunk - len(ds)
     if pad:
@@ -231,9 +235,9 @@ def build_pretrain_loader(data_cfg, *, image_size, patch_size: int, batch_size: 
   pi, pc = _process(process_index, process_count)
   transform = PretrainTransform(data_cfg, image_size, patch_size, seed, train)
   sources = sources if sources is not None else open_sources(data_cfg)
-  ds = _host_stream(data_cfg, transform, sources=sources, seed=seed, train=train,
-                    batch_size=batch_size, process_index=pi, process_count=pc,
-                    num_epochs=num_epochs if train else 1)
+  ds = host_stream([(grain.MapDataset.source(DecodedSource(rec, train)), w) for rec, w in sources],
+                   transform, data_cfg, seed=seed, train=train, batch_size=batch_size,
+                   process_index=pi, process_count=pc, num_epochs=num_epochs)
   return _finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed, process_index=pi)
 
 
@@ -268,8 +272,8 @@ def build_classification_loader(data_cfg, *, image_size, batch_size: int, seed: 
                   switch_prob=data_cfg.mixup_switch_prob,
                   label_smoothing=data_cfg.label_smoothing, num_classes=num_classes)
   transform = ClassifyTransform(data_cfg, image_size, seed, train)
-  ds = _host_stream(data_cfg, transform, sources=sources, seed=seed, train=train,
-                    batch_size=batch_size, process_index=pi, process_count=pc,
-                    num_epochs=num_epochs if train else 1)
+  ds = host_stream([(grain.MapDataset.source(DecodedSource(rec, train)), w) for rec, w in sources],
+                   transform, data_cfg, seed=seed, train=train, batch_size=batch_size,
+                   process_index=pi, process_count=pc, num_epochs=num_epochs)
   return _finish(ds, data_cfg, batch_size=batch_size, train=train, seed=seed, process_index=pi,
                  mixup=mixup, num_classes=num_classes, source=sources[0][0].name)

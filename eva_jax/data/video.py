@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from eva_jax.data import pipeline, sources
-from eva_jax.data.decode import BadImageError, DecodedSource, Padding
+from eva_jax.data.decode import BadImageError, DecodedSource
 from eva_jax.data.mixup import Mixup
 from eva_jax.data.transforms import BICUBIC, rrc_params
 
@@ -260,8 +260,8 @@ class DecodedVideoSource(DecodedSource):
   """grain source of {'image': uint8 [n, h, w, 3] frames, 'label', 'skipped', 'valid'}: the image
   DecodedSource's skip-and-count logic with PyAV decoding."""
 
-  def __init__(self, records, video_cfg):
-    super().__init__(records)
+  def __init__(self, records, video_cfg, substitute: bool = True):
+    super().__init__(records, substitute)
     self.max_frames = int(video_cfg.max_decode_frames)
     self.short_side = int(video_cfg.decode_short_side)
     self.min_frames = int(video_cfg.min_frames)
@@ -435,17 +435,10 @@ def build_video_loader(data_cfg, *, num_frames: int, image_size: int, batch_size
                      f'{records.num_classes}.')
   transform = VideoTransform(data_cfg, num_frames=num_frames, image_size=image_size, seed=seed,
                              train=train)
-  ds = grain.MapDataset.source(DecodedVideoSource(records, v))
-  if train:
-    if data_cfg.shuffle:
-      ds = ds.shuffle(seed=pipeline._sub_seed(seed, 0))
-    ds = ds.repeat(num_epochs)
-  else:
-    chunk = pc * max(1, data_cfg.workers) * batch_size
-    pad = math.ceil(len(ds) / chunk) * chunk - len(ds)
-    if pad:
-      ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source(Padding(pad))])
-  ds = ds.map_with_index(transform)[pi::pc]
+  decoded = grain.MapDataset.source(DecodedVideoSource(records, v, substitute=train))
+  ds = pipeline.host_stream([(decoded, 1.0)], transform, data_cfg, seed=seed, train=train,
+                            batch_size=batch_size, process_index=pi, process_count=pc,
+                            num_epochs=num_epochs)
   mixup = None
   if train and (data_cfg.mixup > 0 or data_cfg.cutmix > 0):
     mixup = Mixup(data_cfg.mixup, data_cfg.cutmix, prob=data_cfg.mixup_prob,

@@ -40,15 +40,19 @@ def extract(encoder, data_cfg, *, image_size, batch_size: int, pool: str, seed: 
   loader = data_lib.build_classification_loader(
       data_cfg, image_size=image_size, batch_size=batch_size, seed=seed, train=False,
       sources=sources)
-  feats, labels = [], []
+  feats, labels, skipped = [], [], 0
   for b in loader:
     tokens = np.asarray(fwd(b.arrays['image']))
     f = tokens[:, prefix:].mean(1) if pool == 'mean' else tokens[:, 0]
     feats.append(f[b.valid])
     labels.append(np.asarray(b.arrays['label'])[b.valid])
+    skipped = b.skipped
     if limit and sum(len(l) for l in labels) >= limit:
       break
   loader.close()
+  if skipped:
+    name = sources[0][0].name if sources else data_cfg.source
+    print(f'Left out {skipped} unreadable images of {name} (not scored).', flush=True)
   return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)
 
 

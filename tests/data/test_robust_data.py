@@ -150,6 +150,36 @@ def test_corrupt_arrayrecord_record_is_skipped_counted_and_named(tmp_path, caplo
     out = [dec[i] for i in range(len(dec))]
   assert sum(o['skipped'] for o in out) == len(bad)   # counted, and the batch shape kept
   assert shards[0] in caplog.text
+  # Evaluation scores each readable record once: a bad one is a padding row, counted.
+  out = [DecodedSource(src, substitute=False)[i] for i in range(len(src))]
+  assert [i for i, o in enumerate(out) if not o['valid']] == bad
+  assert [o['skipped'] for o in out] == [int(i in bad) for i in range(len(src))]
+
+
+def test_evaluation_leaves_out_an_unreadable_image_once(tmp_path):
+  """An undecodable file in an evaluation split: every readable image scored exactly once, the bad
+  one counted as skipped and left out (training fills its slot with the next image instead)."""
+  from eva_jax.data import pipeline
+  from eva_jax.data.config import default_data_config
+  root = str(tmp_path / 'val')
+  _classes_tree(root)
+  with open(os.path.join(root, 'dog', 'zz_bad.jpg'), 'wb') as f:
+    f.write(b'not a jpeg at all')
+  cfg = default_data_config()
+  cfg.source, cfg.workers = f'folder:{root}', 0
+  loader = pipeline.build_classification_loader(cfg, image_size=16, batch_size=4, seed=0,
+                                                train=False, process_index=0, process_count=1)
+  batches = list(loader)
+  valid = np.concatenate([b.valid for b in batches])
+  images = np.concatenate([b.arrays['image'] for b in batches])[valid]
+  assert len(valid) == 8 and valid.sum() == 5 and batches[-1].skipped == 1
+  assert np.concatenate([b.arrays['label'] for b in batches])[valid].tolist() == [0, 0, 0, 1, 1]
+  assert len({im.tobytes() for im in images}) == 5          # no image scored twice
+  train = pipeline.build_classification_loader(cfg, image_size=16, batch_size=6, seed=0,
+                                               train=True, process_index=0, process_count=1)
+  b = next(iter(train))
+  assert b.valid.all() and b.skipped == 1
+  train.close()
 
 
 def test_truncated_safetensors_is_named(tmp_path):

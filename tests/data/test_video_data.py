@@ -134,6 +134,13 @@ def test_test_views(clips):
   v = b.arrays['video'][0].reshape(4, 3, 4, 28, 28, 3)
   # Left / centre / right crops of a 28 x 42 resize differ; the 4 temporal clips differ.
   assert not np.allclose(v[0, 0], v[0, 2]) and not np.allclose(v[0, 1], v[1, 1])
+  # One pass scores each of the 4 readable videos once; the bad files are counted, left out.
+  rest = [b] + list(it)
+  valid = np.concatenate([x.valid for x in rest])
+  files = sum(len(f) for _, _, f in os.walk(clips))
+  assert valid.sum() == 4 and rest[-1].skipped == files - 4 >= 2
+  views = np.concatenate([x.arrays['video'] for x in rest])[valid]
+  assert len({x.tobytes() for x in views}) == 4
   it.close()
 
 
