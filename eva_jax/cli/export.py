@@ -3,8 +3,9 @@ r"""eva-export: an eva_jax checkpoint as PyTorch weights (timm or the official E
   eva-export --workdir=workdirs/demo --format=timm --out=eva_demo.safetensors
   eva-export --checkpoint=workdirs/demo/checkpoints/150 --format=eva --out=eva_demo.pth
 
---format=timm writes safetensors for timm's `Eva` plus its kwargs in OUT.json (dynamic_img_size=True:
-any H x W); --format=eva writes `{"model": state_dict}` (.pth); --format=detectron2 the official
+--format=timm writes safetensors for timm's `Eva` plus its kwargs in OUT.json; --format=eva writes
+`{"model": state_dict}` (.pth); --format=video a video fine-tuning run in the official video
+layout (.pth, convert/video_export.py); --format=detectron2 the official
 EVA det backbone (`backbone.net.*`, docs/detection.md) with the LazyConfig arguments in OUT.json:
   eva-export --workdir=W --format=detectron2 --out=det.pth --patch_size=16 --det_image_size=1024 \
     --window_size=16 --global_blocks=5,11,17,23
@@ -24,6 +25,8 @@ from eva_jax.convert import export
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.checkpoint and f.workdir:
+    raise app.UsageError('Give --workdir=DIR or --checkpoint=DIR/checkpoints/STEP, not both.')
   path = f.checkpoint or f.workdir
   if not path:
     raise app.UsageError('--workdir=DIR (or --checkpoint=DIR/checkpoints/STEP) is required.')
@@ -38,7 +41,7 @@ def run():
   flags.DEFINE_string('workdir', None, 'Run directory (its latest checkpoint).')
   flags.DEFINE_string('checkpoint', None, 'A checkpoints/<step> folder.')
   flags.DEFINE_enum('format', 'timm', list(export.FORMATS), 'Output layout.')
-  flags.DEFINE_string('out', None, 'Output file (.safetensors for timm, .pth for eva).')
+  flags.DEFINE_string('out', None, 'Output file (.safetensors for timm, .pth for the others).')
   flags.DEFINE_enum('weights', 'auto', ['auto', 'raw', 'ema', 'model', 'model_ema'],
                     'auto = the EMA when the run kept one (the evaluated weights), else raw.')
   flags.DEFINE_integer('patch_size', None, 'Resample to this patch size (e.g. 14 -> 16).')

@@ -64,6 +64,20 @@ _HF_IGNORED = ('vision_model.embeddings.position_ids',)
 
 # -------------------------------------------------------------------------------------------------
 # Layouts: checkpoint key names of each part of the tower.
+def block_keys(kind: str, pre: str, i: int) -> dict[str, str]:
+  """Key prefixes of residual block i of a CLIP tower under namespace `pre`, in layout `kind`
+  (HF: separate q/k/v projections; OPENAI / open_clip: a packed in_proj)."""
+  if kind == HF:
+    b = f'{pre}encoder.layers.{i}.'
+    return dict(ln1=b + 'layer_norm1.', ln2=b + 'layer_norm2.', q=b + 'self_attn.q_proj.',
+                k=b + 'self_attn.k_proj.', v=b + 'self_attn.v_proj.', out=b + 'self_attn.out_proj.',
+                fc1=b + 'mlp.fc1.', fc2=b + 'mlp.fc2.')
+  b = f'{pre}transformer.resblocks.{i}.'
+  return dict(ln1=b + 'ln_1.', ln2=b + 'ln_2.', in_w=b + 'attn.in_proj_weight',
+              in_b=b + 'attn.in_proj_bias', out=b + 'attn.out_proj.', fc1=b + 'mlp.c_fc.',
+              fc2=b + 'mlp.c_proj.')
+
+
 class _Names:
   """Checkpoint key names of one layout (`pre` = namespace prefix of the vision tower)."""
 
@@ -89,15 +103,7 @@ class _Names:
       self.block_tmpl = pre + 'transformer.resblocks.{i}.*'
 
   def block(self, i: int) -> dict[str, str]:
-    if self.kind == HF:
-      b = f'{self.pre}encoder.layers.{i}.'
-      return dict(ln1=b + 'layer_norm1.', ln2=b + 'layer_norm2.', q=b + 'self_attn.q_proj.',
-                  k=b + 'self_attn.k_proj.', v=b + 'self_attn.v_proj.', out=b + 'self_attn.out_proj.',
-                  fc1=b + 'mlp.fc1.', fc2=b + 'mlp.fc2.')
-    b = f'{self.pre}transformer.resblocks.{i}.'
-    return dict(ln1=b + 'ln_1.', ln2=b + 'ln_2.', in_w=b + 'attn.in_proj_weight',
-                in_b=b + 'attn.in_proj_bias', out=b + 'attn.out_proj.', fc1=b + 'mlp.c_fc.',
-                fc2=b + 'mlp.c_proj.')
+    return block_keys(self.kind, self.pre, i)
 
   def in_namespace(self, key: str) -> bool:
     if self.kind == HF:

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.convert import common
+from eva_jax.convert.clip import HF, OPENAI, block_keys
 from eva_jax.convert.common import CheckpointError
 from eva_jax.models import clip as clip_lib
 from eva_jax.models.layers import resize_grid
@@ -50,7 +51,6 @@ from eva_jax.models.layers import resize_grid
 __all__ = ['read_text_tower', 'load_text_tower', 'check_text_tower', 'load_image_tower',
            'TextTowerWeights']
 
-HF, OPENAI = 'transformers', 'openai'
 _HF_DEFAULTS = {'hidden_act': 'quick_gelu', 'num_attention_heads': 8, 'layer_norm_eps': 1e-5}
 _ACTS = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'QuickGELU': 'quick_gelu', 'GELU': 'gelu'}
 _LN_EPS = 1e-5
@@ -101,18 +101,6 @@ def _names(kind: str, pre: str) -> dict:
   return dict(tok=pre + 'token_embedding.weight', pos=pre + 'positional_embedding',
               ln_final=pre + 'ln_final.', proj=pre + 'text_projection',
               block_re=re.compile(re.escape(pre) + r'transformer\.resblocks\.(\d+)\.'))
-
-
-def _block(kind: str, pre: str, i: int) -> dict:
-  if kind == HF:
-    b = f'{pre}encoder.layers.{i}.'
-    return dict(ln1=b + 'layer_norm1.', ln2=b + 'layer_norm2.', q=b + 'self_attn.q_proj.',
-                k=b + 'self_attn.k_proj.', v=b + 'self_attn.v_proj.', out=b + 'self_attn.out_proj.',
-                fc1=b + 'mlp.fc1.', fc2=b + 'mlp.fc2.')
-  b = f'{pre}transformer.resblocks.{i}.'
-  return dict(ln1=b + 'ln_1.', ln2=b + 'ln_2.', in_w=b + 'attn.in_proj_weight',
-              in_b=b + 'attn.in_proj_bias', out=b + 'attn.out_proj.', fc1=b + 'mlp.c_fc.',
-              fc2=b + 'mlp.c_proj.')
 
 
 def detect_text_layout(keys) -> tuple[str, str]:
@@ -242,7 +230,7 @@ def read_text_tower(source, *, act: str | None = None, heads: int | None = None,
   vocab, width = src.shape(n['tok'])
   ctx = src.shape(n['pos'])[0]
   depth = depth_ids[-1] + 1
-  fc1 = _block(kind, pre, 0)['fc1'] + 'weight'
+  fc1 = block_keys(kind, pre, 0)['fc1'] + 'weight'
   mlp = src.shape(fc1)[0]
   pshape = src.shape(n['proj'])
   embed = pshape[0] if kind_proj_t else pshape[1]
@@ -285,7 +273,7 @@ def _in_text_namespace(k: str, kind: str, pre: str) -> bool:
 def _expected_keys(kind, pre, n, depth):
   keys = [n['tok'], n['pos'], n['proj'], n['ln_final'] + 'weight', n['ln_final'] + 'bias']
   for i in range(depth):
-    b = _block(kind, pre, i)
+    b = block_keys(kind, pre, i)
     for part in ('ln1', 'ln2', 'out', 'fc1', 'fc2') + (('q', 'k', 'v') if kind == HF else ()):
       keys += [b[part] + 'weight', b[part] + 'bias']
     if kind != HF:
@@ -297,7 +285,7 @@ def _convert(src, kind, pre, n, cfg, proj_t, ctx, what) -> dict:
   d, h, L = cfg.width, cfg.heads, cfg.depth
   k = d // h
   g = lambda key: np.asarray(src[key], np.float32)   # noqa: E731
-  blk = lambda i: _block(kind, pre, i)                # noqa: E731
+  blk = lambda i: block_keys(kind, pre, i)   # noqa: E731
 
   def qkv(i):
     b = blk(i)

@@ -251,6 +251,15 @@ def _script_module_info(module) -> dict[str, dict]:
   return out
 
 
+def _unpickler_reason(e: Exception) -> str:
+  """What torch's weights-only unpickler found, without its advice to retry with
+  weights_only=False (which would run any code the file pickles)."""
+  text = str(e)
+  if 'WeightsUnpickler error:' in text:
+    text = text.split('WeightsUnpickler error:', 1)[1].split('Check the documentation', 1)[0]
+  return ' '.join(text.split())[:300] or type(e).__name__
+
+
 def _torch_load_flat(f: str, weights: str = 'auto',
                      script_modules: dict | None = None) -> dict[str, object]:
   import torch
@@ -277,7 +286,7 @@ def _torch_load_flat(f: str, weights: str = 'auto',
             'refuses to unpickle code from a checkpoint. If you trust the file, re-save its weights '
             'alone: torch.save(torch.load(f, weights_only=False)["model"], "weights.pth").') from e
       raise CheckpointError(f'{f!r} is neither a torch.save state dict nor a TorchScript archive '
-                            f'({type(e).__name__}: {str(e)[:300]}).') from e
+                            f'(the unpickler says: {_unpickler_reason(e)}).') from e
     except Exception as e:
       raise CheckpointError(f'{f!r} is neither a torch.save state dict nor a TorchScript archive '
                             f'({type(e).__name__}: {str(e)[:300]}). A truncated or partly '

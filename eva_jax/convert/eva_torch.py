@@ -553,9 +553,11 @@ def resolve_facts(recorded: Mapping[str, tuple], given: Mapping, what: str) -> d
       continue
     if r is not None and g is not None:
       if r[0] != g and not (isinstance(g, float) and abs(r[0] - g) <= 1e-9 * abs(g)):
-        raise CheckpointError(f'{what}: the given {field}={g!r} contradicts {r[1]}, which says '
-                              f'{r[0]!r}. Drop {field} from the explicit values (the file records '
-                              'it) or fix the file.')
+        # The given facts come from facts= or, in a training run, from the run's model config.
+        raise CheckpointError(f'{what}: {field}={g!r} (from the run\'s model config, or facts=) '
+                              f'contradicts {r[1]}, which says {r[0]!r}. Choose the model that '
+                              'matches the file (config.model.name, for EVA-CLIP also '
+                              f'config.vision.{field}), or drop {field} from facts=.')
       out[field] = (g, f'the explicit {field} (agrees with {r[1]})')
     elif g is not None:
       out[field] = (g, f'the explicit {field}')
@@ -576,8 +578,9 @@ def resolve_facts(recorded: Mapping[str, tuple], given: Mapping, what: str) -> d
         'facts={' + ', '.join(f"'{m}': ..." for m in missing) + '} (or heads=, or a whole cfg=; '
         'fine-tuning takes them from the fine-tuning config\'s model). '
         + ' '.join(f'{m}: {help_[m]}.' for m in missing)
-        + ' Or keep the record next to the weights: the FILE.json that eva_jax.export writes '
-        '(timm Eva kwargs).')
+        + ' From a command line, keep the record next to the weights: FILE.json, the timm Eva '
+        'kwargs that eva-export writes, e.g. {"embed_dim": 768, "num_heads": 12, '
+        '"use_rot_pos_emb": true, "rope_temperature": 10000.0, "ref_feat_shape": [16, 16]}.')
   return out
 
 

@@ -37,7 +37,11 @@ from eva_jax import paths
 from eva_jax.convert import common, eva_torch
 
 
-FORMATS = ('timm', 'eva', 'detectron2')
+FORMATS = ('timm', 'eva', 'detectron2', 'video')
+# The file kinds each format writes: an --out named otherwise is refused (a .pth holding
+# safetensors bytes fails later, at load, with a misleading "truncated file" message).
+EXTENSIONS = {'timm': ('.safetensors',), 'eva': ('.pth', '.pt', '.bin'),
+              'detectron2': ('.pth', '.pt', '.bin'), 'video': ('.pth', '.pt', '.bin')}
 
 
 def export(path: str, fmt: str, out: str, weights: str = 'auto', *, patch_size: int | None = None,
@@ -46,20 +50,33 @@ def export(path: str, fmt: str, out: str, weights: str = 'auto', *, patch_size: 
   """Writes `out` and `out`.json; returns a summary dict (its 'weights' says which).
 
   path: an eva_jax workdir or checkpoint (checkpoint.read_encoder). fmt: 'timm' | 'eva' |
-  'detectron2'. weights: 'auto' (the EMA when the run kept one: the weights behind its eval
+  'detectron2' | 'video' (a video fine-tuning run, convert/video_export.py). weights: 'auto' (the EMA when the run kept one: the weights behind its eval
   metrics, else the raw ones), 'raw' or 'ema' (aliases 'model', 'model_ema').
   patch_size / patch_resample: resample to another patch size first (models.resample).
   det_image_size, window_size, global_blocks (None = every 6th block from the 6th, EVA-02-L's
   5, 11, 17, 23 pattern): the detectron2 backbone arguments (fmt='detectron2' only).
-  Raises ValueError for a source that is not an eva_jax checkpoint, an unknown format, or
-  detection settings the backbone cannot take (naming the valid choices)."""
+  Raises ValueError for a source that is not an eva_jax checkpoint (or a video one for an image
+  format), an unknown format, an `out` not named for the format, or detection settings the
+  backbone cannot take (naming the valid choices)."""
   if fmt not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, got {fmt!r}.')
+  if not str(out).endswith(EXTENSIONS[fmt]):
+    raise ValueError(f'--format={fmt} writes a {" / ".join(EXTENSIONS[fmt])} file; name --out '
+                     f'so (got {out!r}).')
+  if fmt == 'video':
+    if patch_size:
+      raise ValueError('--patch_size applies to image exports; the video layout keeps the '
+                       "checkpoint's tubelet patch.")
+    from eva_jax.convert import video_export
+    return video_export.export(path, out, weights)
   weights = ckpt_lib.read_encoder(path, weights=weights)
   if weights.step is None:
     raise ValueError(f'{weights.source} is already a PyTorch file; export reads eva_jax '
                      'checkpoints.')
   meta, step = weights.meta, weights.step
+  if meta.get('kind') == 'eva_video_finetune':
+    raise ValueError(f'{weights.source} is a video fine-tuning checkpoint: export it with '
+                     '--format=video (the official video layout).')
   cfg = ml_collections.ConfigDict(meta['student'])
   flat = common.flatten({'encoder': weights.params, **weights.extra})
   resampled = None

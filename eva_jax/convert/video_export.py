@@ -65,7 +65,8 @@ def export(path: str, out: str, weights: str = 'auto') -> dict:
   w = ckpt_lib.read_encoder(path, weights=weights)
   if w.meta.get('kind') != 'eva_video_finetune':
     raise ValueError(f'{w.source} is a {w.meta.get("kind")!r} checkpoint, not a video '
-                     'fine-tuning one (eva-video-finetune); use eva-export for image models.')
+                     'fine-tuning one (eva-video-finetune); export image models with '
+                     'eva-export --format=timm or --format=eva.')
   cfg = ml_collections.ConfigDict(w.meta['student'])
   flat = common.flatten({'encoder': w.params, **w.extra})
   sd = to_official_video_state_dict(flat, cfg)

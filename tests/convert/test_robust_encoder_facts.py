@@ -105,8 +105,8 @@ def test_timm_file_without_record_is_refused_then_explicit_or_json(tmp_path, cap
   assert 'heads=8 from eva02.safetensors.json num_heads' in caplog.text
   assert 'rope_ref_grid=16 from eva02.safetensors.json ref_feat_shape' in caplog.text
   assert float(np.abs(_ours(m3, x) - ref).max()) < TOL
-  with pytest.raises(CheckpointError, match=r'given heads=4 contradicts eva02.safetensors.json '
-                     r'num_heads, which says 8'):
+  with pytest.raises(CheckpointError, match=r'heads=4 \(from the run.s model config, or facts=\) '
+                     r'contradicts eva02.safetensors.json num_heads, which says 8. Choose the model'):
     eva_torch.from_torch_state_dict(common.TensorSource(st), heads=4)
   bad = eva_torch.timm_kwargs(cfg)
   bad['depth'] = 12
@@ -133,8 +133,8 @@ def test_official_rope_buffer_records_heads_and_rope(tmp_path, caplog):
   d = float(np.abs(_ours(m, x) - _timm_tokens(cfg, p, x)).max())
   print(f'\n[facts] official EVA-02 layout + RoPE buffer: max|ours - timm| {d:.3e}')
   assert d < TOL
-  with pytest.raises(CheckpointError, match=r"given rope_ref_grid=0 contradicts the checkpoint's "
-                     r'rope.freqs_cos \(verified\), which says 16'):
+  with pytest.raises(CheckpointError, match=r"rope_ref_grid=0 \(from .*\) contradicts the "
+                     r"checkpoint's rope.freqs_cos \(verified\), which says 16"):
     eva_torch.from_torch_state_dict(common.TensorSource(path), facts={'rope_ref_grid': 0})
   wrong = _eva02_cfg(heads=4)      # an explicit cfg is checked against the record too
   with pytest.raises(CheckpointError, match=r"cfg.heads=4 contradicts the checkpoint's "

@@ -136,3 +136,18 @@ def test_finetune_resume_with_another_class_count_is_refused(ema_run):
                      r'is 9 in this run'):
     finetune.train(other, str(workdir))
   assert (workdir / 'config.json').read_bytes() == before
+
+
+def test_export_refuses_a_file_named_for_another_format_and_a_video_run(tmp_path, monkeypatch):
+  """An --out named for another format, checked before anything is read (a .pth holding
+  safetensors bytes failed only at load, as 'truncated'); a video run points to --format=video."""
+  for fmt, out in (('timm', 'm.pth'), ('eva', 'm.safetensors'), ('video', 'm.safetensors')):
+    with pytest.raises(ValueError, match=f'--format={fmt} writes a'):
+      export.export('ignored', fmt, str(tmp_path / out))
+  fake = ckpt_lib.EncoderWeights(params={}, extra={}, config={},
+                                 meta={'kind': 'eva_video_finetune', 'student': {}},
+                                 source='video run', step=3, weights='raw')
+  monkeypatch.setattr(ckpt_lib, 'read_encoder', lambda path, weights='auto': fake)
+  with pytest.raises(ValueError, match='video fine-tuning checkpoint: export it with --format=video'):
+    export.export('ignored', 'timm', str(tmp_path / 'm.safetensors'))
+  assert not list(tmp_path.iterdir())   # nothing written
