@@ -306,12 +306,14 @@ def _weights_key(tree: dict, choice: str, what: str) -> str:
 class EncoderWeights:
   """An encoder read from any source the product accepts (see read_encoder)."""
   params: dict      # the encoder: nested dict of numpy arrays in VisionTransformer layout
-  extra: dict       # the other parameter groups of an eva_jax checkpoint (lm_head; fc_norm, head)
+  extra: dict       # the other parameter groups (lm_head; fc_norm, head), of any source
   config: dict      # encoder config (models/config.py fields)
   meta: dict        # checkpoint metadata ({'kind': 'timm' | 'eva_official'} for PyTorch files)
   source: str       # what was read, for messages (names the weights used: raw or EMA)
   step: int | None = None   # training step of an eva_jax checkpoint
-  weights: str = 'raw'      # 'raw' or 'ema': which weights of the checkpoint these are
+  # 'raw' or 'ema': which weights of an eva_jax checkpoint these are. For a PyTorch file, the
+  # choice as given: 'auto' there is the file's EMA when it holds one (logged as a WARNING).
+  weights: str = 'raw'
 
 
 def read_encoder(path: epath.PathLike, *, weights: str = 'auto',
@@ -344,11 +346,12 @@ def read_encoder(path: epath.PathLike, *, weights: str = 'auto',
       raise ValueError(f'{src!r} (step {step}) is not an eva_jax pretraining or fine-tuning '
                        f'checkpoint (metadata keys {sorted(meta)}, parameter groups '
                        f'{sorted(params)}).')
-    label = 'EMA' if used == 'ema' else ('raw' if has_ema else 'raw, no EMA kept')
+    label = ('EMA weights' if used == 'ema' else
+             'raw weights' if has_ema else 'raw weights; the run kept no EMA')
     return EncoderWeights(params=params['encoder'],
                           extra={k: v for k, v in params.items() if k != 'encoder'},
                           config=dict(meta['student']), meta=meta,
-                          source=f'eva_jax checkpoint {src} (step {step}, {label} weights)',
+                          source=f'eva_jax checkpoint {src} (step {step}, {label})',
                           step=step, weights=used)
   if p.is_file():
     from eva_jax.convert import common, eva_torch
@@ -356,7 +359,10 @@ def read_encoder(path: epath.PathLike, *, weights: str = 'auto',
     enc_cfg, model, extras = eva_torch.from_torch_state_dict(
         common.TensorSource(src, weights=torch_name), facts=facts)
     logging.info('Imported %s; keys not used by the encoder: %s', src, sorted(extras))
-    return EncoderWeights(params=common.unflatten(common.model_params_numpy(model)), extra={},
+    return EncoderWeights(params=common.unflatten(common.model_params_numpy(model)),
+                          extra=common.unflatten(eva_torch.extras_to_params(
+                              {k: v for k, v in extras.items()
+                               if k.count('.') == 1 and k.endswith(('.weight', '.bias'))})),
                           config=enc_cfg.to_dict(), meta={'kind': 'pytorch'},
                           source=f'PyTorch file {src}', weights=choice)
   raise FileNotFoundError(f'{src!r} does not exist. Pass an eva_jax workdir or checkpoint folder, '

@@ -103,6 +103,9 @@ def finetune_defaults(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.patch_resample = 'pinv'
   c.ema_decay = 0.0             # > 0: EMA of the weights, used for evaluation
   c.eval_source = ''            # '' = config.data.source
+  # True: evaluate init_from's weights (fc_norm and head included) once on the evaluation source
+  # and train nothing; writes WORKDIR/eval.json (the official run_class_finetuning.py --eval).
+  c.eval_only = False
   c.eval_every = 0
   c.eval_batches = 0            # 0 = the whole eval split
   c.model.drop_path = 0.4

@@ -38,7 +38,9 @@ def known_error_message(e: BaseException) -> str | None:
     return (f'no space left on device{where} ({e.strerror or os.strerror(e.errno)}). Free space '
             'or point --workdir elsewhere; the checkpoints already saved are kept.')
   if isinstance(e, KNOWN_ERRORS):
-    return str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    # One line, as promised: multi-line messages (key lists of a checkpoint) are joined.
+    return ' '.join(line.strip() for line in text.splitlines() if line.strip())
   return None
 
 
@@ -134,5 +136,27 @@ def run_training(program_class, doc: str, what: str) -> None:
     del argv
     from eva_jax.training import trainer   # jax and the models: only once flags are parsed
     trainer.run(program_class(FLAGS.config), FLAGS.workdir)
+
+  run(main, doc, ['config', 'workdir'])
+
+
+def run_evaluation(module: str, doc: str, what: str, filename: str) -> None:
+  """The whole command of a config-driven evaluation: --config and an optional --workdir. Runs
+  `eva_jax.evaluation.<module>.evaluate(config) -> dict` (imported once flags are parsed), prints
+  the result as one JSON line and, with --workdir, also writes it to WORKDIR/filename."""
+  define_config(f'{what} config.')
+  define_workdir(f'Optional: writes {filename} here.', required=False)
+
+  def main(argv):
+    del argv
+    import importlib   # pylint: disable=g-import-not-at-top
+    import json   # pylint: disable=g-import-not-at-top
+    from etils import epath   # pylint: disable=g-import-not-at-top
+    out = importlib.import_module(f'eva_jax.evaluation.{module}').evaluate(FLAGS.config)
+    if FLAGS.workdir:
+      workdir = epath.Path(FLAGS.workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / filename).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out), flush=True)
 
   run(main, doc, ['config', 'workdir'])

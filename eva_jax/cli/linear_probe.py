@@ -5,29 +5,11 @@ r"""eva-linear-probe: linear probe and k-NN on the frozen features of an encoder
 config.init_from: an eva_jax workdir or checkpoint, or a timm / official EVA file. Prints a JSON
 line (probe_top1, knn_top1, counts); with --workdir also writes WORKDIR/probe.json.
 """
-import json
-
-from absl import flags
-from etils import epath
-
 from eva_jax.cli import common
-from eva_jax.evaluation import linear_probe
-
-
-def main(argv):
-  del argv
-  out = linear_probe.evaluate(flags.FLAGS.config)
-  if flags.FLAGS.workdir:
-    workdir = epath.Path(flags.FLAGS.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'probe.json').write_text(json.dumps(out, indent=2))
-  print(json.dumps(out), flush=True)
 
 
 def run():
-  common.define_config('Linear-probe config.')
-  common.define_workdir('Optional: writes probe.json here.', required=False)
-  common.run(main, __doc__, ['config', 'workdir'])
+  common.run_evaluation('linear_probe', __doc__, 'Linear-probe', 'probe.json')
 
 
 if __name__ == '__main__':

@@ -292,10 +292,22 @@ def resolve_encoder(section, *, image_size: int, dtype: str) -> ml_collections.C
       raise ValueError(f'config.model.{k} is not an encoder field. Known: '
                        f'{", ".join(sorted(f for f in enc if f != "name"))}.')
     enc[k] = v
-  enc.image_size = int(image_size)
+  set_run_image_size(enc, image_size)
   enc.dtype = dtype
   validate(enc)
   return enc
+
+
+def set_run_image_size(enc: ml_collections.ConfigDict, image_size: int) -> None:
+  """enc.image_size = image_size, the run's config.image_size. Raises ValueError naming
+  config.image_size (what the user set, not the resolved model.image_size) and the nearest valid
+  sizes when it is no multiple of enc.patch_size."""
+  enc.image_size = int(image_size)
+  p = int(enc.patch_size)
+  if p > 0 and enc.image_size % p:
+    near = sorted({max(p, enc.image_size // p * p), (enc.image_size // p + 1) * p})
+    raise ValueError(f'{RUN_OWNED["image_size"]}={image_size} is not a multiple of the patch size '
+                     f'{p} (model {enc.get("name")!r}); nearest: {" or ".join(map(str, near))}.')
 
 
 # The range of every numeric encoder field (eva_jax/ranges.py); tests/test_robust_config.py checks

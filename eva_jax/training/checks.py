@@ -231,6 +231,35 @@ CHOICES = {
 }
 
 
+# What each kind of config is for: (what it is, the command that takes it, a recipe of it).
+KIND_COMMANDS = {
+    'pretrain': ('a pretraining', 'eva-pretrain', 'pretrain_demo'),
+    'video': ('a video fine-tuning', 'eva-video-finetune', 'video_demo'),
+    'finetune': ('a fine-tuning', 'eva-finetune', 'finetune_demo'),
+    'linear_probe': ('a linear-probe', 'eva-linear-probe', 'linear_probe_demo'),
+    'seg_probe': ('a segmentation-probe', 'eva-seg-probe', 'seg_probe_demo'),
+    'clip': ('a contrastive (EVA-CLIP)', 'eva-clip', 'clip_demo'),
+    'data_bench': ('an input-benchmark', 'eva-data-benchmark', 'data_bench'),
+}
+
+
+def require_kind(cfg, kind: str) -> None:
+  """ValueError unless config_kind(cfg) == kind, naming what the config is, the command that
+  takes it and a recipe of the wanted kind. Without it, a pretraining config given to fine-tuning
+  fails deep inside with a bare AttributeError on the first field it lacks."""
+  what, _, recipe = KIND_COMMANDS[kind]
+  try:
+    found = config_kind(cfg)
+  except ValueError:
+    found = None
+  if found == kind:
+    return
+  other = KIND_COMMANDS.get(found)
+  guess = f' It is {other[0]} config: give it to {other[1]}.' if other else ''
+  raise ValueError(f'This is not {what} config.{guess} Give {what} recipe or run, e.g. '
+                   f'--config={recipe}.')
+
+
 def config_kind(cfg) -> str:
   """Which table applies: told apart by the fields only one kind of config has."""
   if 'teacher' in cfg:
@@ -370,8 +399,12 @@ CROSS = [
 
 def check_config(cfg, kind: str | None = None) -> str:
   """Range-checks every numeric field of `cfg` and the cross-field rules; returns the kind.
+  kind: the kind the caller takes (require_kind: another kind's config is refused, naming the
+  command it is for); None = whatever config_kind finds.
 
   Raises ValueError 'config.FIELD=VALUE is out of range: must be ...' naming the first bad field."""
+  if kind:
+    require_kind(cfg, kind)
   kind = kind or config_kind(cfg)
   rules = RULES[kind]
   unchecked = []
@@ -410,8 +443,11 @@ def check_config(cfg, kind: str | None = None) -> str:
   return kind
 
 
-def check_run(cfg) -> None:
-  """Fields every trainer reads. Raises ValueError naming the field."""
+def check_run(cfg, kind: str | None = None) -> None:
+  """Fields every trainer reads; kind: the trainer's config kind (see check_config). Raises
+  ValueError naming the field."""
+  if kind:
+    require_kind(cfg, kind)   # before reading any field another kind's config may lack
   precision.compute_dtype(cfg.precision)
-  check_config(cfg)
+  check_config(cfg, kind)
 

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from eva_jax.models import clip as clip_lib
+from eva_jax.models import config as model_config
 from eva_jax.training import checks, contrastive, precision
 from eva_jax.training import task as task_lib, trainer
 
@@ -41,8 +42,7 @@ def clip_model_config(cfg) -> ml_collections.ConfigDict:
   m = cfg.model
   out = clip_lib.clip_config(
       m.name, dtype=precision.compute_dtype(cfg.precision), remat=m.get('remat', 'none'),
-      patch_dropout=float(m.patch_dropout), logit_bias=cfg.loss == 'siglip', pool=m.pool,
-      image_size=int(cfg.image_size))
+      patch_dropout=float(m.patch_dropout), logit_bias=cfg.loss == 'siglip', pool=m.pool)
   for section in ('vision', 'text'):
     for k, v in (cfg.get(section) or {}).items():
       if v is None:
@@ -50,6 +50,8 @@ def clip_model_config(cfg) -> ml_collections.ConfigDict:
       if k not in out[section]:
         raise ValueError(f'config.{section}.{k} is not a {section} tower field.')
       out[section][k] = v
+  if cfg.image_size:   # 0: the tower's own size
+    model_config.set_run_image_size(out.vision, cfg.image_size)
   clip_lib.validate(out)
   return out
 
@@ -232,6 +234,7 @@ def evaluate_params(task, params, cfg, mcfg) -> dict:
 
 class ClipProgram(trainer.Program):
   kind = 'eva_clip'
+  config_kind = 'clip'
 
   def validate(self):
     cfg = self.cfg

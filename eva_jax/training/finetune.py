@@ -86,9 +86,11 @@ def encoder_config(cfg, native: int | None = None) -> ml_collections.ConfigDict:
                                       dtype=precision.compute_dtype(cfg.precision))
 
 
-def build(cfg, mesh, num_classes: int, native: int | None = None):
+def build(cfg, mesh, num_classes: int, native: int | None = None,
+          eval_classes: np.ndarray | None = None):
   """(Task, encoder ConfigDict): a Classifier trained with soft-label cross-entropy; `native`:
-  see encoder_config."""
+  see encoder_config. eval_classes: bool [num_classes], the classes evaluation predicts among
+  (trainer.Program.eval_class_mask; None = all), a constant of the eval step."""
   ecfg = encoder_config(cfg, native)
   smoothing = float(cfg.data.label_smoothing)
 
@@ -103,7 +105,7 @@ def build(cfg, mesh, num_classes: int, native: int | None = None):
     return optax.softmax_cross_entropy(logits, targets).mean(), {'train_top1': acc}
 
   def eval_fn(model, consts, batch):
-    logits = restrict_logits(model(batch['image']), batch['class_mask'])
+    logits = restrict_logits(model(batch['image']), eval_classes)
     labels, valid = batch['label'], batch['valid'].astype(jnp.float32)
     top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
     hit1 = (top5[:, 0] == labels).astype(jnp.float32)
@@ -118,7 +120,7 @@ def build(cfg, mesh, num_classes: int, native: int | None = None):
   task = task_lib.build(
       cfg, mesh, make_model=make_model, loss_fn=loss_fn, eval_fn=eval_fn,
       batch_ndims={'image': 4, 'label': 2 if soft else 1},
-      eval_batch_ndims={'image': 4, 'label': 1, 'valid': 1, 'class_mask': 2}, depth=ecfg.depth,
+      eval_batch_ndims={'image': 4, 'label': 1, 'valid': 1}, depth=ecfg.depth,
       trainable=trainable(nnx.to_pure_dict(template), cfg.freeze_patch_embed))
   return task, ecfg
 
@@ -169,10 +171,46 @@ def pretrained_into(abstract_params: dict, encoder_params: dict, *, grid_from: t
   return common.unflatten(out), dropped
 
 
-def restrict_logits(logits, class_mask):
-  """logits [B, C] with the classes where class_mask [B, C] (bool) is False set to the dtype's
-  lowest finite value: no prediction, no softmax mass (trainer.Program.eval_class_mask)."""
+def classifier_heads(params: dict, weights, fc_norm_from_norm: bool,
+                     dropped: list[str]) -> tuple[str, list[str]]:
+  """Sets params['fc_norm'] / params['head'] (numpy, in place) from what a fine-tuned checkpoint
+  holds next to its encoder (weights.extra: an eva_jax run's groups, a timm / official file's
+  fc_norm.* / head.*) wherever the shapes fit. The official run_class_finetuning.py and timm keep
+  them and drop only a head with another class count (IN-21K -> IN-1K). Without a checkpoint
+  fc_norm, fc_norm_from_norm makes the MIM `norm` the fc_norm (timm's checkpoint_filter_fn).
+  Returns ('fc_norm, head from the checkpoint; ' or '', the 'not used' list extended)."""
+  from eva_jax.convert import common
+  used, dropped = [], list(dropped)
+  for group, tree in sorted(weights.extra.items()):
+    got = common.flatten(tree)
+    want = common.flatten(params[group]) if group in ('fc_norm', 'head') else {}
+    shapes = {k: np.shape(v) for k, v in got.items()}
+    if want and shapes == {k: np.shape(v) for k, v in want.items()}:
+      params[group] = common.unflatten({k: np.asarray(v, np.float32) for k, v in got.items()})
+      used.append(group)
+    elif group == 'head' and 'kernel' in got:
+      dropped.append(f'head ({np.shape(got["kernel"])[-1]} classes; this run has '
+                     f'{np.shape(want["kernel"])[-1]})')
+    else:
+      dropped.append(group if not want else f'{group} (another shape)')
+  if 'fc_norm' not in used and fc_norm_from_norm and 'norm' in weights.params:
+    params['fc_norm'] = {k: np.asarray(v, np.float32) for k, v in weights.params['norm'].items()}
+    dropped = [d for d in dropped if not d.startswith('norm/')] + ['norm -> fc_norm']
+  return (f'{", ".join(used)} from the checkpoint; ' if used else ''), dropped
+
+
+def restrict_logits(logits, class_mask: np.ndarray | None):
+  """logits [B, C] with the classes where class_mask (bool [C], numpy: a constant of the step) is
+  False set to the dtype's lowest finite value: no prediction, no softmax mass
+  (trainer.Program.eval_class_mask). class_mask None or all True: logits unchanged."""
+  if class_mask is None or class_mask.all():
+    return logits
   return jnp.where(class_mask, logits, jnp.finfo(logits.dtype).min)
+
+
+def skipped_note(rec: dict) -> str:
+  """' (N unreadable left out)' when evaluation skipped undecodable records, else ''."""
+  return f" ({rec['eval_skipped']} unreadable left out)" if rec.get('eval_skipped') else ''
 
 
 def classes_note(class_mask: np.ndarray) -> str:
@@ -182,32 +220,38 @@ def classes_note(class_mask: np.ndarray) -> str:
   return '' if k == class_mask.size else f' among {k} of {class_mask.size} classes'
 
 
-def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str,
-               class_mask: np.ndarray) -> dict:
+def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str) -> dict:
   """Loss, top-1 and top-5 over `loader` (at most eval_batches batches; 0 = all; closed after)
-  with the weights evaluation uses: {'eval_loss', 'eval_top1', 'eval_top5', 'eval_count'}.
-  input_key: the batch array the model reads ('image', or 'video' for training/video.py).
-  class_mask: bool [num_classes], the classes predicted among (trainer.Program.eval_class_mask)."""
+  with the weights evaluation uses: {'eval_loss', 'eval_top1', 'eval_top5', 'eval_count',
+  'eval_skipped'} (unreadable records, left out of the scores; summed over hosts).
+  input_key: the batch array the model reads ('image', or 'video' for training/video.py). The
+  classes predicted among are the task's (build's eval_classes)."""
   sums = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
+  skipped = 0
   try:
     for i, b in enumerate(loader):
       if eval_batches > 0 and i >= eval_batches:
         break
-      arrays = {input_key: b.arrays[input_key], 'label': b.arrays['label'], 'valid': b.valid,
-                'class_mask': np.repeat(class_mask[None], len(b.valid), 0)}
+      arrays = {input_key: b.arrays[input_key], 'label': b.arrays['label'], 'valid': b.valid}
       out = jax.device_get(task.eval_step(task.eval_params(state), consts,
                                           parallel.host_to_global(arrays, task.mesh)))
       for k in sums:
         sums[k] += float(out[k])
+      skipped = b.skipped   # this host's unreadable records so far (padding rows, not scored)
   finally:
     loader.close()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils   # pylint: disable=g-import-not-at-top
+    skipped = int(np.sum(multihost_utils.process_allgather(np.int64(skipped))))
   n = max(sums['count'], 1.0)
   return {'eval_loss': sums['loss'] / n, 'eval_top1': sums['top1'] / n,
-          'eval_top5': sums['top5'] / n, 'eval_count': int(sums['count'])}
+          'eval_top5': sums['top5'] / n, 'eval_count': int(sums['count']),
+          'eval_skipped': int(skipped)}
 
 
 class FinetuneProgram(trainer.Program):
   kind = 'eva_finetune'
+  config_kind = 'finetune'
 
   def validate(self):
     cfg = self.cfg
@@ -239,7 +283,8 @@ class FinetuneProgram(trainer.Program):
     return self._init_weights
 
   def build(self, mesh):
-    task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes, self.native_image_size())
+    task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes, self.native_image_size(),
+                                   self.eval_class_mask(self.num_classes))
     return task
 
   def open_train_sources(self):
@@ -278,23 +323,22 @@ class FinetuneProgram(trainer.Program):
     params['encoder'], dropped = pretrained_into(
         task.abstract_state.params, weights.params, grid_from=grid_from, grid_to=grid_to,
         num_prefix=1 if self.encoder_cfg.class_token else 0)
-    if cfg.fc_norm_from_norm and 'norm' in weights.params:
-      # timm's checkpoint_filter_fn: the MIM `norm` becomes the classifier's `fc_norm`.
-      params['fc_norm'] = {k: np.asarray(v, np.float32) for k, v in weights.params['norm'].items()}
-      dropped = [d for d in dropped if not d.startswith('norm/')] + ['norm -> fc_norm']
+    used, dropped = classifier_heads(params, weights, cfg.fc_norm_from_norm, dropped)
     run_grid = checks.image_grid(cfg.image_size, p)
     resampled = '' if run_grid == grid_to else f', interpolated to {run_grid} in each forward'
     print(f'Initialized the encoder from {weights.source} (pos-embed grid {grid_from} -> '
-          f'{grid_to}{resampled}; not used: {", ".join(dropped) or "nothing"}).', flush=True)
+          f'{grid_to}{resampled}; {used}not used: {", ".join(dropped) or "nothing"}).',
+          flush=True)
     return task.with_params(state, jax.tree.map(jax.device_put, params, task.param_shardings))
 
   def evaluate(self, task, state, consts, step):
     cfg = self.cfg
     mask = self.eval_class_mask(self.num_classes)
-    rec = eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches, 'image', mask)
+    rec = eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches, 'image')
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} "
-            f"on {rec['eval_count']} images{classes_note(mask)}"
+            f"on {rec['eval_count']}{self.eval_split_note()} images{skipped_note(rec)}"
+            f"{classes_note(mask)}"
             f"{' (EMA)' if state.ema is not None else ''}", flush=True)
     return rec
 

@@ -241,6 +241,7 @@ def check_geometry(cfg, scfg, tcfg, teacher_source: str) -> None:
 
 class PretrainProgram(trainer.Program):
   kind = 'eva_pretrain'
+  config_kind = 'pretrain'
 
   def validate(self):
     cfg = self.cfg

@@ -31,6 +31,7 @@ class Program:
   """What a training program supplies to `run`. Subclasses set `kind` and override the hooks."""
 
   kind = ''          # recorded in the checkpoint meta: 'eva_pretrain', 'eva_finetune', ...
+  config_kind = ''   # checks.config_kind of its configs ('pretrain', 'finetune', ...; '' = any)
 
   def __init__(self, cfg):
     self.cfg = cfg
@@ -73,6 +74,11 @@ class Program:
       self._eval_sources = [(data_sources.align_classes(self.open_eval_source(spec), train,
                                                         'config.eval_source'), 1.0)]
     return self._eval_sources
+
+  def eval_split_note(self) -> str:
+    """' training' when evaluation reads the training sources (config.eval_source unset), printed
+    before 'images' / 'videos': those scores are no held-out figures; '' otherwise."""
+    return '' if self.cfg.get('eval_source') else ' training'
 
   def eval_class_mask(self, num_classes: int) -> np.ndarray:
     """bool [num_classes]: the classes evaluation predicts among. Those of config.eval_source when
@@ -172,7 +178,7 @@ def run(program: Program, workdir: str) -> dict:
   prints the last saved step.
   """
   cfg = program.cfg
-  checks.check_run(cfg)
+  checks.check_run(cfg, program.config_kind or None)
   loop.Divergence(cfg)   # its config.divergence checks, before anything is built
   program.validate()
   parallel.maybe_initialize_distributed(cfg)
@@ -180,6 +186,9 @@ def run(program: Program, workdir: str) -> dict:
   parallel.check_batch(cfg.batch_size, mesh)
   is_main = jax.process_index() == 0
   workdir = paths.as_path(workdir)   # local or an object store (gs://bucket/run)
+  if cfg.get('eval_only'):
+    return evaluate_only(program, workdir, mesh)
+  fresh = not workdir.exists()
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = None
   try:
@@ -193,9 +202,45 @@ def run(program: Program, workdir: str) -> dict:
         if ckpt is not None:
           with disk_errors(workdir):
             ckpt.close()   # commits the last asynchronous save
+  except BaseException:
+    if fresh and is_main:
+      _remove_empty(workdir)   # a run refused at its start leaves no trace behind
+    raise
   finally:
     if is_main:   # every exit from here on says what is on disk
       print(last_saved_line(workdir, ckpt), flush=True)
+
+
+def _remove_empty(workdir) -> None:
+  """Removes the checkpoints/ folder and the workdir that this run created, if they are empty
+  (a refused init_from, data or teacher path); never anything that holds a file."""
+  for d in (workdir / 'checkpoints', workdir):
+    try:
+      if d.exists() and not any(d.iterdir()):
+        d.rmdir()
+    except OSError:
+      pass
+
+
+def evaluate_only(program: Program, workdir: epath.Path, mesh) -> dict:
+  """config.eval_only: config.init_from's weights (program.init_state: fc_norm and head included,
+  the EMA when it holds one) evaluated once, as the official run_class_finetuning.py --eval.
+  Nothing is trained or checkpointed; the record goes to WORKDIR/eval.json. ValueError without
+  config.init_from."""
+  cfg = program.cfg
+  if not cfg.get('init_from'):
+    raise ValueError('config.eval_only=True evaluates config.init_from: set it to the fine-tuned '
+                     'workdir, checkpoint or file.')
+  task = program.build(mesh)
+  state = program.init_state(task)
+  record = program.evaluate(task, state, program.consts(task), 0)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = {'init_from': cfg.init_from, 'eval_source': cfg.get('eval_source') or cfg.data.source,
+           **record}
+    (workdir / 'eval.json').write_text(json.dumps(out, indent=2, default=str))
+    print(f'Wrote {workdir / "eval.json"}.', flush=True)
+  return record
 
 
 def last_saved_line(workdir, ckpt=None) -> str:
@@ -243,11 +288,6 @@ def _run(program, cfg, workdir, mesh, is_main, ckpt, stop) -> dict:
   restored = None
   if latest is not None:
     restored = resume.restore(ckpt, task, meta, accept=tuple(cfg.get('resume_accept', ())))
-  # The run is accepted: only now is config.json (re)written.
-  if is_main:
-    write_config(workdir, cfg, {**program.resolved(task), 'mesh': dict(mesh.shape),
-                                'num_devices': jax.device_count(),
-                                'num_processes': jax.process_count()})
   loader = program.train_loader(task)
   writer = progress = None
   try:
@@ -260,6 +300,12 @@ def _run(program, cfg, workdir, mesh, is_main, ckpt, stop) -> dict:
       start = 0
       state = program.init_state(task)
     consts = program.consts(task)
+    # The run is accepted and its weights (init_from, teacher) are read: only now is config.json
+    # (re)written, so a refused start leaves the workdir as it was.
+    if is_main:
+      write_config(workdir, cfg, {**program.resolved(task), 'mesh': dict(mesh.shape),
+                                  'num_devices': jax.device_count(),
+                                  'num_processes': jax.process_count()})
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     progress = metrics_lib.Progress(total=cfg.total_steps, initial=start,
                                     enabled=is_main and cfg.progress)

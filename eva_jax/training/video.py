@@ -77,8 +77,10 @@ def multi_view_scores(logits, views: int):
   return probs.reshape(-1, views, probs.shape[-1]).mean(1)
 
 
-def build(cfg, mesh, num_classes: int):
-  """(Task, encoder ConfigDict) of the video classifier with soft-label cross-entropy."""
+def build(cfg, mesh, num_classes: int, eval_classes: np.ndarray | None = None):
+  """(Task, encoder ConfigDict) of the video classifier with soft-label cross-entropy.
+  eval_classes: bool [num_classes], the classes evaluation predicts among (None = all; see
+  finetune.build)."""
   ecfg = student_config(cfg)
   smoothing = float(cfg.data.label_smoothing)
   make_model = _model_factory(cfg, ecfg, num_classes)
@@ -95,7 +97,7 @@ def build(cfg, mesh, num_classes: int):
     b, views = clips.shape[:2]
     logits = model(clips.reshape((b * views,) + clips.shape[2:]))
     scores = multi_view_scores(
-        finetune.restrict_logits(logits, jnp.repeat(batch['class_mask'], views, axis=0)), views)
+        finetune.restrict_logits(logits, eval_classes), views)
     valid = batch['valid'].astype(jnp.float32)
     top5 = jax.lax.top_k(scores, min(5, num_classes))[1]
     hit1 = (top5[:, 0] == labels).astype(jnp.float32)
@@ -109,13 +111,14 @@ def build(cfg, mesh, num_classes: int):
   task = task_lib.build(
       cfg, mesh, make_model=make_model, loss_fn=loss_fn, eval_fn=eval_fn,
       batch_ndims={'video': 5, 'label': 2 if soft else 1},
-      eval_batch_ndims={'video': 6, 'label': 1, 'valid': 1, 'class_mask': 2}, depth=ecfg.depth,
+      eval_batch_ndims={'video': 6, 'label': 1, 'valid': 1}, depth=ecfg.depth,
       trainable=finetune.trainable(nnx.to_pure_dict(template), cfg.freeze_patch_embed))
   return task, ecfg
 
 
 class VideoFinetuneProgram(trainer.Program):
   kind = KIND
+  config_kind = 'video'
 
   def validate(self):
     cfg = self.cfg
@@ -123,6 +126,7 @@ class VideoFinetuneProgram(trainer.Program):
     if v.model not in MODELS:
       raise ValueError(f'config.video.model={v.model!r} must be one of {MODELS}.')
     video_lib.check_frames(int(v.num_frames), int(v.tubelet))   # names both
+    student_config(cfg)   # a bad model name or field, or config.image_size off the patch grid
     if v.model == 'frame_average' and v.tubelet != 1:
       raise ValueError('config.video.model=frame_average encodes single frames: set '
                        f'config.video.tubelet=1 (got {v.tubelet}).')
@@ -132,7 +136,8 @@ class VideoFinetuneProgram(trainer.Program):
                        "set config.pool='mean'.")
 
   def build(self, mesh):
-    task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes)
+    task, self.encoder_cfg = build(self.cfg, mesh, self.num_classes,
+                                   self.eval_class_mask(self.num_classes))
     return task
 
   def open_train_sources(self):
@@ -181,9 +186,6 @@ class VideoFinetuneProgram(trainer.Program):
           old_thw=(src['num_frames'] // src['tubelet'], g, g),
           new_thw=(v.num_frames // v.tubelet, grid_to, grid_to))
       dropped = []
-      for k in ('fc_norm', 'head'):
-        if k in w.extra and w.meta.get('num_classes') == self.num_classes:
-          params[k] = jax.tree.map(np.asarray, w.extra[k])
     elif v.model == 'space_time':
       enc, dropped = video_lib.inflate_image_params(
           w.params, w.config, patch_size=p, num_frames=v.num_frames, tubelet=v.tubelet,
@@ -210,11 +212,9 @@ class VideoFinetuneProgram(trainer.Program):
       raise ValueError(f'config.init_from ({w.source}) does not fit the video encoder: {bad}; '
                        'is it the same architecture?')
     params['encoder'] = jax.tree.map(lambda x: np.asarray(x, np.float32), enc)
-    if cfg.fc_norm_from_norm and 'norm' in w.params:
-      params['fc_norm'] = {k: np.asarray(x, np.float32) for k, x in w.params['norm'].items()}
-      dropped = [d for d in dropped if not d.startswith('norm')] + ['norm -> fc_norm']
+    used, dropped = finetune.classifier_heads(params, w, cfg.fc_norm_from_norm, dropped)
     print(f'Initialized the video encoder ({v.model}, {v.num_frames} frames, tubelet '
-          f'{v.tubelet}) from {w.source} (not used: {", ".join(dropped) or "nothing"}).',
+          f'{v.tubelet}) from {w.source} ({used}not used: {", ".join(dropped) or "nothing"}).',
           flush=True)
     return task.with_params(state, jax.tree.map(jax.device_put, params, task.param_shardings))
 
@@ -222,11 +222,13 @@ class VideoFinetuneProgram(trainer.Program):
     cfg = self.cfg
     mask = self.eval_class_mask(self.num_classes)
     rec = finetune.eval_top_k(task, state, consts, self.loader(train=False), cfg.eval_batches,
-                              'video', mask)
+                              'video')
     v = cfg.data.video
     if jax.process_index() == 0:
       print(f"step {step} eval top1 {rec['eval_top1']:.4f} top5 {rec['eval_top5']:.4f} on "
-            f"{rec['eval_count']} videos ({v.test_clips} clips x {v.test_crops} crops)"
+            f"{rec['eval_count']}{self.eval_split_note()} videos{finetune.skipped_note(rec)} "
+            f"({v.test_clips} clips x "
+            f"{v.test_crops} crops)"
             f"{finetune.classes_note(mask)}", flush=True)
     return rec
 

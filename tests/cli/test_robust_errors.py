@@ -72,14 +72,34 @@ def test_each_error_category_is_one_line_and_exit_2(tmp_path, demo_dir):
   # checkpoint: a file that is no checkpoint (convert.common.CheckpointError).
   notes = tmp_path / 'notes.txt'
   notes.write_text('not a checkpoint')
-  _one_line(support.run_cli('linear_probe', '--config=linear_probe_demo',
-                            f'--config.init_from={notes}'), str(notes))
+  out = support.run_cli('linear_probe', '--config=linear_probe_demo', f'--config.init_from={notes}')
+  _one_line(out, str(notes), 'Unsupported operand')
+  assert 'weights_only' not in out.stderr        # never torch's advice to unpickle code
+  # config: another program's config (was: a bare AttributeError naming one missing field).
+  _one_line(support.run_cli('finetune', '--config=pretrain_demo', w),
+            'This is not a fine-tuning config. It is a pretraining config: give it to eva-pretrain')
   # data: the 8-class demo with a 3-way head (was: trained and reported top-5 = 1.0).
   _one_line(support.run_cli('finetune', '--config=finetune_demo', w, '--config.num_classes=3'),
             "config.data.source='demo' has 8 classes but the head has 3 (config.num_classes=3)")
+  # checkpoint: the same file as a fine-tuning init_from, refused after the workdir was made.
+  _one_line(support.run_cli('finetune', '--config=finetune_demo', w, f'--config.init_from={notes}'),
+            str(notes))
   assert not (tmp_path / 'w').exists()     # nothing written by any refused run
   # The trace on request.
   shown = support.run_cli('pretrain', '--config=pretrain_demo', w, '--config.keep_checkpoints=0',
                           env=dict(support.ENV, EVA_JAX_TRACEBACK='1'))
   assert shown.returncode != 0 and 'Traceback' in shown.stderr
   assert 'check_config' in shown.stderr
+
+
+def test_a_config_is_refused_by_every_command_but_its_own():
+  """Each demo recipe passes its own kind's check and is refused by every other one, naming the
+  command it is for (training/checks.py require_kind, called by check_run and check_config)."""
+  from eva_jax.training import checks
+  for kind, (_, command, recipe) in checks.KIND_COMMANDS.items():
+    cfg = support.recipe(recipe)
+    checks.require_kind(cfg, kind)
+    for other in checks.KIND_COMMANDS:
+      if other != kind:
+        with pytest.raises(ValueError, match=f'give it to {command}'):
+          checks.require_kind(cfg, other)

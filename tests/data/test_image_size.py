@@ -47,6 +47,22 @@ def test_config_rule_per_program_and_patch_multiples():
     checks.image_grid('28x40', 14)
 
 
+def test_a_size_off_the_patch_grid_is_named_as_the_user_set_it():
+  """Every training program refuses config.image_size=100 for patch 14 before building (as
+  trainer.run checks: the config rules, then the program's validate), naming config.image_size
+  and the nearest sizes (pretraining and EVA-CLIP used to name the resolved model.image_size)."""
+  from eva_jax.training import clip, finetune, pretrain, video
+  for program, recipe in ((pretrain.PretrainProgram, 'pretrain_demo'),
+                          (finetune.FinetuneProgram, 'finetune_demo'),
+                          (clip.ClipProgram, 'clip_demo'), (video.VideoFinetuneProgram, 'video_demo')):
+    cfg = support.recipe(recipe)
+    cfg.image_size = 100
+    with pytest.raises(ValueError, match=r'config.image_size=100.* multiple of the patch size 14.*'
+                                         r'98 or 112'):
+      checks.check_run(cfg)
+      program(cfg).validate()
+
+
 @pytest.mark.parametrize('size,crop_pct', [((28, 42), 0.875), ((42, 28), 1.0), ((56, 56), 0.9)])
 def test_eval_crop_matches_timm(demo_dir, size, crop_pct):
   import timm.data

@@ -1,5 +1,6 @@
 """From pretraining to results: fine-tuning, linear probe / k-NN, export to PyTorch and back."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -169,11 +170,11 @@ def test_export_timm_and_official_layouts_match_load_encoder(tmp_path, pretraine
   assert d_timm < 1e-4 and d_eva < 1e-4
 
 
-def test_finetuned_export_keeps_head_and_matches_logits(tmp_path, pretrained, demo_split):
+def test_finetuned_export_keeps_head_and_matches_logits(tmp_path, pretrained, demo_split, capsys):
   torch = pytest.importorskip('torch')
   from safetensors.torch import load_file
   from timm.models.eva import Eva
-  _, cfg = _finetune(tmp_path / 'ft', pretrained, demo_split, total_steps=20)
+  last, cfg = _finetune(tmp_path / 'ft', pretrained, demo_split, total_steps=20)
   export.export(str(tmp_path / 'ft'), 'timm', str(tmp_path / 'ft.safetensors'))
   kwargs = json.load(open(tmp_path / 'ft.safetensors.json'))
   assert kwargs['num_classes'] == 8 and kwargs['global_pool'] == 'avg'
@@ -188,6 +189,39 @@ def test_finetuned_export_keeps_head_and_matches_logits(tmp_path, pretrained, de
   assert np.abs(ours - ref).max() < 1e-4
   export.export(str(tmp_path / 'ft'), 'eva', str(tmp_path / 'ft.pth'))
   assert {'fc_norm.weight', 'head.weight', 'head.bias'} <= set(torch.load(tmp_path / 'ft.pth')['model'])
+  # Fine-tuning again from the fine-tuned run (workdir or its timm file) keeps its fc_norm, and its
+  # head while the class count is the same (official run_class_finetuning.py, timm); a head for
+  # another class count is dropped and named (IN-21K -> IN-1K).
+  want = ckpt_lib.read_encoder(str(tmp_path / 'ft')).extra
+  for init_from, num_classes in ((tmp_path / 'ft', 0), (tmp_path / 'ft.safetensors', 0),
+                                 (tmp_path / 'ft', 10)):
+    cfg2 = cfg.copy_and_resolve_references()
+    cfg2.init_from, cfg2.num_classes = str(init_from), num_classes
+    program = finetune.FinetuneProgram(cfg2)
+    program.validate()
+    task2 = program.build(parallel.make_mesh(cfg2.mesh))
+    got = jax.device_get(program.init_state(task2).params)
+    line = capsys.readouterr().out
+    np.testing.assert_allclose(got['fc_norm']['scale'], want['fc_norm']['scale'], atol=1e-7)
+    assert np.abs(np.asarray(want['fc_norm']['scale']) - 1).max() > 1e-4   # trained, not init
+    if num_classes:
+      assert got['head']['kernel'].shape == (64, 10)
+      assert 'head (8 classes; this run has 10)' in line and 'fc_norm from the checkpoint' in line
+    else:
+      np.testing.assert_allclose(got['head']['kernel'], want['head']['kernel'], atol=1e-7)
+      assert 'fc_norm, head from the checkpoint' in line
+  # Evaluation only (config.eval_only, the official --eval): the run's own final scores again.
+  from eva_jax.training import trainer
+  cfg3 = cfg.copy_and_resolve_references()
+  cfg3.init_from, cfg3.eval_only = str(tmp_path / 'ft'), True
+  rec = trainer.run(finetune.FinetuneProgram(cfg3), str(tmp_path / 'eval'))
+  assert rec['eval_count'] == last['eval_count'] == 96 and rec['eval_top1'] == last['eval_top1']
+  np.testing.assert_allclose(rec['eval_loss'], last['eval_loss'], rtol=1e-6)
+  assert os.listdir(tmp_path / 'eval') == ['eval.json']   # nothing trained or saved
+  assert json.load(open(tmp_path / 'eval' / 'eval.json'))['eval_top5'] == last['eval_top5']
+  cfg3.init_from = ''
+  with pytest.raises(ValueError, match='config.eval_only=True evaluates config.init_from'):
+    trainer.run(finetune.FinetuneProgram(cfg3), str(tmp_path / 'eval2'))
 
 
 def test_import_official_checkpoint_round_trip_is_bit_exact(tmp_path, pretrained):

@@ -125,6 +125,7 @@ def test_video_finetune_from_timm_image_file(tmp_path, clips, timm_file):
   np.testing.assert_array_equal(p8['encoder']['pos_embed'][0], pos[0])
   np.testing.assert_array_equal(p8['encoder']['patch_kernel'], enc['patch_kernel'])
   np.testing.assert_array_equal(p8['head']['kernel'], params['head']['kernel'])   # same classes
+  np.testing.assert_array_equal(p8['fc_norm']['scale'], params['fc_norm']['scale'])
 
 
 def test_multi_view_scores_average_softmax():
