@@ -23,6 +23,7 @@ def get_config(arg: str):
     # Runs saved before the field existed ran a random-init teacher whenever checkpoint was
     # empty: repeating them keeps doing so (the banner still says it).
     teacher.setdefault('allow_random_init', not teacher.get('checkpoint'))
+  _add_missing(saved, _defaults_of(saved))
   c = ml_collections.ConfigDict(saved)
   if 'text' in saved and 'loss' in saved:
     # A contrastive (EVA-CLIP) run: config.model is the CLIP model's name and CLIP-level fields;
@@ -31,3 +32,30 @@ def get_config(arg: str):
   else:
     c.model = model_section(**model)
   return c
+
+
+def _defaults_of(saved: dict) -> dict:
+  """The current defaults of the saved config's kind (training/checks.py config_kind), as a dict;
+  {} for a kind without defaults."""
+  from eva_jax import defaults
+  from eva_jax.training import checks
+  kind = checks.config_kind(ml_collections.ConfigDict(saved))
+  if kind == 'video':
+    from eva_jax.training.video import video_finetune_defaults
+    return video_finetune_defaults().to_dict()
+  make = {'pretrain': defaults.pretrain_defaults, 'finetune': defaults.finetune_defaults,
+          'clip': defaults.clip_defaults}.get(kind)
+  return make().to_dict() if make else {}
+
+
+def _add_missing(saved: dict, default: dict) -> None:
+  """Adds to `saved` (in place, at every level but config.model, which keeps only what was set)
+  the fields of `default` it lacks: a field added since the run was saved then exists, with its
+  default, and can be overridden (--config=WORKDIR --config.eval_only=True)."""
+  for k, v in default.items():
+    if k == 'model':
+      continue
+    if k not in saved:
+      saved[k] = v
+    elif isinstance(v, dict) and isinstance(saved[k], dict):
+      _add_missing(saved[k], v)

@@ -182,7 +182,7 @@ def run(cfg) -> dict[str, Any]:
   if 'text' in cfg and 'loss' in cfg:
     return run_clip(cfg)     # an eva-clip recipe: the contrastive step
   from eva_jax.training import checks
-  checks.check_config(cfg)   # every field range-checked before anything is built, as in training
+  checks.check_config(cfg, 'pretrain')   # every field range-checked before anything is built
   b = cfg.benchmark
   if b.input not in ('synthetic', 'pipeline'):
     raise ValueError(f"config.benchmark.input must be 'synthetic' or 'pipeline', got {b.input!r}.")

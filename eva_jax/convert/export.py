@@ -60,7 +60,7 @@ def export(path: str, fmt: str, out: str, weights: str = 'auto', *, patch_size: 
   backbone cannot take (naming the valid choices)."""
   if fmt not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, got {fmt!r}.')
-  if not str(out).endswith(EXTENSIONS[fmt]):
+  if not str(out).lower().endswith(EXTENSIONS[fmt]):
     raise ValueError(f'--format={fmt} writes a {" / ".join(EXTENSIONS[fmt])} file; name --out '
                      f'so (got {out!r}).')
   if fmt == 'video':

@@ -96,6 +96,7 @@ class DecodedSource:
     self.substitute = substitute
     self._n = len(records)
     self._logged = 0
+    self._bad_run = 0   # evaluation: unreadable records in a row read by this process
 
   def __len__(self) -> int:
     return self._n
@@ -117,17 +118,21 @@ class DecodedSource:
       except (BadImageError, OSError, KeyError, ValueError) as e:
         first_error = first_error or e
         if not self.substitute:
-          return self._not_scored(index, e)
+          self._bad_run += 1
+          if self._bad_run < min(self._n, MAX_CONSECUTIVE_BAD):
+            return self._not_scored(index, e)
+          break   # a source that is not images: refused below, as in training
         continue
+      self._bad_run = 0
       if k and self._logged < _MAX_LOGGED:
         self._logged += 1
         log.warning('skipped undecodable record %d of %s (%s); used record %d instead',
                     index, self.records.name, first_error, j)
       return {'image': img, 'label': label, 'skipped': int(k > 0), 'valid': True}
     raise ValueError(
-        f'{min(self._n, MAX_CONSECUTIVE_BAD)} consecutive records from record {index} of '
-        f'{self.records.name} could not be decoded as images (first error: {first_error}). '
-        'Check that the source holds encoded images (JPEG/PNG/WebP/...).')
+        f'{min(self._n, MAX_CONSECUTIVE_BAD)} consecutive records up to record {index} of '
+        f'{self.records.name} could not be decoded (first error: {first_error}). '
+        'Check that the source holds encoded images or videos (JPEG/PNG/WebP/MP4...).')
 
   def _not_scored(self, index: int, error: Exception) -> dict[str, Any]:
     if self._logged < _MAX_LOGGED:

@@ -50,9 +50,12 @@ def extract(encoder, data_cfg, *, image_size, batch_size: int, pool: str, seed: 
     if limit and sum(len(l) for l in labels) >= limit:
       break
   loader.close()
+  name = sources[0][0].name if sources else data_cfg.source
   if skipped:
-    name = sources[0][0].name if sources else data_cfg.source
     print(f'Left out {skipped} unreadable images of {name} (not scored).', flush=True)
+  if not sum(len(l) for l in labels):
+    raise ValueError(f'No readable image in {name} ({skipped} unreadable): nothing to extract '
+                     'features from.')
   return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)
 
 

@@ -178,7 +178,7 @@ def classifier_heads(params: dict, weights, fc_norm_from_norm: bool,
   fc_norm.* / head.*) wherever the shapes fit. The official run_class_finetuning.py and timm keep
   them and drop only a head with another class count (IN-21K -> IN-1K). Without a checkpoint
   fc_norm, fc_norm_from_norm makes the MIM `norm` the fc_norm (timm's checkpoint_filter_fn).
-  Returns ('fc_norm, head from the checkpoint; ' or '', the 'not used' list extended)."""
+  Returns (the groups taken from the checkpoint, the 'not used' list extended)."""
   from eva_jax.convert import common
   used, dropped = [], list(dropped)
   for group, tree in sorted(weights.extra.items()):
@@ -195,8 +195,15 @@ def classifier_heads(params: dict, weights, fc_norm_from_norm: bool,
       dropped.append(group if not want else f'{group} (another shape)')
   if 'fc_norm' not in used and fc_norm_from_norm and 'norm' in weights.params:
     params['fc_norm'] = {k: np.asarray(v, np.float32) for k, v in weights.params['norm'].items()}
-    dropped = [d for d in dropped if not d.startswith('norm/')] + ['norm -> fc_norm']
-  return (f'{", ".join(used)} from the checkpoint; ' if used else ''), dropped
+    # pretrained_into lists 'norm/scale', 'norm/bias'; video's inflation lists 'norm'.
+    dropped = [d for d in dropped if d != 'norm' and not d.startswith('norm/')]
+    dropped.append('norm -> fc_norm')
+  return used, dropped
+
+
+def heads_note(used: list[str]) -> str:
+  """'fc_norm, head from the checkpoint; ' (the start-up line's part for classifier_heads)."""
+  return f'{", ".join(used)} from the checkpoint; ' if used else ''
 
 
 def restrict_logits(logits, class_mask: np.ndarray | None):
@@ -223,7 +230,8 @@ def classes_note(class_mask: np.ndarray) -> str:
 def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str) -> dict:
   """Loss, top-1 and top-5 over `loader` (at most eval_batches batches; 0 = all; closed after)
   with the weights evaluation uses: {'eval_loss', 'eval_top1', 'eval_top5', 'eval_count',
-  'eval_skipped'} (unreadable records, left out of the scores; summed over hosts).
+  'eval_skipped'} (unreadable records, left out of the scores; summed over hosts). ValueError
+  when nothing could be scored.
   input_key: the batch array the model reads ('image', or 'video' for training/video.py). The
   classes predicted among are the task's (build's eval_classes)."""
   sums = {'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0}
@@ -243,7 +251,11 @@ def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str) -
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils   # pylint: disable=g-import-not-at-top
     skipped = int(np.sum(multihost_utils.process_allgather(np.int64(skipped))))
-  n = max(sums['count'], 1.0)
+  if sums['count'] == 0:
+    raise ValueError(f'Evaluation scored no {input_key}: all {skipped} records read were '
+                     'unreadable (undecodable files?). Check config.eval_source (or '
+                     'config.data.source when it is unset).')
+  n = sums['count']
   return {'eval_loss': sums['loss'] / n, 'eval_top1': sums['top1'] / n,
           'eval_top5': sums['top5'] / n, 'eval_count': int(sums['count']),
           'eval_skipped': int(skipped)}
@@ -323,12 +335,13 @@ class FinetuneProgram(trainer.Program):
     params['encoder'], dropped = pretrained_into(
         task.abstract_state.params, weights.params, grid_from=grid_from, grid_to=grid_to,
         num_prefix=1 if self.encoder_cfg.class_token else 0)
-    used, dropped = classifier_heads(params, weights, cfg.fc_norm_from_norm, dropped)
+    self.init_heads, dropped = classifier_heads(params, weights, cfg.fc_norm_from_norm, dropped)
+    self.init_source = weights.source
     run_grid = checks.image_grid(cfg.image_size, p)
     resampled = '' if run_grid == grid_to else f', interpolated to {run_grid} in each forward'
     print(f'Initialized the encoder from {weights.source} (pos-embed grid {grid_from} -> '
-          f'{grid_to}{resampled}; {used}not used: {", ".join(dropped) or "nothing"}).',
-          flush=True)
+          f'{grid_to}{resampled}; {heads_note(self.init_heads)}not used: '
+          f'{", ".join(dropped) or "nothing"}).', flush=True)
     return task.with_params(state, jax.tree.map(jax.device_put, params, task.param_shardings))
 
   def evaluate(self, task, state, consts, step):

@@ -218,26 +218,32 @@ def _remove_empty(workdir) -> None:
     try:
       if d.exists() and not any(d.iterdir()):
         d.rmdir()
-    except OSError:
-      pass
+    except Exception:   # pylint: disable=broad-except
+      pass   # best effort: never replace the error that refused the run
 
 
 def evaluate_only(program: Program, workdir: epath.Path, mesh) -> dict:
   """config.eval_only: config.init_from's weights (program.init_state: fc_norm and head included,
   the EMA when it holds one) evaluated once, as the official run_class_finetuning.py --eval.
   Nothing is trained or checkpointed; the record goes to WORKDIR/eval.json. ValueError without
-  config.init_from."""
+  config.init_from, and for one whose fc_norm and head do not fit the run (the scores would be of a
+  random head)."""
   cfg = program.cfg
   if not cfg.get('init_from'):
     raise ValueError('config.eval_only=True evaluates config.init_from: set it to the fine-tuned '
                      'workdir, checkpoint or file.')
   task = program.build(mesh)
   state = program.init_state(task)
+  heads = getattr(program, 'init_heads', None)   # classifier programs: what init_from held
+  if heads is not None and not {'fc_norm', 'head'} <= set(heads):
+    raise ValueError(f'config.eval_only=True: {cfg.init_from} holds no fc_norm and head for this '
+                     f'run ({", ".join(heads) or "neither"} taken), so the scores would be of a '
+                     'random head. Give a fine-tuned run of the same classes (config.num_classes).')
   record = program.evaluate(task, state, program.consts(task), 0)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    out = {'init_from': cfg.init_from, 'eval_source': cfg.get('eval_source') or cfg.data.source,
-           **record}
+    out = {'init_from': getattr(program, 'init_source', cfg.init_from),
+           'eval_source': cfg.get('eval_source') or cfg.data.source, **record}
     (workdir / 'eval.json').write_text(json.dumps(out, indent=2, default=str))
     print(f'Wrote {workdir / "eval.json"}.', flush=True)
   return record

@@ -212,10 +212,12 @@ class VideoFinetuneProgram(trainer.Program):
       raise ValueError(f'config.init_from ({w.source}) does not fit the video encoder: {bad}; '
                        'is it the same architecture?')
     params['encoder'] = jax.tree.map(lambda x: np.asarray(x, np.float32), enc)
-    used, dropped = finetune.classifier_heads(params, w, cfg.fc_norm_from_norm, dropped)
+    self.init_heads, dropped = finetune.classifier_heads(params, w, cfg.fc_norm_from_norm,
+                                                         dropped)
+    self.init_source = w.source
     print(f'Initialized the video encoder ({v.model}, {v.num_frames} frames, tubelet '
-          f'{v.tubelet}) from {w.source} ({used}not used: {", ".join(dropped) or "nothing"}).',
-          flush=True)
+          f'{v.tubelet}) from {w.source} ({finetune.heads_note(self.init_heads)}not used: '
+          f'{", ".join(dropped) or "nothing"}).', flush=True)
     return task.with_params(state, jax.tree.map(jax.device_put, params, task.param_shardings))
 
   def evaluate(self, task, state, consts, step):

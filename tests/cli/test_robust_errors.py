@@ -49,6 +49,18 @@ def test_demo_recipes_opt_in_and_old_saved_runs_keep_working(tmp_path):
   saved['teacher']['checkpoint'] = '/weights/ViT-L-14.pt'
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   assert configs.get(str(tmp_path)).teacher.allow_random_init is False
+  # A fine-tuning run saved before eval_only (and a data field) existed: both come back with
+  # their defaults, so --config=WORKDIR --config.eval_only=True works; what was saved is kept.
+  ft = configs.get('finetune_demo').to_dict()
+  del ft['eval_only'], ft['data']['crop_pct']
+  ft['model'], ft['optim']['lr'] = {'name': 'tiny'}, 0.123
+  (tmp_path / 'config.json').write_text(json.dumps(ft))
+  again = configs.get(str(tmp_path))
+  assert again.eval_only is False and again.optim.lr == 0.123
+  assert again.data.crop_pct == configs.get('finetune_demo').data.crop_pct
+  out = support.run_cli('finetune', f'--config={tmp_path}', '--config.eval_only=True',
+                        f'--workdir={tmp_path / "ev"}')
+  assert 'config.eval_only=True evaluates config.init_from' in out.stderr, out.stderr[-2000:]
 
 
 def _one_line(proc, *expected):

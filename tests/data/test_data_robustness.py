@@ -125,8 +125,10 @@ def test_all_bad_source_fails_with_a_clear_message(tmp_path):
     _write(tmp_path / f'{i}.jpg', b'not an image')
   cfg = default_data_config()
   cfg.source, cfg.threads, cfg.prefetch = f'folder:{tmp_path}', 0, 0
-  with pytest.raises(ValueError, match='could not be decoded as images'):
-    next(build_pretrain_loader(cfg, image_size=224, patch_size=14, batch_size=2, seed=0, **HOST))
+  for train in (True, False):   # evaluation leaves a bad record out, but refuses a junk source
+    with pytest.raises(ValueError, match='3 consecutive records .* could not be decoded'):
+      list(build_pretrain_loader(cfg, image_size=224, patch_size=14, batch_size=2, seed=0,
+                                 train=train, **HOST))
 
 
 def test_misconfiguration_errors_name_the_fix(tmp_path):

@@ -219,9 +219,15 @@ def test_finetuned_export_keeps_head_and_matches_logits(tmp_path, pretrained, de
   np.testing.assert_allclose(rec['eval_loss'], last['eval_loss'], rtol=1e-6)
   assert os.listdir(tmp_path / 'eval') == ['eval.json']   # nothing trained or saved
   assert json.load(open(tmp_path / 'eval' / 'eval.json'))['eval_top5'] == last['eval_top5']
+  assert 'step 20' in json.load(open(tmp_path / 'eval' / 'eval.json'))['init_from']
   cfg3.init_from = ''
   with pytest.raises(ValueError, match='config.eval_only=True evaluates config.init_from'):
     trainer.run(finetune.FinetuneProgram(cfg3), str(tmp_path / 'eval2'))
+  # A head that is not the checkpoint's (pretraining, or another class count) would score noise.
+  cfg3.init_from, cfg3.num_classes = str(tmp_path / 'ft'), 10
+  with pytest.raises(ValueError, match=r'holds no fc_norm and head for this run \(fc_norm taken\)'):
+    trainer.run(finetune.FinetuneProgram(cfg3), str(tmp_path / 'eval3'))
+  assert not (tmp_path / 'eval3').exists()
 
 
 def test_import_official_checkpoint_round_trip_is_bit_exact(tmp_path, pretrained):

@@ -224,6 +224,12 @@ def _check_subset_scoring(program, batch):
     assert got['eval_top1'] == np.mean(order[:, 0] == labels)
     assert got['eval_top5'] == np.mean([l in o[:5] for l, o in zip(labels, order)])
     np.testing.assert_allclose(got['eval_loss'], ce.mean(), rtol=1e-4)
+  # An evaluation that scores nothing (every record unreadable) is refused, not reported as 0.
+  class _Empty(list):
+    def close(self):
+      pass
+  with pytest.raises(ValueError, match='Evaluation scored no image: all 0 records read'):
+    finetune.eval_top_k(full, state, {}, _Empty(), 0, 'image')
   # With 3 allowed classes every label is in the top 5; over the 8-way head it need not be.
   assert finetune.eval_top_k(sub, state, {}, program.loader(train=False), 0,
                              'image')['eval_top5'] == 1.0
