@@ -58,9 +58,6 @@ def test_demo_recipes_opt_in_and_old_saved_runs_keep_working(tmp_path):
   again = configs.get(str(tmp_path))
   assert again.eval_only is False and again.optim.lr == 0.123
   assert again.data.crop_pct == configs.get('finetune_demo').data.crop_pct
-  out = support.run_cli('finetune', f'--config={tmp_path}', '--config.eval_only=True',
-                        f'--workdir={tmp_path / "ev"}')
-  assert 'config.eval_only=True evaluates config.init_from' in out.stderr, out.stderr[-2000:]
 
 
 def _one_line(proc, *expected):
@@ -93,9 +90,6 @@ def test_each_error_category_is_one_line_and_exit_2(tmp_path, demo_dir):
   # data: the 8-class demo with a 3-way head (was: trained and reported top-5 = 1.0).
   _one_line(support.run_cli('finetune', '--config=finetune_demo', w, '--config.num_classes=3'),
             "config.data.source='demo' has 8 classes but the head has 3 (config.num_classes=3)")
-  # checkpoint: the same file as a fine-tuning init_from, refused after the workdir was made.
-  _one_line(support.run_cli('finetune', '--config=finetune_demo', w, f'--config.init_from={notes}'),
-            str(notes))
   assert not (tmp_path / 'w').exists()     # nothing written by any refused run
   # The trace on request.
   shown = support.run_cli('pretrain', '--config=pretrain_demo', w, '--config.keep_checkpoints=0',

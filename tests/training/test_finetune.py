@@ -249,5 +249,7 @@ def test_init_from_errors(tmp_path, pretrained, demo_split):
     _finetune(tmp_path / 'b', pretrained, demo_split, model=model_section('S/14'))
   bad = tmp_path / 'notes.txt'
   bad.write_text('not a checkpoint')
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='Unsupported operand'):   # the unpickler's own finding
     _finetune(tmp_path / 'c', bad, demo_split)
+  # Refused after the workdir was made: the run leaves none behind (nothing was in it).
+  assert not (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
