@@ -446,8 +446,6 @@ def check_config(cfg, kind: str | None = None) -> str:
 def check_run(cfg, kind: str | None = None) -> None:
   """Fields every trainer reads; kind: the trainer's config kind (see check_config). Raises
   ValueError naming the field."""
-  if kind:
-    require_kind(cfg, kind)   # before reading any field another kind's config may lack
+  check_config(cfg, kind)   # require_kind first: another kind's config may lack precision
   precision.compute_dtype(cfg.precision)
-  check_config(cfg, kind)
 
