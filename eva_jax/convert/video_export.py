@@ -64,8 +64,8 @@ def export(path: str, out: str, weights: str = 'auto') -> dict:
   from eva_jax import paths
   w = ckpt_lib.read_encoder(path, weights=weights)
   if w.meta.get('kind') != 'eva_video_finetune':
-    raise ValueError(f'{w.source} is a {w.meta.get("kind")!r} checkpoint, not a video '
-                     'fine-tuning one (eva-video-finetune); export image models with '
+    raise ValueError(f'{w.source} holds a checkpoint of kind {w.meta.get("kind")!r}, not of a '
+                     'video fine-tuning run (eva-video-finetune); export image models with '
                      'eva-export --format=timm or --format=eva.')
   cfg = ml_collections.ConfigDict(w.meta['student'])
   flat = common.flatten({'encoder': w.params, **w.extra})

@@ -191,8 +191,8 @@ def load_checkpoint(path: str, weights: str = 'auto') -> tuple[ml_collections.Co
   from eva_jax import checkpoint as ckpt_lib
   params, meta, step = ckpt_lib.restore_params(path, weights=weights)
   if meta.get('kind') != ClipProgram.kind or 'clip' not in meta:
-    raise ValueError(f'{path} is a {meta.get("kind") or "unknown"!r} checkpoint, not an EVA-CLIP '
-                     'run (eva-clip); zero-shot evaluation needs both towers.')
+    raise ValueError(f'{path} holds a checkpoint of kind {meta.get("kind") or "unknown"!r}, not of '
+                     'an EVA-CLIP run (eva-clip); zero-shot evaluation needs both towers.')
   mcfg = ml_collections.ConfigDict(meta['clip'])
   return mcfg, params, f'{path} (step {step})'
 

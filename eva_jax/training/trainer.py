@@ -188,7 +188,7 @@ def run(program: Program, workdir: str) -> dict:
   workdir = paths.as_path(workdir)   # local or an object store (gs://bucket/run)
   if cfg.get('eval_only'):
     return evaluate_only(program, workdir, mesh)
-  fresh = not workdir.exists()
+  created = _missing_folders(workdir)   # what a refused start removes again
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = None
   try:
@@ -203,18 +203,32 @@ def run(program: Program, workdir: str) -> dict:
           with disk_errors(workdir):
             ckpt.close()   # commits the last asynchronous save
   except BaseException:
-    if fresh and is_main:
-      _remove_empty(workdir)   # a run refused at its start leaves no trace behind
+    if created and is_main:
+      _remove_empty([workdir / 'checkpoints', *created])   # a refused start leaves no trace
     raise
   finally:
     if is_main:   # every exit from here on says what is on disk
       print(last_saved_line(workdir, ckpt), flush=True)
 
 
-def _remove_empty(workdir) -> None:
-  """Removes the checkpoints/ folder and the workdir that this run created, if they are empty
-  (a refused init_from, data or teacher path); never anything that holds a file."""
-  for d in (workdir / 'checkpoints', workdir):
+def _missing_folders(workdir) -> list:
+  """The workdir and those of its parents that do not exist yet, innermost first: the folders
+  workdir.mkdir(parents=True) is about to create. On an object store (gs://) folders are only
+  name prefixes, so only the workdir itself is considered."""
+  missing = []
+  candidates = [workdir] if paths.url_scheme(workdir) else [workdir, *workdir.parents]
+  for d in candidates:
+    if d.exists():
+      break
+    missing.append(d)
+  return missing
+
+
+def _remove_empty(folders) -> None:
+  """Removes `folders` (innermost first) that are empty: the checkpoints/ folder, the workdir and
+  the parents this run created, after a refused init_from, data or teacher path; never anything
+  that holds a file."""
+  for d in folders:
     try:
       if d.exists() and not any(d.iterdir()):
         d.rmdir()
@@ -258,7 +272,8 @@ def last_saved_line(workdir, ckpt=None) -> str:
     steps = ckpt_lib.finished_steps(directory)
     step = steps[-1] if steps else None
   if step is None:
-    return f'last saved step: none (no checkpoint in {directory})'
+    where = directory if directory.exists() else workdir   # a refused fresh start removed both
+    return f'last saved step: none (no checkpoint in {where})'
   return f'last saved step: {step} ({directory / str(step)})'
 
 

@@ -244,12 +244,13 @@ def test_import_official_checkpoint_round_trip_is_bit_exact(tmp_path, pretrained
 
 def test_init_from_errors(tmp_path, pretrained, demo_split):
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    _finetune(tmp_path / 'a', tmp_path / 'nope', demo_split)
+    _finetune(tmp_path / 'a' / 'runs' / 'x', tmp_path / 'nope', demo_split)
   with pytest.raises(ValueError, match='model.width'):
     _finetune(tmp_path / 'b', pretrained, demo_split, model=model_section('S/14'))
   bad = tmp_path / 'notes.txt'
   bad.write_text('not a checkpoint')
   with pytest.raises(ValueError, match='Unsupported operand'):   # the unpickler's own finding
     _finetune(tmp_path / 'c', bad, demo_split)
-  # Refused after the workdir was made: the run leaves none behind (nothing was in it).
+  # Refused after the workdir was made: the run leaves none behind (nothing was in it), nor
+  # the parent folders it made for it.
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
