@@ -57,3 +57,18 @@ def pretrain_batches(cfg, n, seed=0):
                                ).astype(np.float32),
            'mask': np.stack([rng.permuted(np.arange(g * g) < k) for _ in range(cfg.batch_size)])}
           for _ in range(n)]
+
+
+def write_pan_clips(root, per_class: int, classes: int = 2):
+  """`classes` x `per_class` small pan clips (16 frames of 32 px, PyAV) under root/c<k>/<i>.mp4:
+  the same photo panned in a class's direction (data/demo.py pan_clip). Returns root."""
+  import numpy as np   # pylint: disable=g-import-not-at-top
+  from eva_jax.data import demo   # pylint: disable=g-import-not-at-top
+  photo = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+  photo = photo.repeat(8, 0).repeat(8, 1)
+  for c in range(classes):
+    (root / f'c{c}').mkdir()
+    for i in range(per_class):
+      demo.write_video(str(root / f'c{c}' / f'{i}.mp4'),
+                       demo.pan_clip(photo, c, np.random.default_rng([c, i]), size=32))
+  return root

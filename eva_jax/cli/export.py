@@ -1,11 +1,17 @@
-r"""eva-export: an eva_jax checkpoint as PyTorch weights (timm or the official EVA layout).
+r"""eva-export: an eva_jax checkpoint as PyTorch weights (timm, the official EVA layout, open_clip).
 
   eva-export --workdir=workdirs/demo --format=timm --out=eva_demo.safetensors
   eva-export --checkpoint=workdirs/demo/checkpoints/150 --format=eva --out=eva_demo.pth
+  eva-export --workdir=workdirs/clip_demo --format=open_clip --out=oc/open_clip_pytorch_model.bin
 
 --format=timm writes safetensors for timm's `Eva` plus its kwargs in OUT.json; --format=eva writes
-`{"model": state_dict}` (.pth); --format=video a video fine-tuning run in the official video
-layout (.pth, convert/video_export.py); --format=detectron2 the official
+`{"model": state_dict}` (.pth); both also take a frame-averaged video run
+(video.model=frame_average), an image classifier applied per frame. --format=video writes a
+space-time video fine-tuning run in the official video layout (.pth, convert/video_export.py).
+--format=open_clip writes an EVA-CLIP run (eva-clip) as an open_clip folder: OUT (.bin / .pth /
+.safetensors), open_clip_config.json beside it and, for a tower that is no released timm model,
+timm_trunk/config.json; load it with open_clip.create_model('local-dir:FOLDER'). A run given
+a format that cannot hold it is refused naming the one that can. --format=detectron2 the official
 EVA det backbone (`backbone.net.*`, docs/detection.md) with the LazyConfig arguments in OUT.json:
   eva-export --workdir=W --format=detectron2 --out=det.pth --patch_size=16 --det_image_size=1024 \
     --window_size=16 --global_blocks=5,11,17,23
@@ -41,7 +47,8 @@ def run():
   flags.DEFINE_string('workdir', None, 'Run directory (its latest checkpoint).')
   flags.DEFINE_string('checkpoint', None, 'A checkpoints/<step> folder.')
   flags.DEFINE_enum('format', 'timm', list(export.FORMATS), 'Output layout.')
-  flags.DEFINE_string('out', None, 'Output file (.safetensors for timm, .pth for the others).')
+  flags.DEFINE_string('out', None, 'Output file (.safetensors for timm, .pth for eva / video / '
+                    'detectron2; open_clip: .bin / .pth / .safetensors in a folder of its own).')
   flags.DEFINE_enum('weights', 'auto', ['auto', 'raw', 'ema', 'model', 'model_ema'],
                     'auto = the EMA when the run kept one (the evaluated weights), else raw.')
   flags.DEFINE_integer('patch_size', None, 'Resample to this patch size (e.g. 14 -> 16).')

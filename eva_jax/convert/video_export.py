@@ -58,10 +58,15 @@ def video_facts(cfg, num_frames: int, tubelet: int, num_classes: int) -> dict:
 
 def export(path: str, out: str, weights: str = 'auto') -> dict:
   """Writes the official-layout `out` (.pth, {"model": state_dict}) and `out`.json from an
-  eva_jax video fine-tuning workdir or checkpoint (kind 'eva_video_finetune'). Returns a summary.
-  Raises ValueError for another kind of checkpoint."""
+  eva_jax space-time video fine-tuning workdir or checkpoint (kind 'eva_video_finetune'). Returns a
+  summary. Raises ValueError for another kind of checkpoint, naming the format that fits it (a
+  frame-averaged run is an image classifier: --format=timm / eva; an EVA-CLIP run: open_clip)."""
   from eva_jax import checkpoint as ckpt_lib
   from eva_jax import paths
+  from eva_jax.convert import export as export_lib
+  kind, meta = export_lib.run_kind(path)
+  if kind in (export_lib.CLIP_KIND, export_lib.VIDEO_KIND):
+    export_lib.check_format(meta, 'video', path)   # CLIP, frame-averaged: names their format
   w = ckpt_lib.read_encoder(path, weights=weights)
   if w.meta.get('kind') != 'eva_video_finetune':
     raise ValueError(f'{w.source} holds a checkpoint of kind {w.meta.get("kind")!r}, not of a '

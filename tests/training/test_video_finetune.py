@@ -9,7 +9,6 @@ import pytest
 
 from eva_jax import checkpoint as ckpt_lib
 from eva_jax.convert import eva_torch
-from eva_jax.data import demo
 from eva_jax.models import config as model_config, video as video_lib
 from eva_jax.training import video as video_train
 
@@ -19,15 +18,7 @@ import support
 @pytest.fixture(scope='module')
 def clips(tmp_path_factory):
   """2 classes x 3 small pan clips (16 frames of 32 px) written with PyAV."""
-  root = tmp_path_factory.mktemp('clips')
-  rng = np.random.default_rng(0)
-  photo = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
-  for c in range(2):
-    (root / f'c{c}').mkdir()
-    for i in range(3):
-      demo.write_video(str(root / f'c{c}' / f'{i}.mp4'),
-                       demo.pan_clip(photo, c, np.random.default_rng([c, i]), size=32))
-  return root
+  return support.write_pan_clips(tmp_path_factory.mktemp('clips'), per_class=3)
 
 
 @pytest.fixture(scope='module')
