@@ -10,6 +10,7 @@ Each recipe is a module with `get_config(arg=None)` returning an ml_collections 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import pathlib
 
@@ -24,9 +25,18 @@ def names() -> list[str]:
 def resolve(spec: str) -> str:
   """A config spec -> 'FILE.py[:arg]' that ml_collections' config_flags loads.
 
-  A saved run (a workdir, or a config.json) goes through the `saved_run` recipe. Raises
+  A saved run (a workdir, or a config.json) goes through the `saved_run` recipe. A bare recipe
+  name is the recipe even where a folder or file of that name lies in the current directory (a
+  run made there with --workdir=NAME): that one is read as ./NAME, and a warning says so. Raises
   FileNotFoundError naming the spec and the known recipes."""
   path, sep, arg = str(spec).partition(':')
+  if path in names():
+    if os.path.exists(path):
+      logging.getLogger(__name__).warning(
+          '--config=%s is the recipe %s; the %s ./%s in the current directory is not read (write '
+          '--config=./%s for it).', spec, path, 'folder' if os.path.isdir(path) else 'file', path,
+          path)
+    return f'{_HERE / path}.py{sep}{arg}'
   if path.endswith('.json') or (os.path.isdir(path) and os.path.isfile(
       os.path.join(path, 'config.json'))):
     return f'{_HERE / "saved_run.py"}:{path}'

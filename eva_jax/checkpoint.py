@@ -241,16 +241,17 @@ def resolve(path: epath.PathLike) -> tuple[str, int]:
   """
   path = as_path(path)
   if not path.is_dir():
-    raise FileNotFoundError(f'{os.fspath(path)!r} is not a directory. Pass a pretraining workdir, '
-                            'its checkpoints/ folder or one checkpoints/<step> folder.')
+    raise FileNotFoundError(f'{os.fspath(path)!r} is not a directory. Pass a run\'s workdir '
+                            '(eva-pretrain, eva-finetune, eva-clip, ...), its checkpoints/ folder '
+                            'or one checkpoints/<step> folder.')
   if (path / 'state').is_dir() and (path / 'meta').is_dir():
     return os.fspath(path), int(path.name)
   ckpts = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
   steps = finished_steps(ckpts)
   if not steps:
     raise FileNotFoundError(f'No finished checkpoint under {os.fspath(ckpts)!r} (expected '
-                            '<step>/state and <step>/meta folders written by eva-pretrain or '
-                            'eva-finetune).')
+                            '<step>/state and <step>/meta folders written by a training run: '
+                            'eva-pretrain, eva-finetune, eva-clip, ...).')
   return os.fspath(ckpts / str(steps[-1])), steps[-1]
 
 

@@ -165,22 +165,32 @@ def run_backbone(cfg) -> dict[str, Any]:
   return result
 
 
+def step_kind(cfg) -> str:
+  """Which step `cfg` benchmarks: 'vitdet' (config.benchmark.backbone), 'video' (a
+  configs/video_*.py recipe: the video fine-tuning step), 'clip' (an eva-clip recipe: the
+  contrastive step) or 'pretrain'. ValueError for an unknown backbone."""
+  backbone = cfg.get('benchmark', {}).get('backbone', '')
+  if backbone:
+    if backbone != 'vitdet':
+      raise ValueError(f"config.benchmark.backbone must be '' or 'vitdet', got {backbone!r}.")
+    return 'vitdet'
+  if 'video' in cfg:
+    return 'video'
+  if 'text' in cfg and 'loss' in cfg:
+    return 'clip'
+  return 'pretrain'
+
+
 def run(cfg) -> dict[str, Any]:
-  """Builds, compiles and times the pretraining step (or, with config.benchmark.backbone='vitdet',
-  the detection backbone: run_backbone); returns the result record."""
+  """Builds, compiles and times the step of `cfg` (step_kind: pretraining, EVA-CLIP, video
+  fine-tuning or the detection backbone); returns the result record."""
   from eva_jax import parallel
   from eva_jax.training import pretrain
 
   cfg = add_benchmark_defaults(cfg)
-  if cfg.benchmark.backbone:
-    if cfg.benchmark.backbone != 'vitdet':
-      raise ValueError(f"config.benchmark.backbone must be '' or 'vitdet', got "
-                       f'{cfg.benchmark.backbone!r}.')
-    return run_backbone(cfg)
-  if 'video' in cfg:
-    return run_video(cfg)    # a configs/video_*.py recipe: the video fine-tuning step
-  if 'text' in cfg and 'loss' in cfg:
-    return run_clip(cfg)     # an eva-clip recipe: the contrastive step
+  kind = step_kind(cfg)
+  if kind != 'pretrain':
+    return {'vitdet': run_backbone, 'video': run_video, 'clip': run_clip}[kind](cfg)
   from eva_jax.training import checks
   checks.check_config(cfg, 'pretrain')   # every field range-checked before anything is built
   b = cfg.benchmark

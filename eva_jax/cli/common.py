@@ -65,11 +65,14 @@ class _SpecParser(flags.ArgumentParser):
     return self._inner.flag_type()
 
 
-def define_config(help_text: str, post: Callable | None = None) -> None:
-  """Defines --config (required); `post(cfg)` may add program-specific defaults."""
-  config_flags.DEFINE_config_file('config', None, f'{help_text} A recipe name (e.g. '
-                                  f'{configs.names()[0]}), a config .py file[:arg] or a run '
-                                  'directory / config.json.', lock_config=True)
+def define_config(help_text: str, post: Callable | None = None, kind: str | None = None) -> None:
+  """Defines --config (required); `post(cfg)` may add program-specific defaults. kind: the
+  program's config kind (training/checks.py KIND_COMMANDS), whose demo recipe --help names."""
+  from eva_jax.training import checks   # pylint: disable=g-import-not-at-top
+  example = checks.KIND_COMMANDS[kind][2] if kind else configs.names()[0]
+  config_flags.DEFINE_config_file('config', None, f'{help_text} A recipe name (e.g. {example}), '
+                                  'a config .py file[:arg] or a run directory / config.json.',
+                                  lock_config=True)
   FLAGS['config'].parser = _SpecParser(FLAGS['config'].parser, post)
 
 
@@ -87,8 +90,11 @@ def _show_in_help(names) -> None:
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
-def run(main: Callable[[list[str]], int | None], doc: str, flag_names: list[str]) -> None:
-  """Runs `main` under absl with the program's docstring as usage (it holds the example)."""
+def run(main: Callable[[list[str]], int | None], doc: str, flag_names: list[str],
+        field_flags: dict[str, str] | None = None) -> None:
+  """Runs `main` under absl with the program's docstring as usage (it holds the example).
+  field_flags: {config field: flag} for a command whose flags fill config fields (eva-zero-shot's
+  --templates is config.eval.templates): its error messages then name the flag the user typed."""
   host_memory.keep_step_buffers_resident()   # before jax starts its CPU client (host_memory.py)
   flags.DEFINE_bool('traceback', False, 'Show the full traceback of known errors.')
   sys.modules['__main__'].__doc__ = doc
@@ -106,6 +112,8 @@ def run(main: Callable[[list[str]], int | None], doc: str, flag_names: list[str]
       message = known_error_message(e)
       if message is None or FLAGS.traceback or os.environ.get('EVA_JAX_TRACEBACK'):
         raise
+      for field, flag in (field_flags or {}).items():
+        message = message.replace(field, flag)
       print(f'error: {message}', file=sys.stderr, flush=True)
       print('(--traceback shows where.)', file=sys.stderr)
       return 2
@@ -129,7 +137,7 @@ def run(main: Callable[[list[str]], int | None], doc: str, flag_names: list[str]
 
 def run_training(program_class, doc: str, what: str) -> None:
   """The whole command of a training program: --config, --workdir, then the trainer skeleton."""
-  define_config(f'{what} config.')
+  define_config(f'{what} config.', kind=program_class.config_kind)
   define_workdir()
 
   def main(argv):
@@ -144,7 +152,7 @@ def run_evaluation(module: str, doc: str, what: str, filename: str) -> None:
   """The whole command of a config-driven evaluation: --config and an optional --workdir. Runs
   `eva_jax.evaluation.<module>.evaluate(config) -> dict` (imported once flags are parsed), prints
   the result as one JSON line and, with --workdir, also writes it to WORKDIR/filename."""
-  define_config(f'{what} config.')
+  define_config(f'{what} config.', kind=module)
   define_workdir(f'Optional: writes {filename} here.', required=False)
 
   def main(argv):

@@ -18,7 +18,7 @@ def main(argv):
 
 
 def run():
-  common.define_config('Input benchmark config.')
+  common.define_config('Input benchmark config.', kind='data_bench')
   flags.DEFINE_bool('compare_tfdata', False, 'Also time an equivalent tf.data pipeline.')
   common.run(main, __doc__, ['config', 'compare_tfdata'])
 

@@ -12,8 +12,11 @@ def main(argv):
   del argv
   import matplotlib
   matplotlib.use('Agg')
+  plot.check_png(flags.FLAGS.out)
   names = plot.plot(flags.FLAGS.workdir, flags.FLAGS.out)
-  print(f'wrote {flags.FLAGS.out} ({", ".join(names)})')
+  left = plot.undrawn(plot.read_metrics(flags.FLAGS.workdir))
+  print(f'wrote {flags.FLAGS.out} ({", ".join(names)})'
+        + (f'; logged but not drawn: {", ".join(left)}' if left else ''))
 
 
 def run():

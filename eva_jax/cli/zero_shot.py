@@ -12,11 +12,13 @@ CLIP recipe, e.g. clip_demo, with --config.* overrides); the file must match it
 sub-folder per class, or demo:val), with --classnames ('' = the demo's names or the folder names,
 'imagenet', or names joined by ',') and --templates (demo | openai | simple). --retrieval:
 image-text pairs (folder:DIR, webdataset:PATTERN, arrayrecord:GLOB, demo:val; a caption file's
-lines are that image's captions). Either may be '' to skip it. Prints one JSON line:
-zero_shot/top1, zero_shot/top5, retrieval/{image_to_text,text_to_image}_R@{1,5,10}; --output
-also writes it to a file.
+lines are that image's captions). Either may be '' to skip it, not both. Prints one JSON line:
+zero_shot/top1, zero_shot/top5, retrieval/{image_to_text,text_to_image}_R@{1,5,10}, and the
+counts behind them (zero_shot/count, zero_shot/unreadable, retrieval/images, retrieval/captions,
+retrieval/bad_pairs); --output also writes it to a file (its folder is created).
 """
 import json
+import os
 
 from absl import flags
 
@@ -26,7 +28,8 @@ flags.DEFINE_string('checkpoint', None, 'eva-clip workdir or checkpoint folder, 
                     'file (.bin / .pt / .safetensors) or hub folder.')
 flags.DEFINE_string('model', '', 'open_clip files: the CLIP architecture (eva_jax or open_clip '
                     'name; image size: --image_size, else the model\'s).')
-common.define_config('open_clip files: a CLIP recipe whose model is the architecture.')
+common.define_config('open_clip files: a CLIP recipe whose model is the architecture.',
+                     kind='clip')
 flags.DEFINE_string('weights', 'auto', 'auto (the EMA if kept) | raw | ema.')
 flags.DEFINE_string('zero_shot', 'demo:val', "Labelled image folder (folder:DIR, demo:val); '' = skip.")
 flags.DEFINE_string('classnames', '', "'' = demo / folder names, 'imagenet', or 'a,b,c'.")
@@ -40,8 +43,16 @@ flags.mark_flag_as_required('checkpoint')
 FLAGS = flags.FLAGS
 
 
+EVAL_FLAGS = ('zero_shot', 'retrieval', 'classnames', 'templates', 'batch_size', 'limit')
+
+
 def main(argv):
   del argv
+  if not FLAGS.zero_shot and not FLAGS.retrieval:
+    raise ValueError("--zero_shot='' and --retrieval='' leave nothing to evaluate: give a labelled "
+                     'image folder, an image-text pair source, or both.')
+  if FLAGS.output:   # before the evaluation, whose results a missing folder would lose
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
   import ml_collections
   from eva_jax.defaults import clip_defaults
   from eva_jax.training import clip
@@ -89,7 +100,8 @@ def _open_clip(open_clip_import, path: str):
 def run():
   common.run(main, __doc__, ['checkpoint', 'model', 'config', 'weights', 'zero_shot',
                              'classnames', 'templates', 'retrieval', 'image_size', 'batch_size',
-                             'limit', 'output'])
+                             'limit', 'output'],
+             field_flags={f'config.eval.{name}': f'--{name}' for name in EVAL_FLAGS})
 
 
 if __name__ == '__main__':

@@ -152,12 +152,6 @@ def demo_captions(photo: str, index: int, count: int = 1, seed: int = 0) -> list
            for i in rng.choice(len(combos), size=count, replace=False))]
 
 
-def demo_classnames(root: str) -> list[str]:
-  """CLASSNAMES of the class folders under `root` in label order (sorted folder names, as the
-  folder: source assigns labels)."""
-  return [CLASSNAMES[c] for c in sorted(os.listdir(root)) if c in CLASSNAMES]
-
-
 def build_demo_pairs(out_dir: str, demo_dir: str, shard_size: int = 64) -> int:
   """The captioned demo set from the demo photo set at `demo_dir`:
     out/train/<photo>/<i>.jpg + .txt   one caption each, crops 0..TRAIN_PER_CLASS-1

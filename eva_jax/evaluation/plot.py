@@ -1,9 +1,11 @@
-r"""Training curves of a run from its metrics.jsonl (pretraining or fine-tuning).
+r"""Training curves of a run from its metrics.jsonl (pretraining, fine-tuning, video, EVA-CLIP).
 
   eva-plot --workdir=workdirs/demo --out=curves.png
 
 Panels: loss (+ val_loss / eval_loss points), learning rate, gradient norm, fp16 loss scale (when
-logged), images/s; fine-tuning runs add train/eval top-1. Uses matplotlib's Agg backend.
+logged), images/s; fine-tuning and video runs add train/eval top-1 (+ top-5); EVA-CLIP runs add
+zero-shot top-1/5, retrieval recall@1/5/10 and the logit scale. Logged numbers no panel draws
+(counts, mask statistics) are named by `undrawn`. Uses matplotlib's Agg backend.
 """
 from __future__ import annotations
 
@@ -21,7 +23,11 @@ PANELS = (
     ('gradient norm', ('grad_norm',), (), False),
     ('loss scale (fp16)', ('loss_scale',), (), True),
     ('images / s', ('images_per_sec',), (), False),
-    ('top-1', ('train_top1',), ('eval_top1',), False),
+    ('top-1', ('train_top1',), ('eval_top1', 'eval_top5'), False),
+    ('zero-shot top-k', (), ('zero_shot/top1', 'zero_shot/top5'), False),
+    ('image -> text recall', (), tuple(f'retrieval/image_to_text_R@{k}' for k in (1, 5, 10)), False),
+    ('text -> image recall', (), tuple(f'retrieval/text_to_image_R@{k}' for k in (1, 5, 10)), False),
+    ('logit scale (exp)', ('logit_scale',), (), False),
 )
 
 
@@ -66,6 +72,20 @@ def panels_for(records: list[dict]) -> list[tuple]:
   return [p for p in PANELS if any(series(records, k)[0] for k in p[1] + p[2])]
 
 
+def undrawn(records: list[dict]) -> list[str]:
+  """The numeric keys of `records` that no panel draws (e.g. eval_count, data/skipped), sorted."""
+  drawn = {k for p in PANELS for k in p[1] + p[2]} | {'step'}
+  return sorted({k for r in records for k, v in r.items()
+                 if k not in drawn and isinstance(v, (int, float))})
+
+
+def check_png(out: str, flag: str = '--out') -> None:
+  """ValueError unless `out` names a .png file: the figures are written as PNG only (a .jpg name
+  would hold PNG bytes)."""
+  if not str(out).lower().endswith('.png'):
+    raise ValueError(f'{flag}={out}: the figure is written as PNG; name the file .png.')
+
+
 def plot_metrics(records: list[dict], axes=None, title: str = ''):
   """Draws the curves; returns the figure (a new one unless `axes` is given, one per panel)."""
   import matplotlib.pyplot as plt
@@ -84,10 +104,10 @@ def plot_metrics(records: list[dict], axes=None, title: str = ''):
       xs, ys = series(records, k)
       if xs:
         ax.plot(xs, ys, label=k, marker='.' if len(xs) < 30 else None)
-    for k in points:
+    for i, k in enumerate(points):
       xs, ys = series(records, k)
       if xs:
-        ax.scatter(xs, ys, label=f'{k} ({ys[-1]:.4f})', color='C3', zorder=3)
+        ax.scatter(xs, ys, label=f'{k} ({ys[-1]:.4f})', color=f'C{3 + i}', zorder=3)
     if log:
       ax.set_yscale('log')
     ax.set_title(name)

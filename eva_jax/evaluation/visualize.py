@@ -48,7 +48,7 @@ from eva_jax.models import TEACHER_NAMES, teacher_config, vit
 from eva_jax.models import mim as mim_lib
 from eva_jax.models.layers import create_module
 from eva_jax.models import teacher as teacher_lib
-from eva_jax.evaluation.plot import save_figure
+from eva_jax.evaluation.plot import check_png, save_figure
 from eva_jax.training import checks, pretrain, task as task_lib
 
 PANELS = ('photo', 'masked', 'cosine', 'pca_student', 'pca_teacher')
@@ -429,15 +429,24 @@ def visualize(workdir: str, image: str, out: str, teacher: str | None = None, ma
     raise FileNotFoundError(f'--workdir {workdir!r} does not exist or is not a directory.')
   if image_size in ('', 0):
     image_size = None
+  check_png(out)   # a wrong name or size fails before any model is loaded
   if image_size is not None:
-    image_hw(image_size, '--image_size')   # a malformed size fails before any model is loaded
+    image_hw(image_size, '--image_size')
   photo = read_image(image)     # bad input fails before any model is loaded
   models = load_models(workdir, teacher=teacher, image_size=image_size)
   rgb, x = preprocess(photo, models.image_size, mean=models.mean, std=models.std)
   settings = dict(models.mask)
   if num_masking_patches:
     settings['num_masking_patches'] = int(num_masking_patches)
-  mask = draw_mask(models.grid, settings, seed=mask_seed)
+  try:
+    mask = draw_mask(models.grid, settings, seed=mask_seed)
+  except ValueError:   # its message names config fields; this command's are flags
+    h, w = models.grid
+    chosen = f'--num_masking_patches={num_masking_patches}' if num_masking_patches else (
+        "the run's mask setting")
+    raise ValueError(f'{chosen} draws no block mask on the {h}x{w} patch grid of this image size '
+                     f'({h * w} patches): give --num_masking_patches between 1 and {h * w - 1}'
+                     f'{"" if num_masking_patches else " or a larger --image_size"}.') from None
   analysis = analyze(models, x, mask)
   fig = render(models, rgb, analysis, title=(
       f'{paths.as_path(workdir).name} step {models.step} - '

@@ -116,13 +116,15 @@ def zero_shot_accuracy(encode_image: Encoder, classifier: np.ndarray,
 
   batches: `eva_jax.data.pipeline.Batch`es (arrays 'image', 'label'; padding rows with valid False
   are left out) or dicts with 'image', 'label' [and 'valid']. classifier: [D, C] from
-  `build_zero_shot_classifier`. Returns {'top1': .., 'top5': .., 'count': n} (keys follow ks)."""
+  `build_zero_shot_classifier`. Returns {'top1': .., 'top5': .., 'count': n images scored,
+  'unreadable': n left out by the loader (a Batch's running `skipped`; 0 for dicts)} (the top-k
+  keys follow ks)."""
   classifier = np.asarray(classifier, np.float32)
   hits = {k: 0 for k in ks}
-  count = 0
+  count = unreadable = 0
   for b in batches:
     if hasattr(b, 'arrays'):    # a pipeline Batch
-      arrays, valid = b.arrays, b.valid
+      arrays, valid, unreadable = b.arrays, b.valid, b.skipped
     else:
       arrays, valid = b, b.get('valid', np.ones(len(b['label']), bool))
     valid = np.asarray(valid, bool)
@@ -132,7 +134,7 @@ def zero_shot_accuracy(encode_image: Encoder, classifier: np.ndarray,
     count += int(valid.sum())
   if not count:
     raise ValueError('zero_shot_accuracy got no (valid) images to classify.')
-  return {**{f'top{k}': hits[k] / count for k in ks}, 'count': count}
+  return {**{f'top{k}': hits[k] / count for k in ks}, 'count': count, 'unreadable': unreadable}
 
 
 def retrieval_recall(image_features, text_features, text_image_index,
@@ -192,11 +194,12 @@ def evaluate(encode_image: Encoder, encode_text: Encoder, *,
              tokenize: Callable[[list[str]], Any] | None = None) -> dict[str, float]:
   """Both benchmarks as one flat dict of floats, ready to log next to the training metrics.
 
-  Zero-shot (when classifier_batches and classnames are given): 'zero_shot/top1', 'zero_shot/top5'
-  over labeled image batches (e.g. `build_classification_loader(..., train=False)` on held-out
+  Zero-shot (when classifier_batches and classnames are given): 'zero_shot/top1', 'zero_shot/top5',
+  'zero_shot/count' (images scored), 'zero_shot/unreadable' (left out) over labeled image batches (e.g. `build_classification_loader(..., train=False)` on held-out
   crops) with the classifier of classnames x templates. Retrieval (when `retrieval` is given: an
   `eva_jax.data.pairs.RetrievalSet` or anything with images, tokens, text_image_index):
-  'retrieval/image_to_text_R@k', 'retrieval/text_to_image_R@k' for k = 1, 5, 10. Encoders see
+  'retrieval/image_to_text_R@k', 'retrieval/text_to_image_R@k' for k = 1, 5, 10, with
+  'retrieval/images', 'retrieval/captions' and 'retrieval/bad_pairs' (left out). Encoders see
   batches of `batch_size` (zero-padded at the end) for the retrieval set."""
   out: dict[str, float] = {}
   if classifier_batches is not None and classnames:
@@ -206,9 +209,13 @@ def evaluate(encode_image: Encoder, encode_text: Encoder, *,
                              ks=(1, min(5, len(classnames))))
     out['zero_shot/top1'] = acc['top1']
     out['zero_shot/top5'] = acc[f'top{min(5, len(classnames))}']
+    out['zero_shot/count'], out['zero_shot/unreadable'] = acc['count'], acc['unreadable']
   if retrieval is not None:
     recall = retrieval_recall(encode_all(encode_image, retrieval.images, batch_size),
                               encode_all(encode_text, retrieval.tokens, batch_size),
                               retrieval.text_image_index)
     out.update({f'retrieval/{k}': v for k, v in recall.items()})
+    out['retrieval/images'] = len(retrieval.images)
+    out['retrieval/captions'] = len(retrieval.tokens)
+    out['retrieval/bad_pairs'] = sum(getattr(retrieval, 'skipped_by_kind', {}).values())
   return out

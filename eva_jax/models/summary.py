@@ -41,8 +41,14 @@ def table(cfg) -> tuple[list[tuple[str, str, int]], int, int]:
 
 def report(name: str) -> str:
   """The printed table of an encoder or teacher name; ValueError for an unknown name."""
-  cfg = (config_lib.teacher_config(name) if name in config_lib.TEACHER_NAMES
-         else config_lib.encoder_config(name))
+  if name in config_lib.TEACHER_NAMES:
+    cfg = config_lib.teacher_config(name)
+  elif name in config_lib.ENCODER_NAMES:
+    cfg = config_lib.encoder_config(name)
+  else:   # encoder_config's own message is about config.model.name, which this command lacks
+    raise ValueError(f'Unknown architecture {name!r}. Encoders: '
+                     f'{", ".join(config_lib.ENCODER_NAMES)}; teachers: '
+                     f'{", ".join(config_lib.TEACHER_NAMES)}.')
   rows, total, backbone = table(cfg)
   w = max(len(r[0]) for r in rows)
   lines = [f'{name}: width {cfg.width}, depth {cfg.depth}, heads {cfg.heads}, mlp {cfg.mlp_dim}, '

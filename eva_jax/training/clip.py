@@ -138,24 +138,37 @@ def zero_shot_folder(spec: str, data_cfg) -> str:
 
 def class_names(eval_cfg, root: str) -> list[str]:
   """config.eval.classnames: '' = the demo's names when `root` is the demo set, else the class
-  folder names ('_' -> ' '); 'imagenet' = open_clip's 1000 ImageNet names; or a sequence."""
-  from eva_jax.data import demo
+  folder names ('_' -> ' '); 'imagenet' = open_clip's 1000 ImageNet names; or a sequence.
+
+  The names follow the labels the folder: source gives (data/sources.py FolderSource: the sorted
+  class folders that hold images; an empty class folder takes no label). Given one name per class
+  folder, empty ones included, the names of the empty folders are left out, with a warning naming
+  them; otherwise the count must equal the labelled classes'. ValueError on any other count."""
+  from eva_jax.data import demo, sources
   from eva_jax.evaluation import zero_shot
   given = eval_cfg.classnames
+  classes = sources.FolderSource(root).classes
   folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  empty = [f for f in folders if f not in classes]
   if isinstance(given, (tuple, list)) and given:
     names = list(given)
   elif given == 'imagenet':
     names = list(zero_shot.imagenet_metadata()['classnames'])
   elif given:
     raise ValueError(f"config.eval.classnames={given!r}: use '', 'imagenet' or a tuple of names.")
-  elif all(f in demo.CLASSNAMES for f in folders):
-    names = demo.demo_classnames(root)
+  elif all(c in demo.CLASSNAMES for c in classes):
+    return [demo.CLASSNAMES[c] for c in classes]
   else:
-    names = [f.replace('_', ' ') for f in folders]
-  if len(names) != len(folders):
-    raise ValueError(f'config.eval.classnames has {len(names)} names but {root} holds '
-                     f'{len(folders)} class folders; give one name per folder (sorted order).')
+    return [c.replace('_', ' ') for c in classes]
+  if empty and len(names) == len(folders) != len(classes):
+    dropped = [n for f, n in zip(folders, names) if f in empty]
+    logging.warning('%s: class folders %s hold no image and take no label; their names %s are '
+                    'left out of the zero-shot classes.', root, empty, dropped)
+    names = [n for f, n in zip(folders, names) if f not in empty]
+  if len(names) != len(classes):
+    note = f' (empty, no label: {", ".join(empty)})' if empty else ''
+    raise ValueError(f'{len(names)} class names were given but {root} holds {len(classes)} class '
+                     f'folders with images{note}; give one name per such folder, in sorted order.')
   return names
 
 
@@ -235,6 +248,7 @@ def evaluate_params(task, params, cfg, mcfg) -> dict:
 class ClipProgram(trainer.Program):
   kind = 'eva_clip'
   config_kind = 'clip'
+  init_fields = ('init',)
 
   def validate(self):
     cfg = self.cfg

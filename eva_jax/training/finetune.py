@@ -264,6 +264,8 @@ def eval_top_k(task, state, consts, loader, eval_batches: int, input_key: str) -
 class FinetuneProgram(trainer.Program):
   kind = 'eva_finetune'
   config_kind = 'finetune'
+  init_fields = ('init_from', 'init_from_weights', 'patch_resample', 'fc_norm_from_norm',
+                 'head_init_scale')
 
   def validate(self):
     cfg = self.cfg

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from etils import epath
 
@@ -32,6 +33,9 @@ class Program:
 
   kind = ''          # recorded in the checkpoint meta: 'eva_pretrain', 'eva_finetune', ...
   config_kind = ''   # checks.config_kind of its configs ('pretrain', 'finetune', ...; '' = any)
+  # Config fields read only by a fresh start (init_state): a resume takes its weights from the
+  # checkpoint, so config.json keeps the values the run started from (keep_started_init).
+  init_fields: tuple[str, ...] = ()
 
   def __init__(self, cfg):
     self.cfg = cfg
@@ -164,6 +168,47 @@ def saved_config(cfg, resolved: dict) -> dict:
 def write_config(workdir: epath.Path, cfg, resolved: dict) -> None:
   (workdir / 'config.json').write_text(
       json.dumps(saved_config(cfg, resolved), indent=2, default=str))
+
+
+def keep_started_init(workdir: epath.Path, cfg, fields, step: int):
+  """`cfg` with the values of `fields` (dotted config paths; a section stands for its fields) that
+  WORKDIR/config.json recorded at the run's start. A resume reads no init weights, so another
+  value given now is not used: each is named in one printed line, and config.json goes on saying
+  what the run started from."""
+  path = workdir / 'config.json'
+  saved = json.loads(path.read_text()) if path.exists() else {}
+  out = None
+  for field in fields:
+    for leaf, old in _leaves(field, _lookup(saved, field)):
+      now = _lookup(cfg, leaf)
+      if old is None or now is None or json.loads(json.dumps(now, default=str)) == old:
+        continue   # (compared as config.json writes it: a tuple is a list there)
+      print(f'Not used: config.{leaf}={now!r}; the run resumes from step {step} with its '
+            f"checkpoint's weights (it started from {old!r}, as config.json keeps).", flush=True)
+      if out is None:
+        out = ml_collections.ConfigDict(cfg.to_dict())
+      *heads, last = leaf.split('.')
+      section = out
+      for key in heads:
+        section = section[key]
+      section[last] = old
+  return cfg if out is None else out
+
+
+def _lookup(tree, dotted: str):
+  """tree['a']['b'] for 'a.b' (dicts or ConfigDicts); None where a key is missing."""
+  for key in dotted.split('.'):
+    tree = tree.get(key) if hasattr(tree, 'get') else None
+  return tree
+
+
+def _leaves(prefix: str, value):
+  """(dotted path, value) of every non-dict value under `value`."""
+  if isinstance(value, dict):
+    for key, sub in value.items():
+      yield from _leaves(f'{prefix}.{key}', sub)
+  else:
+    yield prefix, value
 
 
 def run(program: Program, workdir: str) -> dict:
@@ -324,7 +369,9 @@ def _run(program, cfg, workdir, mesh, is_main, ckpt, stop) -> dict:
     # The run is accepted and its weights (init_from, teacher) are read: only now is config.json
     # (re)written, so a refused start leaves the workdir as it was.
     if is_main:
-      write_config(workdir, cfg, {**program.resolved(task), 'mesh': dict(mesh.shape),
+      record = cfg if restored is None else keep_started_init(workdir, cfg, program.init_fields,
+                                                              start)
+      write_config(workdir, record, {**program.resolved(task), 'mesh': dict(mesh.shape),
                                   'num_devices': jax.device_count(),
                                   'num_processes': jax.process_count()})
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)

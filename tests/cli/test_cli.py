@@ -4,6 +4,7 @@ Every eva-* program: absl flags + an ml_collections --config that takes a recipe
 saved run; config.model = architecture name + overrides; run-owned fields refused in config.model.
 """
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -90,6 +91,19 @@ def test_recipe_names_files_and_args_resolve_alike():
   assert {'pretrain_demo', 'finetune_demo', 'eva02_l14_pretrain'} <= set(configs.names())
   with pytest.raises(FileNotFoundError, match='Recipes: .*pretrain_demo'):
     configs.resolve('pretrain_dmeo')
+
+
+def test_a_bare_recipe_name_is_the_recipe_beside_a_run_of_that_name(tmp_path, monkeypatch, caplog):
+  # A user trial: a run made with --workdir=clip_demo, then --config=clip_demo silently read that
+  # run (its init included) instead of the recipe.
+  run = tmp_path / 'clip_demo'
+  run.mkdir()
+  (run / 'config.json').write_text('{}')
+  monkeypatch.chdir(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    assert configs.resolve('clip_demo').endswith('/configs/clip_demo.py')
+  assert 'write --config=./clip_demo for it' in caplog.text
+  assert configs.resolve('./clip_demo').endswith('saved_run.py:./clip_demo')
 
 
 @pytest.mark.parametrize('recipe', ['pretrain_demo', 'finetune_demo', 'eva01_g14_ft_in1k_336'])

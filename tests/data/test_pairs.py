@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from eva_jax.data import config as data_config
-from eva_jax.data import demo, pack, pair_sources, pairs
+from eva_jax.data import demo, pack, pair_sources, pairs, sources
 from eva_jax.data.tokenizer import tokenize
 
 SIZE = 32
@@ -166,7 +166,7 @@ def test_unknown_source_and_missing_folder():
 
 def test_demo_pairs_and_retrieval_set():
   root = demo.ensure_demo_pairs()
-  classes = demo.demo_classnames(os.path.join(root, 'val'))
+  classes = sources.FolderSource(os.path.join(root, 'val')).classes
   assert len(classes) >= 2 and len(set(classes)) == len(classes)
   train = pair_sources.open_pair_source('demo')
   assert len(train) == demo.TRAIN_PER_CLASS * len(classes)

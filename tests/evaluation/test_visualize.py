@@ -111,6 +111,17 @@ def test_visualize_errors(run, tmp_path):
   assert proc.returncode == 2 and 'No finished checkpoint' in proc.stderr
   assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3
   assert not os.path.exists(out)
+  # Errors name this command's flags, not the config fields behind them.
+  with pytest.raises(ValueError, match=r'--out=.*x\.jpg: the figure is written as PNG'):
+    visualize.visualize(workdir, photo, str(tmp_path / 'x.jpg'))
+  with pytest.raises(ValueError, match=r'--num_masking_patches=1000 draws no block mask on the '
+                     r'\d+x\d+ patch grid') as e:
+    visualize.visualize(workdir, photo, out, num_masking_patches=1000)
+  assert 'config.' not in str(e.value)
+  with pytest.raises(ValueError, match=r"the run's mask setting draws no block mask on the 1x1 "
+                     r'patch grid .* or a larger --image_size'):
+    visualize.visualize(workdir, photo, out, image_size=14)
+  assert not os.path.exists(out)
 
 
 def test_plot_cli(run, tmp_path):
@@ -132,6 +143,7 @@ def test_plot_loss_scale_panel_and_errors(tmp_path):
       '\n'.join(json.dumps(r) for r in recs) + '\n{"step": 4, "lo')   # partial last line: ignored
   names = plot.plot(str(tmp_path), str(tmp_path / 'c.png'))
   assert 'loss scale (fp16)' in names and len(plot.read_metrics(tmp_path)) == 3
+  assert plot.undrawn(plot.read_metrics(tmp_path)) == []
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match='No metrics file'):
@@ -139,3 +151,22 @@ def test_plot_loss_scale_panel_and_errors(tmp_path):
   (empty / 'metrics.jsonl').write_text('')
   with pytest.raises(ValueError, match='empty'):
     plot.plot(str(empty), str(tmp_path / 'e.png'))
+
+
+def test_plot_draws_clip_and_video_metrics(tmp_path):
+  """An EVA-CLIP run's zero-shot, retrieval and logit-scale metrics each get a panel; numbers no
+  panel draws are named, never dropped silently."""
+  recs = [{'step': s, 'loss': 2.0 / s, 'lr': 1e-3, 'logit_scale': 14.0 + s} for s in (1, 2)]
+  recs.append({'step': 2, 'zero_shot/top1': 0.5, 'zero_shot/top5': 1.0, 'zero_shot/count': 96,
+               **{f'retrieval/{d}_R@{k}': 0.1 * k for d in ('image_to_text', 'text_to_image')
+                  for k in (1, 5, 10)}})
+  recs.append({'step': 2, 'eval_top1': 0.7, 'eval_top5': 0.9, 'eval_count': 96})
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in recs))
+  names = plot.plot(str(tmp_path), str(tmp_path / 'c.png'))
+  assert names == ['loss', 'learning rate', 'top-1', 'zero-shot top-k', 'image -> text recall',
+                   'text -> image recall', 'logit scale (exp)']
+  assert _png(tmp_path / 'c.png').text['Description'] == 'panels: ' + ','.join(names)
+  assert plot.undrawn(recs) == ['eval_count', 'zero_shot/count']
+  proc = support.run_cli('plot', f'--workdir={tmp_path}', f'--out={tmp_path / "c.jpg"}')
+  assert proc.returncode == 2 and 'name the file .png' in proc.stderr
+  assert not (tmp_path / 'c.jpg').exists()

@@ -154,4 +154,6 @@ def test_evaluate_combines_both(table):
   rec = zero_shot.retrieval_recall(images, enc_text(tokenize(captions)), idx)
   for k, v in rec.items():
     assert got[f'retrieval/{k}'] == pytest.approx(v, abs=1e-9)
-  assert len(got) == 8
+  assert got['zero_shot/count'] == 6 and got['zero_shot/unreadable'] == 0
+  assert (got['retrieval/images'], got['retrieval/captions'], got['retrieval/bad_pairs']) == (6, 12, 0)
+  assert len(got) == 8 + 5

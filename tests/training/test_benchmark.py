@@ -126,6 +126,9 @@ def test_cli_times_the_video_step():
   r = json.loads(out.stdout.strip().splitlines()[-1])
   assert r['config']['tokens'] == 1 + r['config']['frames'] * (r['config']['image_size'] // 14) ** 2
   assert r['clips_per_s'] == pytest.approx(4 / r['step_s']) and r['steps'] == 1
+  # The summary counts clips (frames beside them), and the pretraining FLOP check is not printed.
+  assert f"{r['clips_per_s']:.1f} clips/s ({r['images_per_s']:.1f} frames/s)" in out.stderr
+  assert 'FLOP check' not in out.stdout
 
 
 def test_cli_times_the_contrastive_step():
@@ -139,4 +142,5 @@ def test_cli_times_the_contrastive_step():
   r = json.loads(out.stdout.strip().splitlines()[-1])
   assert r['config']['model'] == 'eva-clip-tiny' and r['steps'] == 1
   assert r['pairs_per_s'] == pytest.approx(8 / r['step_s'])
+  assert f"{r['pairs_per_s']:.1f} pairs/s" in out.stderr and 'FLOP check' not in out.stdout
   assert r['tflops_per_pair'] > 0

@@ -83,7 +83,9 @@ def runs(tmp_path_factory, mim_checkpoint, text_tower):
   last = clip.train(cfg, str(full))
   resumed = tmp_path_factory.mktemp('clip_resumed')
   shutil.copytree(full / 'checkpoints' / '2', resumed / 'checkpoints' / '2')
+  shutil.copy(full / 'config.json', resumed / 'config.json')
   cfg.eval.zero_shot = cfg.eval.retrieval = ''   # evaluation does not touch the state: skip it
+  cfg.init.image = cfg.init.text = ''   # a resume reads no init: these must change nothing
   clip.train(cfg, str(resumed))
   return full, resumed, last
 
@@ -144,15 +146,30 @@ def test_resume_equals_uninterrupted(runs):
   jax.tree.map(np.testing.assert_array_equal, a, b)
   loss = lambda w: {r['step']: r['loss'] for r in _records(w) if 'loss' in r}   # noqa: E731
   assert {s: v for s, v in loss(full).items() if s > 2} == loss(resumed)
+  # config.json still names the towers the run started from, not the unused init of the resume.
+  init = [json.loads((w / 'config.json').read_text())['init'] for w in (full, resumed)]
+  assert init[0] == init[1] and init[0]['image'] and init[0]['text']
 
 
-def test_zero_shot_command_repeats_the_run_eval(runs):
+def test_zero_shot_command_repeats_the_run_eval(runs, tmp_path):
   full, _, last = runs
-  out = support.run_cli('zero_shot', f'--checkpoint={full}', '--batch_size=16', '--limit=16')
+  output = tmp_path / 'new' / 'folder' / 'metrics.json'   # its folder is made, before evaluating
+  out = support.run_cli('zero_shot', f'--checkpoint={full}', '--batch_size=16', '--limit=16',
+                        f'--output={output}')
   assert out.returncode == 0, out.stderr[-2000:]
   got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert json.loads(output.read_text()) == got
   for k in EVAL_KEYS:
     assert got[k] == pytest.approx(last[k], abs=1e-6), k
+  # The counts behind the fractions: held-out demo crops, and retrieval pairs up to --limit.
+  assert got['zero_shot/count'] > 0 and got['retrieval/images'] == 16
+  assert got['retrieval/captions'] >= 16 and got['zero_shot/unreadable'] == 0
+  # Nothing to evaluate, and a bad --templates: one line each, naming the flags.
+  out = support.run_cli('zero_shot', f'--checkpoint={full}', '--zero_shot=', '--retrieval=')
+  assert out.returncode == 2 and "--zero_shot='' and --retrieval='' leave nothing" in out.stderr
+  out = support.run_cli('zero_shot', f'--checkpoint={full}', '--templates=fancy', '--retrieval=')
+  assert out.returncode == 2 and "--templates='fancy' must be one of" in out.stderr
+  assert 'config.eval' not in out.stderr
 
 
 def test_bad_inputs(tmp_path, caplog, built):
@@ -226,3 +243,31 @@ def test_saved_clip_run_is_a_config(runs):
   cfg.model.patch_dropout = 1.0
   with pytest.raises(ValueError, match='config.model.patch_dropout=1.0 is out of range'):
     checks.check_config(cfg)
+
+
+def test_zero_shot_names_follow_the_folder_labels(tmp_path, caplog):
+  """An empty class folder takes no label (data/sources.py FolderSource), so the zero-shot names
+  must skip it too: one name per folder would otherwise shift every later class onto the wrong
+  prompt (a user trial: top-1 0.83 -> 0.50 from one empty folder)."""
+  from PIL import Image
+  from eva_jax.data import sources
+  for folder in ('cat', 'cup', 'rocket'):
+    (tmp_path / folder).mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / folder / 'a.png')
+  (tmp_path / 'empty').mkdir()
+  ev = ml_collections.ConfigDict({'classnames': ''})
+  labels = dict(zip(sources.FolderSource(str(tmp_path)).paths,
+                    sources.FolderSource(str(tmp_path)).labels))
+  assert clip.class_names(ev, str(tmp_path)) == ['cat', 'cup', 'rocket']
+  ev = ml_collections.ConfigDict({'classnames': ('a cat', 'a cup', 'a teapot', 'a rocket')})
+  with caplog.at_level(logging.WARNING):
+    names = clip.class_names(ev, str(tmp_path))
+  assert "['a teapot'] are left out" in caplog.text
+  for path, label in labels.items():   # each image's label names its own folder
+    assert names[label] == 'a ' + path.split('/')[-2]
+  ev.classnames = ('a cat', 'a cup', 'a rocket')
+  assert clip.class_names(ev, str(tmp_path)) == ['a cat', 'a cup', 'a rocket']
+  ev.classnames = ('a cat', 'a cup')
+  with pytest.raises(ValueError, match=r'2 class names .* 3 class folders with images \(empty, '
+                     r'no label: empty\)'):
+    clip.class_names(ev, str(tmp_path))
