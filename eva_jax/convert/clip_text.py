@@ -404,7 +404,7 @@ def load_image_tower(model, path, *, weights: str = 'auto', facts: dict | None =
     raise CheckpointError(f'{w.source}: the encoder does not match the CLIP image tower ('
                           + '; '.join(bad) + ').')
   flat = common.flatten(w.params)
-  skipped = [f'mask_token ({w.source})'] if flat.pop('mask_token', None) is not None else []
+  skipped = ['mask_token'] if flat.pop('mask_token', None) is not None else []
   skipped += [f'{g}/...' for g in sorted(w.extra)]   # lm_head (MIM), fc_norm/head (fine-tuned)
   if model.cfg.pool == 'avg' and 'norm/scale' in flat:   # timm's filter: MIM norm -> fc_norm
     fc = {'scale': flat.pop('norm/scale'), 'bias': flat.pop('norm/bias')}

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import grain
@@ -206,12 +207,14 @@ class VideoListSource:
         line = line.strip()
         if not line or line.startswith('#'):
           continue
-        parts = line.replace(',', ' ').split()
-        try:
-          path, label = ' '.join(parts[:-1]), int(parts[-1])
-        except (ValueError, IndexError):
+        # The label is the last field (after a space, tab or comma, as Kinetics lists and CSVs
+        # write it); the path is everything before it, verbatim: commas and repeated spaces in a
+        # file name are kept.
+        entry = re.fullmatch(r'(.*?)[\s,]+(-?\d+)', line)
+        if entry is None:
           raise ValueError(f'{list_file} line {n}: expected `path label` (label an int), got '
-                           f'{line!r}.') from None
+                           f'{line!r}.')
+        path, label = entry.group(1), int(entry.group(2))
         if label < 0 or not path:
           raise ValueError(f'{list_file} line {n}: bad entry {line!r} (negative label or no path).')
         full = path if os.path.isabs(path) else os.path.join(base, path)

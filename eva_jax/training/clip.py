@@ -288,12 +288,17 @@ class ClipProgram(trainer.Program):
   def init_state(self, task):
     cfg = self.cfg
     state = task.init(cfg.seed)
+    is_main = jax.process_index() == 0
+    random_init = [f'{tower} tower' for tower, path in (('image', cfg.init.image),
+                                                          ('text', cfg.init.text)) if not path]
+    if random_init and is_main:   # said, so that a forgotten init is seen at the start
+      print(f'{" and ".join(random_init).capitalize()}: random init (config.init.'
+            f'{" / ".join(t.split()[0] for t in random_init)} not set).', flush=True)
     if not (cfg.init.image or cfg.init.text):
       return state
     from eva_jax.convert import clip_text
     from eva_jax.convert.eva_torch import FACT_FIELDS
     model = task.model(jax.tree.map(np.asarray, jax.device_get(state.params)))
-    is_main = jax.process_index() == 0
     if cfg.init.image:
       v = self.model_cfg.vision
       report = clip_text.load_image_tower(model, cfg.init.image,
@@ -318,7 +323,8 @@ class ClipProgram(trainer.Program):
   def evaluate(self, task, state, consts, step):
     rec = evaluate_params(task, task.eval_params(state), self.cfg, self.model_cfg)
     if jax.process_index() == 0 and rec:
-      print(f'step {step} ' + ' '.join(f'{k} {v:.4f}' for k, v in rec.items()), flush=True)
+      print(f'step {step} ' + ' '.join(f'{k} {v}' if isinstance(v, int) else f'{k} {v:.4f}'
+                                       for k, v in rec.items()), flush=True)   # counts as ints
     return rec
 
   def meta(self, task):

@@ -178,7 +178,8 @@ def classifier_heads(params: dict, weights, fc_norm_from_norm: bool,
   fc_norm.* / head.*) wherever the shapes fit. The official run_class_finetuning.py and timm keep
   them and drop only a head with another class count (IN-21K -> IN-1K). Without a checkpoint
   fc_norm, fc_norm_from_norm makes the MIM `norm` the fc_norm (timm's checkpoint_filter_fn).
-  Returns (the groups taken from the checkpoint, the 'not used' list extended)."""
+  Returns (the groups taken from the checkpoint, 'norm (as fc_norm)' included, and the 'not used'
+  list extended)."""
   from eva_jax.convert import common
   used, dropped = [], list(dropped)
   for group, tree in sorted(weights.extra.items()):
@@ -195,9 +196,9 @@ def classifier_heads(params: dict, weights, fc_norm_from_norm: bool,
       dropped.append(group if not want else f'{group} (another shape)')
   if 'fc_norm' not in used and fc_norm_from_norm and 'norm' in weights.params:
     params['fc_norm'] = {k: np.asarray(v, np.float32) for k, v in weights.params['norm'].items()}
-    # pretrained_into lists 'norm/scale', 'norm/bias'; video's inflation lists 'norm'.
+    # pretrained_into lists 'norm/scale', 'norm/bias'; video's inflation lists 'norm': used now.
     dropped = [d for d in dropped if d != 'norm' and not d.startswith('norm/')]
-    dropped.append('norm -> fc_norm')
+    used.append('norm (as fc_norm)')
   return used, dropped
 
 

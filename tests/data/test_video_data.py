@@ -2,6 +2,7 @@
 against torchvision, multi-view test clips, bad videos counted and skipped, list files, resume."""
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -159,6 +160,16 @@ def test_list_file_missing_videos(clips, tmp_path, caplog):
   bad.write_text('a.mp4 zero\n')
   with pytest.raises(ValueError, match='line 1'):
     video.open_video_source(f'video_list:{bad}', _data_cfg(''))
+  # A file name with a comma and two spaces is kept verbatim; the label is the last field, after
+  # a space, a tab or a comma (CSV).
+  odd = tmp_path / 'odd'
+  odd.mkdir()
+  shutil.copy(f'{clips}/a/0.mp4', odd / 'x, y  z.mp4')
+  lst = tmp_path / 'odd.txt'
+  lst.write_text(f'{odd}/x, y  z.mp4 1\n{odd}/x, y  z.mp4,0\n{clips}/b/1.mp4\t1\n')
+  src = video.open_video_source(f'video_list:{lst}', _data_cfg(''))
+  assert (len(src), src.missing) == (3, 0) and src.labels == [1, 0, 1]
+  assert src.paths[0] == src.paths[1] == str(odd / 'x, y  z.mp4')
 
 
 def test_pan_demo_frames_do_not_tell_the_class():
