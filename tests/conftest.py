@@ -33,6 +33,18 @@ def pytest_configure(config):
     sys.modules['jax'].config.update('jax_compilation_cache_dir', path)
 
 
+@pytest.fixture(autouse=True)
+def _no_tensorflow_in_the_test_process():
+  """TensorFlow and torch in one process segfault on the next torch op (tf_first or torch_first,
+  the wheels on this machine): a test worker that imported TF crashed a later, unrelated test.
+  Tests that need TF run it in a subprocess (support.run_python); this names any that does not."""
+  before = 'tensorflow' in sys.modules
+  yield
+  if not before and 'tensorflow' in sys.modules:
+    pytest.fail('This test imported TensorFlow into the test process, where a later torch op '
+                'segfaults; run the TensorFlow part with support.run_python.', pytrace=False)
+
+
 def pytest_unconfigure(config):
   path = getattr(config, '_eva_jax_cache', None)
   if path:

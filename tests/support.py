@@ -25,6 +25,17 @@ def run_cli(program, *args, env=None, timeout=600, cwd=ROOT):
                         cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def run_python(code: str, timeout=600) -> str:
+  """Runs `code` in a fresh `python -c` (this checkout's eva_jax; cwd tests/, so the test helpers
+  import) and returns its stdout; AssertionError with its stderr when it fails. For TensorFlow:
+  TensorFlow and torch in one process segfault on the next torch op (the wheels on this
+  machine), so TF is never imported into the test process (conftest.py checks)."""
+  out = subprocess.run([sys.executable, '-c', code], cwd=os.path.join(ROOT, 'tests'), env=ENV,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
 def run_worker(*args, timeout=600):
   """tests/multidevice_worker.py ARGS on 8 fake CPU devices; returns its last stdout line."""
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'multidevice_worker.py'),

@@ -1,5 +1,6 @@
 """The grain pipeline end to end on real encoded photos (the demo set), TFDS mock data, packed
 ArrayRecord shards, mixtures, sharding, resumption and bad data."""
+import importlib.util
 import json
 import os
 
@@ -14,6 +15,8 @@ from eva_jax.data.sources import FolderSource, open_source
 from eva_jax.data.masking import BlockMaskGenerator
 from eva_jax.data.randaugment import RandAugment
 from eva_jax.data.transforms import resize_center_crop, resized_crop, rrc_params
+
+import support
 
 HOST = dict(process_index=0, process_count=1)
 
@@ -210,8 +213,10 @@ def test_mixture_respects_weights(tmp_path, weights):
   assert abs(is_red.mean() - weights[0] / sum(weights)) < 0.02, is_red.mean()
 
 
-def test_tfds_source_with_mock_data():
-  tfds = pytest.importorskip('tensorflow_datasets')
+def tfds_mock_checks():
+  """The body of test_tfds_source_with_mock_data, run in a subprocess: tfds' mock data imports
+  TensorFlow, which must stay out of the test process (conftest.py says why)."""
+  import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
   cfg = _cfg('', source='tfds:imagenet2012:train')
   with tfds.testing.mock_data(num_examples=24):
     assert source_num_classes(cfg) == 1000
@@ -223,6 +228,14 @@ def test_tfds_source_with_mock_data():
     p, = _take(build_pretrain_loader(cfg, image_size=224, patch_size=14, batch_size=4, seed=0,
                                      **HOST), 1)
     assert p['mask'].shape == (4, 256) and p['mask'].sum(1).max() <= 105
+
+
+def test_tfds_source_with_mock_data():
+  if importlib.util.find_spec('tensorflow_datasets') is None:
+    pytest.skip('tensorflow_datasets is not installed')
+  out = support.run_python('from data.test_data_pipeline import tfds_mock_checks\n'
+                           'tfds_mock_checks()\nprint("checked")')
+  assert out.strip().splitlines()[-1] == 'checked'
 
 
 def test_tfds_unprepared_or_unknown_dataset_says_what_to_do(tmp_path):
