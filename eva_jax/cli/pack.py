@@ -18,6 +18,9 @@ from eva_jax.data import pack
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not f.pairs and not os.path.isdir(os.path.expanduser(f.src)):
+    raise FileNotFoundError(f'--src={f.src} is not a folder: give the image folder to pack (one '
+                            'sub-folder per class).')
   if f.pairs:
     meta = pack.pack_pairs(f.src, f.out, f.name, f.images_per_shard)
   else:
@@ -35,7 +38,8 @@ def run():
                     'folder:DIR (images with same-named .txt captions).')
   flags.mark_flag_as_required('src')
   flags.mark_flag_as_required('out')
-  common.run(main, __doc__, ['src', 'out', 'name', 'images_per_shard', 'pairs'])
+  common.run(main, __doc__, ['src', 'out', 'name', 'images_per_shard', 'pairs'],
+             field_flags={'config.data.source': '--src'})
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ Files are copied as they are: undecodable ones are skipped (and counted) by the 
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -20,9 +21,24 @@ import tqdm
 from eva_jax.data.sources import ARRAYRECORD_SUFFIX, META_SUFFIX, FolderSource, encode_record
 
 
+def check_out(out: str, name: str, per_shard: int) -> None:
+  """ValueError for a shard size below 1, or an `out` that already holds a pack NAME (its shards
+  or NAME-meta.json): packing over it would replace some shards and leave others, which readers
+  would mix (sources.check_shard_sets); nothing saved is overwritten."""
+  if per_shard < 1:
+    raise ValueError(f'--images_per_shard={per_shard}: a shard holds at least one record.')
+  old = glob.glob(os.path.join(glob.escape(out), f'{glob.escape(name)}-*-of-*{ARRAYRECORD_SUFFIX}'))
+  if old or os.path.exists(os.path.join(out, name + META_SUFFIX)):
+    raise ValueError(f'{out} already holds a pack named {name!r} ({len(old)} shards): choose '
+                     'another --out or --name, or delete those files first.')
+
+
 def pack_folder(src: str, out: str, name: str = 'train', images_per_shard: int = 10_000,
                 progress: bool = True) -> dict:
-  """Packs `src` into shards under `out`; returns the metadata written to NAME-meta.json."""
+  """Packs `src` into shards under `out`; returns the metadata written to NAME-meta.json.
+  Raises ValueError where `out` already holds a pack NAME (check_out) and FileNotFoundError /
+  ValueError for a missing or image-less `src` (sources.FolderSource)."""
+  check_out(out, name, images_per_shard)
   folder = FolderSource(src)
   os.makedirs(out, exist_ok=True)
   n = len(folder)
@@ -54,6 +70,7 @@ def pack_pairs(src: str, out: str, name: str = 'train', pairs_per_shard: int = 1
   Pairs are copied as they are, bad ones included: the loader skips and counts them by kind.
   Returns the metadata written to NAME-meta.json (kind 'pairs', record and shard counts)."""
   from eva_jax.data import pair_sources   # pylint: disable=g-import-not-at-top
+  check_out(out, name, pairs_per_shard)
   spec = f'folder:{src}' if os.path.isdir(os.path.expanduser(src)) else src
   source = pair_sources.open_pair_source(spec)
   os.makedirs(out, exist_ok=True)

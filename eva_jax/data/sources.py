@@ -28,7 +28,38 @@ import msgpack
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
 ARRAYRECORD_SUFFIX = '.array_record'
 META_SUFFIX = '-meta.json'      # written next to the shards by eva_jax.data.pack
-_SHARD_NAME = re.compile(r'-\d+-of-\d+\.array_record$')   # NAME-00000-of-00004.array_record
+_SHARD_NAME = re.compile(r'-(\d+)-of-(\d+)\.array_record$')   # NAME-00000-of-00004.array_record
+
+
+def shard_sets(files: list[str]) -> dict[str, list[tuple[int, int]]]:
+  """{OUT/NAME: [(shard index, shard count) ...]} of the files named as eva-pack names its shards
+  (NAME-00000-of-00004.array_record); other files are not listed."""
+  sets = {}
+  for f in files:
+    m = _SHARD_NAME.search(f)
+    if m is not None:
+      sets.setdefault(f[:m.start()], []).append((int(m.group(1)), int(m.group(2))))
+  return sets
+
+
+def check_shard_sets(files: list[str], pattern: str, from_folder: bool) -> None:
+  """ValueError when the matched shards are not whole packs: a pack NAME missing shards or
+  holding shards of another count (a re-pack with another shard count leaves the old ones beside
+  the new), or, for a folder given as the source, shards of several packs (train-* and val-*:
+  training would read the validation images too). An explicit glob may span packs on purpose."""
+  sets = shard_sets(files)
+  for prefix, shards in sets.items():
+    counts = sorted({c for _, c in shards})
+    if len(counts) > 1 or sorted(i for i, _ in shards) != list(range(counts[0])):
+      raise ValueError(f'{pattern}: the shards {os.path.basename(prefix)}-*-of-* are not one whole '
+                       f'pack ({len(shards)} files named of-{", of-".join(map(str, counts))}): a '
+                       'shard is missing, or a re-pack with another shard count left old ones. '
+                       'Re-pack into an empty folder (eva-pack --out).')
+  if from_folder and len(sets) > 1:
+    names = sorted(os.path.basename(k) for k in sets)
+    example = os.path.join(pattern.rsplit(os.sep, 1)[0], names[0])
+    raise ValueError(f'{pattern} holds {len(sets)} packs ({", ".join(names)}), which would be read '
+                     f'as one source: name one, e.g. arrayrecord:{example}-*{ARRAYRECORD_SUFFIX}.')
 
 
 class FolderSource:
@@ -253,7 +284,8 @@ class ArrayRecordSource:
   def __init__(self, pattern: str):
     import grain   # pylint: disable=g-import-not-at-top
     pattern = os.path.expanduser(pattern)
-    if os.path.isdir(pattern):
+    from_folder = os.path.isdir(pattern)
+    if from_folder:
       pattern = os.path.join(pattern, '*' + ARRAYRECORD_SUFFIX)
     self.name = f'arrayrecord:{pattern}'
     self.files = sorted(glob.glob(pattern))
@@ -261,6 +293,7 @@ class ArrayRecordSource:
       raise FileNotFoundError(
           f'No ArrayRecord files match {pattern}. Pack an image folder with `python -m '
           'eva_jax.data.pack --src DIR --out OUT` and use arrayrecord:OUT/*.array_record.')
+    check_shard_sets(self.files, pattern, from_folder)
     self.classes = []
     for meta in sorted({_SHARD_NAME.sub('', f) + META_SUFFIX for f in self.files}):
       if os.path.exists(meta):

@@ -1,5 +1,6 @@
 """Bad data never stops a run; odd formats are converted; misconfiguration errors say what to do.
 Also: ArrayRecord packing, the merged-30M entry and the benchmark CLI."""
+import importlib.util
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from eva_jax.data import (build_classification_loader, build_pretrain_loader,
 from eva_jax.data.config import MERGED30M_SIZES
 from eva_jax.data.decode import BadImageError, decode_image
 from eva_jax.data.sources import ArrayRecordSource, FolderSource, decode_record, open_source
+from eva_jax.data.pack import pack_folder
 
 import support
 
@@ -180,6 +182,24 @@ def test_pack_roundtrip(tmp_path):
   # Shards of bare encoded images (no labels) are read too.
   raw = _jpeg(skimage.data.coffee())
   assert decode_record(raw) == (raw, -1)
+  # Packing over a pack is refused (nothing saved is replaced); a second pack in the same folder
+  # is fine, but reading the folder as one source would mix them: refused, naming one. A pack
+  # with a shard missing is refused too.
+  out = tmp_path / 'out'
+  proc = support.run_cli('pack', f'--src={src}', f'--out={out}', '--images_per_shard=5')
+  assert proc.returncode == 2 and "already holds a pack named 'train' (3 shards)" in proc.stderr
+  assert sorted(p.name for p in out.iterdir())[0] == 'train-00000-of-00003.array_record'
+  pack_folder(str(src / 'coffee'), str(out), name='val', images_per_shard=5, progress=False)
+  with pytest.raises(ValueError, match=r'holds 2 packs \(train, val\).*arrayrecord:.*/train-\*'):
+    ArrayRecordSource(str(out))
+  assert len(ArrayRecordSource(f'{out}/val-*.array_record')) == 5
+  # (a copy: the loaders above may still hold readers on these shards)
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  for i in (0, 2):
+    shutil.copy(out / f'train-0000{i}-of-00003.array_record', broken)
+  with pytest.raises(ValueError, match=r'train-\*-of-\* are not one whole pack \(2 files'):
+    ArrayRecordSource(str(broken))
 
 
 def test_merged30m_mixture_entry():
@@ -197,7 +217,8 @@ def test_merged30m_mixture_entry():
 
 
 def test_benchmark_cli_reports_grain_and_tfdata(tmp_path):
-  pytest.importorskip('tensorflow')
+  if importlib.util.find_spec('tensorflow') is None:   # not imported here: conftest.py says why
+    pytest.skip('tensorflow is not installed')
   cache = tmp_path / 'cache'
   out = support.run_cli('data_benchmark', '--config=data_bench', '--config.batch_size=8',
                         '--config.num_batches=2', '--config.warmup_batches=1',
