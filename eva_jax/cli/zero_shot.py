@@ -51,8 +51,8 @@ def main(argv):
   if not FLAGS.zero_shot and not FLAGS.retrieval:
     raise ValueError("--zero_shot='' and --retrieval='' leave nothing to evaluate: give a labelled "
                      'image folder, an image-text pair source, or both.')
-  if FLAGS.output:   # before the evaluation, whose results a missing folder would lose
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+  if FLAGS.output and os.path.isdir(FLAGS.output):   # found before the evaluation, not after
+    raise ValueError(f'--output={FLAGS.output} is a folder: name the JSON file to write.')
   import ml_collections
   from eva_jax.defaults import clip_defaults
   from eva_jax.training import clip
@@ -75,10 +75,11 @@ def main(argv):
   clip.ClipProgram(cfg).validate_eval()
   out = {'checkpoint': source, **clip.evaluate_params(clip.eval_model(mcfg), params, cfg, mcfg)}
   line = json.dumps(out)
+  print(line, flush=True)   # first: a file that cannot be written loses nothing
   if FLAGS.output:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     with open(FLAGS.output, 'w', encoding='utf-8') as f:
       f.write(line + '\n')
-  print(line, flush=True)
 
 
 def _open_clip(open_clip_import, path: str):

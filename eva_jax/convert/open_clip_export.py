@@ -202,6 +202,13 @@ def write_open_clip(flat: dict, cfg, out: str, *, mean, std) -> dict:
   sd = state_dict_from_flat(flat, cfg)
   out_path = paths.as_path(out)
   folder = out_path.parent
+  # open_clip's loader picks a weights file of the folder by its own name order, not ours: another
+  # one there (an earlier export under another name, any .pth) would be loaded instead.
+  others = sorted(p.name for p in folder.iterdir() if p.name != out_path.name
+                  and p.name.lower().endswith(WEIGHT_SUFFIXES)) if folder.exists() else []
+  if others:
+    raise ValueError(f'{os.fspath(folder)} already holds {", ".join(others)}: open_clip would load '
+                     f'one of them, not {out_path.name}. Export into a folder of its own.')
   folder.mkdir(parents=True, exist_ok=True)
   trunk = released_trunk(cfg)
   if trunk is None:

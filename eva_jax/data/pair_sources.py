@@ -175,7 +175,8 @@ class PairFolderSource:
     self.name = f'folder:{self.root}'
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f'Pair folder {self.root} does not exist. Point folder: at images '
-                              'with same-named .txt captions, or use source=demo.')
+                              'with same-named .txt captions, or use the bundled demo pairs '
+                              '(demo, demo:val).')
     images = FolderSource(self.root).paths
     # (image path or None, caption path): captions without an image are counted when read.
     self.entries = [(p, os.path.splitext(p)[0] + '.txt') for p in images]

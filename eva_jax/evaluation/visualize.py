@@ -445,7 +445,7 @@ def visualize(workdir: str, image: str, out: str, teacher: str | None = None, ma
     chosen = f'--num_masking_patches={num_masking_patches}' if num_masking_patches else (
         "the run's mask setting")
     raise ValueError(f'{chosen} draws no block mask on the {h}x{w} patch grid of this image size '
-                     f'({h * w} patches): give --num_masking_patches between 1 and {h * w - 1}'
+                     f'({h * w} patches): give --num_masking_patches between 1 and {h * w}'
                      f'{"" if num_masking_patches else " or a larger --image_size"}.') from None
   analysis = analyze(models, x, mask)
   fig = render(models, rgb, analysis, title=(

@@ -147,8 +147,14 @@ def class_names(eval_cfg, root: str) -> list[str]:
   from eva_jax.data import demo, sources
   from eva_jax.evaluation import zero_shot
   given = eval_cfg.classnames
-  classes = sources.FolderSource(root).classes
-  folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  try:
+    classes = sources.FolderSource(root).classes
+  except ValueError:
+    raise ValueError(f'config.eval.zero_shot: no images under {root}; give a folder with one '
+                     'sub-folder of images per class.') from None
+  # Hidden folders (.ipynb_checkpoints) are no classes, as the folder walk skips them too.
+  folders = sorted(d for d in os.listdir(root)
+                   if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
   empty = [f for f in folders if f not in classes]
   if isinstance(given, (tuple, list)) and given:
     names = list(given)

@@ -280,11 +280,17 @@ class FinetuneProgram(trainer.Program):
                        "is False: use config.pool='mean' (all patch tokens) or a class token.")
 
   def native_image_size(self) -> int | None:
-    """The square pos-embed size of a non-square run: the init_from checkpoint's (its metadata for
-    an eva_jax checkpoint; a PyTorch file is read once, kept for init_state); None otherwise."""
+    """The square pos-embed size of a non-square run: on a resume the run's own (its checkpoint's
+    metadata: init_from is not read then, and may be another or none), else the init_from
+    checkpoint's (its metadata for an eva_jax checkpoint; a PyTorch file is read once, kept for
+    init_state); None otherwise."""
     cfg = self.cfg
     h, w = image_hw(cfg.image_size)
-    if h == w or not cfg.init_from:
+    if h == w:
+      return None
+    if self.resume_step_dir is not None:
+      return int(ckpt_lib.read_meta(self.resume_step_dir)['student']['image_size'])
+    if not cfg.init_from:
       return None
     if paths.as_path(cfg.init_from).is_dir():
       return int(ckpt_lib.read_meta(ckpt_lib.resolve(cfg.init_from)[0])['student']['image_size'])

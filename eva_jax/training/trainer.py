@@ -36,6 +36,8 @@ class Program:
   # Config fields read only by a fresh start (init_state): a resume takes its weights from the
   # checkpoint, so config.json keeps the values the run started from (keep_started_init).
   init_fields: tuple[str, ...] = ()
+  # The checkpoint folder a resume continues from, set by `run` before build (None: a fresh start).
+  resume_step_dir = None
 
   def __init__(self, cfg):
     self.cfg = cfg
@@ -183,8 +185,9 @@ def keep_started_init(workdir: epath.Path, cfg, fields, step: int):
       now = _lookup(cfg, leaf)
       if old is None or now is None or json.loads(json.dumps(now, default=str)) == old:
         continue   # (compared as config.json writes it: a tuple is a list there)
-      print(f'Not used: config.{leaf}={now!r}; the run resumes from step {step} with its '
-            f"checkpoint's weights (it started from {old!r}, as config.json keeps).", flush=True)
+      if now != '':   # an init left out on resume needs no note; config.json keeps it all the same
+        print(f'Not used: config.{leaf}={now!r}; the run resumes from step {step} with its '
+              f"checkpoint's weights (it started from {old!r}, as config.json keeps).", flush=True)
       if out is None:
         out = ml_collections.ConfigDict(cfg.to_dict())
       *heads, last = leaf.split('.')
@@ -233,7 +236,10 @@ def run(program: Program, workdir: str) -> dict:
   workdir = paths.as_path(workdir)   # local or an object store (gs://bucket/run)
   if cfg.get('eval_only'):
     return evaluate_only(program, workdir, mesh)
-  created = _missing_folders(workdir)   # what a refused start removes again
+  # What a refused start removes again (if still empty): the folders made for the workdir, and
+  # its checkpoints/ folder where there was none.
+  created = _missing_folders(workdir)
+  created = ([] if (workdir / 'checkpoints').exists() else [workdir / 'checkpoints']) + created
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = None
   try:
@@ -249,7 +255,7 @@ def run(program: Program, workdir: str) -> dict:
             ckpt.close()   # commits the last asynchronous save
   except BaseException:
     if created and is_main:
-      _remove_empty([workdir / 'checkpoints', *created])   # a refused start leaves no trace
+      _remove_empty(created)   # a refused start leaves no trace
     raise
   finally:
     if is_main:   # every exit from here on says what is on disk
@@ -344,6 +350,8 @@ def _run(program, cfg, workdir, mesh, is_main, ckpt, stop) -> dict:
   # The training data is opened (a folder listed) once, before the model is built: its errors
   # come first, and its listing is what the checkpoint records.
   sources = program.train_sources()
+  if latest is not None:   # what build may need of the run itself (finetune native_image_size)
+    program.resume_step_dir = ckpt.directory / str(latest)
   task = program.build(mesh)
   meta = program.meta(task)
   if sources is not None:

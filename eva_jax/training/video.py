@@ -119,7 +119,7 @@ def build(cfg, mesh, num_classes: int, eval_classes: np.ndarray | None = None):
 class VideoFinetuneProgram(trainer.Program):
   kind = KIND
   config_kind = 'video'
-  init_fields = finetune.FinetuneProgram.init_fields
+  init_fields = finetune.FinetuneProgram.init_fields + ('video.time_noise',)
 
   def validate(self):
     cfg = self.cfg

@@ -100,6 +100,14 @@ def test_clip_run_refuses_image_formats(clip_run, tmp_path):
     video_export.export(str(clip_run), str(tmp_path / 'x.pth'))
   with pytest.raises(ValueError, match=r'\.bin / \.pth / \.safetensors'):
     export.export(str(clip_run), 'open_clip', str(tmp_path / 'x.pt'))
+  # open_clip picks a folder's weights by its own name order: a folder holding another weights
+  # file (an earlier export under another name) is refused, and nothing is written.
+  (tmp_path / 'oc').mkdir()
+  (tmp_path / 'oc' / 'open_clip_model.safetensors').write_bytes(b'an earlier export')
+  with pytest.raises(ValueError, match=r'already holds open_clip_model\.safetensors: open_clip '
+                     r'would load one of them, not open_clip_pytorch_model\.bin'):
+    export.export(str(clip_run), 'open_clip', str(tmp_path / 'oc' / 'open_clip_pytorch_model.bin'))
+  assert sorted(p.name for p in (tmp_path / 'oc').iterdir()) == ['open_clip_model.safetensors']
 
 
 @pytest.mark.parametrize('name,pool', [('eva02-clip-tiny', 'token')])

@@ -56,6 +56,11 @@ def test_finetune_at_28x42_keeps_the_checkpoints_pos_embed(tmp_path, run56, demo
   assert resolved['image_size'] == '28x42' and resolved['encoder']['image_size'] == 56
   params, meta, _ = ckpt_lib.restore_params(str(tmp_path))
   assert params['encoder']['pos_embed'].shape == (17, 64) and meta['student']['image_size'] == 56
+  # A resume takes the native size from its own checkpoint, not from init_from (left out here):
+  # it used to build a 28x42 pos-embed and refuse its own checkpoint.
+  cfg.init_from, cfg.total_steps = '', 3
+  assert finetune.train(cfg, str(tmp_path))['step'] == 3
+  assert json.loads((tmp_path / 'config.json').read_text())['init_from'] == str(run56)
   bad = support.recipe('finetune_demo', image_size='28x40')
   with pytest.raises(ValueError, match=r"config.image_size='28x40': every side must be a multiple "
                                        r'of the patch size 14; width 40 \(nearest: 28 or 42\)'):

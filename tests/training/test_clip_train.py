@@ -170,6 +170,8 @@ def test_zero_shot_command_repeats_the_run_eval(runs, tmp_path):
   out = support.run_cli('zero_shot', f'--checkpoint={full}', '--templates=fancy', '--retrieval=')
   assert out.returncode == 2 and "--templates='fancy' must be one of" in out.stderr
   assert 'config.eval' not in out.stderr
+  out = support.run_cli('zero_shot', f'--checkpoint={full}', f'--output={tmp_path}')
+  assert out.returncode == 2 and 'is a folder: name the JSON file' in out.stderr
 
 
 def test_bad_inputs(tmp_path, caplog, built):
@@ -255,6 +257,7 @@ def test_zero_shot_names_follow_the_folder_labels(tmp_path, caplog):
     (tmp_path / folder).mkdir()
     Image.new('RGB', (8, 8)).save(tmp_path / folder / 'a.png')
   (tmp_path / 'empty').mkdir()
+  (tmp_path / '.ipynb_checkpoints').mkdir()   # hidden: no class, as in the folder walk
   ev = ml_collections.ConfigDict({'classnames': ''})
   labels = dict(zip(sources.FolderSource(str(tmp_path)).paths,
                     sources.FolderSource(str(tmp_path)).labels))

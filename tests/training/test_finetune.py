@@ -252,5 +252,9 @@ def test_init_from_errors(tmp_path, pretrained, demo_split):
   with pytest.raises(ValueError, match='Unsupported operand'):   # the unpickler's own finding
     _finetune(tmp_path / 'c', bad, demo_split)
   # Refused after the workdir was made: the run leaves none behind (nothing was in it), nor
-  # the parent folders it made for it.
+  # the parent folders it made for it; a workdir that was there stays, without a checkpoints/.
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
+  (tmp_path / 'd').mkdir()
+  with pytest.raises(ValueError, match='Unsupported operand'):
+    _finetune(tmp_path / 'd', bad, demo_split)
+  assert (tmp_path / 'd').is_dir() and not any((tmp_path / 'd').iterdir())
