@@ -136,22 +136,30 @@ def zero_shot_folder(spec: str, data_cfg) -> str:
   return path
 
 
-def class_names(eval_cfg, root: str) -> list[str]:
-  """config.eval.classnames: '' = the demo's names when `root` is the demo set, else the class
-  folder names ('_' -> ' '); 'imagenet' = open_clip's 1000 ImageNet names; or a sequence.
+def open_zero_shot_folder(root: str):
+  """data/sources.py FolderSource of the zero-shot folder, listed once for both the class names
+  and the loader; ValueError naming config.eval.zero_shot when it holds no images."""
+  from eva_jax.data import sources
+  try:
+    return sources.FolderSource(root)
+  except ValueError:
+    raise ValueError(f'config.eval.zero_shot: no images under {root}; give a folder with one '
+                     'sub-folder of images per class.') from None
+
+
+def class_names(eval_cfg, folder) -> list[str]:
+  """config.eval.classnames for `folder` (open_zero_shot_folder): '' = the demo's names when it
+  is the demo set, else the class folder names ('_' -> ' '); 'imagenet' = open_clip's 1000
+  ImageNet names; or a sequence.
 
   The names follow the labels the folder: source gives (data/sources.py FolderSource: the sorted
   class folders that hold images; an empty class folder takes no label). Given one name per class
   folder, empty ones included, the names of the empty folders are left out, with a warning naming
   them; otherwise the count must equal the labelled classes'. ValueError on any other count."""
-  from eva_jax.data import demo, sources
+  from eva_jax.data import demo
   from eva_jax.evaluation import zero_shot
   given = eval_cfg.classnames
-  try:
-    classes = sources.FolderSource(root).classes
-  except ValueError:
-    raise ValueError(f'config.eval.zero_shot: no images under {root}; give a folder with one '
-                     'sub-folder of images per class.') from None
+  root, classes = folder.root, folder.classes
   # Hidden folders (.ipynb_checkpoints) are no classes, as the folder walk skips them too.
   folders = sorted(d for d in os.listdir(root)
                    if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
@@ -229,12 +237,13 @@ def evaluate_params(task, params, cfg, mcfg) -> dict:
   try:
     if ev.zero_shot:
       root = zero_shot_folder(ev.zero_shot, cfg.data)
-      names, temps = class_names(ev, root), templates(ev)
+      folder = open_zero_shot_folder(root)
+      names, temps = class_names(ev, folder), templates(ev)
       data_cfg = cfg.data.copy_and_resolve_references()
       data_cfg.source, data_cfg.mixture = f'folder:{root}', ()
       loader = pipeline.build_classification_loader(
           data_cfg, image_size=cfg.image_size, batch_size=int(ev.batch_size), seed=cfg.seed,
-          train=False, num_classes=len(names))
+          train=False, num_classes=len(names), sources=[(folder, 1.0)])
       batches = loader
     if ev.retrieval:
       retrieval = pairs.load_retrieval_set(

@@ -253,24 +253,25 @@ def test_zero_shot_names_follow_the_folder_labels(tmp_path, caplog):
   prompt (a user trial: top-1 0.83 -> 0.50 from one empty folder)."""
   from PIL import Image
   from eva_jax.data import sources
-  for folder in ('cat', 'cup', 'rocket'):
-    (tmp_path / folder).mkdir()
-    Image.new('RGB', (8, 8)).save(tmp_path / folder / 'a.png')
+  for name in ('cat', 'cup', 'rocket'):
+    (tmp_path / name).mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / name / 'a.png')
   (tmp_path / 'empty').mkdir()
   (tmp_path / '.ipynb_checkpoints').mkdir()   # hidden: no class, as in the folder walk
   ev = ml_collections.ConfigDict({'classnames': ''})
+  folder = clip.open_zero_shot_folder(str(tmp_path))
   labels = dict(zip(sources.FolderSource(str(tmp_path)).paths,
                     sources.FolderSource(str(tmp_path)).labels))
-  assert clip.class_names(ev, str(tmp_path)) == ['cat', 'cup', 'rocket']
+  assert clip.class_names(ev, folder) == ['cat', 'cup', 'rocket']
   ev = ml_collections.ConfigDict({'classnames': ('a cat', 'a cup', 'a teapot', 'a rocket')})
   with caplog.at_level(logging.WARNING):
-    names = clip.class_names(ev, str(tmp_path))
+    names = clip.class_names(ev, folder)
   assert "['a teapot'] are left out" in caplog.text
   for path, label in labels.items():   # each image's label names its own folder
     assert names[label] == 'a ' + path.split('/')[-2]
   ev.classnames = ('a cat', 'a cup', 'a rocket')
-  assert clip.class_names(ev, str(tmp_path)) == ['a cat', 'a cup', 'a rocket']
+  assert clip.class_names(ev, folder) == ['a cat', 'a cup', 'a rocket']
   ev.classnames = ('a cat', 'a cup')
   with pytest.raises(ValueError, match=r'2 class names .* 3 class folders with images \(empty, '
                      r'no label: empty\)'):
-    clip.class_names(ev, str(tmp_path))
+    clip.class_names(ev, folder)
