@@ -289,6 +289,13 @@ def restore_params(path: epath.PathLike, weights: str = 'auto') -> tuple[dict, d
   return out[key], meta, step
 
 
+def weights_in(step_dir, choice: str) -> tuple[str, bool]:
+  """('ema' | 'raw': the weights `choice` (weights_choice) reads from the checkpoint folder
+  step_dir, whether it holds an EMA at all). Reads the state's metadata, no arrays."""
+  has_ema = 'ema' in state_metadata(step_dir)
+  return ('ema' if choice == 'ema' or (choice == 'auto' and has_ema) else 'raw'), has_ema
+
+
 def _weights_key(tree: dict, choice: str, what: str) -> str:
   if choice == 'raw':
     return 'params'
@@ -340,8 +347,7 @@ def read_encoder(path: epath.PathLike, *, weights: str = 'auto',
   choice = weights_choice(weights)
   if p.is_dir():
     step_dir, step = resolve(src)
-    has_ema = 'ema' in state_metadata(step_dir)
-    used = 'ema' if (choice == 'ema' or (choice == 'auto' and has_ema)) else 'raw'
+    used, has_ema = weights_in(step_dir, choice)
     params, meta, step = restore_params(step_dir, weights=choice)   # logs an 'auto' -> EMA
     if 'student' not in meta or 'encoder' not in params:
       raise ValueError(f'{src!r} (step {step}) is not an eva_jax pretraining or fine-tuning '

@@ -246,15 +246,15 @@ def export_run(path: str, out: str, weights: str = 'auto') -> dict:
   one), 'raw' or 'ema'. Returns a summary ('weights' says which were written). Raises ValueError
   for a checkpoint of another kind, naming the format that fits it."""
   from eva_jax import checkpoint as ckpt_lib
+  from eva_jax.convert import export as export_lib
   step_dir, step = ckpt_lib.resolve(path)
   meta = ckpt_lib.read_meta(step_dir)
-  if meta.get('kind') != 'eva_clip' or 'clip' not in meta:
-    raise ValueError(f'{path} (step {step}) is a checkpoint of kind {meta.get("kind")!r}, not an '
-                     'EVA-CLIP run (eva-clip): --format=open_clip writes both CLIP towers; export '
-                     'image encoders with --format=timm or --format=eva.')
+  export_lib.check_format(meta, 'open_clip', f'{path} (step {step})')   # which run fits which format
+  if 'clip' not in meta:   # every eva-clip checkpoint records its model
+    raise ValueError(f'{path} (step {step}) records no CLIP model config (metadata keys '
+                     f'{sorted(meta)}): it was not written by eva-clip.')
   choice = ckpt_lib.weights_choice(weights)
-  has_ema = 'ema' in ckpt_lib.state_metadata(step_dir)
-  used = 'ema' if choice == 'ema' or (choice == 'auto' and has_ema) else 'raw'
+  used, _ = ckpt_lib.weights_in(step_dir, choice)
   params, _, _ = ckpt_lib.restore_params(step_dir, weights=choice)
   cfg = ml_collections.ConfigDict(meta['clip'])
   mean, std = _run_normalization(step_dir)

@@ -64,9 +64,8 @@ def export(path: str, out: str, weights: str = 'auto') -> dict:
   from eva_jax import checkpoint as ckpt_lib
   from eva_jax import paths
   from eva_jax.convert import export as export_lib
-  kind, meta = export_lib.run_kind(path)
-  if kind in (export_lib.CLIP_KIND, export_lib.VIDEO_KIND):
-    export_lib.check_format(meta, 'video', path)   # CLIP, frame-averaged: names their format
+  # CLIP and frame-averaged runs: named with their format (other kinds are refused below).
+  export_lib.check_format(export_lib.run_kind(path)[1], 'video', path)
   w = ckpt_lib.read_encoder(path, weights=weights)
   if w.meta.get('kind') != 'eva_video_finetune':
     raise ValueError(f'{w.source} holds a checkpoint of kind {w.meta.get("kind")!r}, not of a '
