@@ -38,8 +38,7 @@ def run():
                     'folder:DIR (images with same-named .txt captions).')
   flags.mark_flag_as_required('src')
   flags.mark_flag_as_required('out')
-  common.run(main, __doc__, ['src', 'out', 'name', 'images_per_shard', 'pairs'],
-             field_flags={'config.data.source': '--src'})
+  common.run(main, __doc__, ['src', 'out', 'name', 'images_per_shard', 'pairs'])
 
 
 if __name__ == '__main__':

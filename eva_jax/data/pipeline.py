@@ -35,7 +35,7 @@ import numpy as np
 from eva_jax import host_memory
 from eva_jax.data.decode import DecodedSource, Padding
 from eva_jax.data.mixup import Mixup
-from eva_jax.data.sources import open_source
+from eva_jax.data.sources import open_source, source_field
 from eva_jax.data.transforms import ClassifyTransform, NormalizeBatch, PretrainTransform
 
 
@@ -47,11 +47,16 @@ def open_sources(data_cfg, open_one: Callable = open_source) -> list[tuple[Any, 
   listing the loader reads. ValueError for a weight <= 0."""
   mixture = [tuple(m) for m in (data_cfg.get('mixture') or ())]
   if not mixture:
-    return [(open_one(data_cfg.source, data_cfg), 1.0)]
+    with source_field('config.data.source', data_cfg.source):
+      return [(open_one(data_cfg.source, data_cfg), 1.0)]
   for spec, weight in mixture:
     if not weight > 0:
       raise ValueError(f'Mixture weight for {spec} must be > 0, got {weight}.')
-  return [(open_one(spec, data_cfg), float(weight)) for spec, weight in mixture]
+  opened = []
+  for i, (spec, weight) in enumerate(mixture):
+    with source_field(f'config.data.mixture[{i}]', spec):
+      opened.append((open_one(spec, data_cfg), float(weight)))
+  return opened
 
 
 def source_num_classes(data_cfg) -> int | None:

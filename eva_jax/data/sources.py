@@ -14,6 +14,7 @@ meta 'train_data' (`train_data_fingerprint`) and a resume must match it (trainin
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -62,6 +63,19 @@ def check_shard_sets(files: list[str], pattern: str, from_folder: bool) -> None:
                      f'as one source: name one, e.g. arrayrecord:{example}-*{ARRAYRECORD_SUFFIX}.')
 
 
+@contextlib.contextmanager
+def source_field(field: str, spec: str):
+  """Opening the source `spec` that config `field` names: a FileNotFoundError / ValueError it
+  raises is raised again with the field in front ("config.eval_source='folder:/x': ..."), so the
+  message names what the user set, whichever field that was."""
+  try:
+    yield
+  except (FileNotFoundError, ValueError) as e:
+    if type(e) not in (FileNotFoundError, ValueError):   # subclasses carry their own arguments
+      raise
+    raise type(e)(f'{field}={spec!r}: {e}') from None
+
+
 class FolderSource:
   """Image files under `root`. Labels follow torchvision's ImageFolder: when every image sits
   inside a top-level sub-folder, the sorted sub-folder names are the classes.
@@ -92,16 +106,18 @@ class FolderSource:
     self.root = os.path.abspath(os.path.expanduser(root))
     self.name = f'folder:{self.root}'
     if not os.path.isdir(self.root):
+      # No config field named here: the caller that knows which one named the folder says it
+      # (source_field); training's source, an evaluation split and eva-pack's --src all land here.
       raise FileNotFoundError(
-          f'Image folder {self.root} does not exist. Set config.data.source to folder:<an '
-          'existing directory of images>, or use source=demo for the bundled photos.')
+          f'Image folder {self.root} does not exist: point the source at an existing directory '
+          'of images (folder:DIR), or use demo for the bundled photos.')
     paths, tops, self.skipped_links, examples, _ = _walk_images(self.root)
     warn_skipped_links(self.name, self.skipped_links, examples, 'image')
     if not paths:
       raise ValueError(
           f'No images ({", ".join(IMAGE_EXTENSIONS)}) found under {self.root}.'
           f'{dangling_note(self.skipped_links)} Put images (or class sub-folders of images) '
-          'there, or point config.data.source elsewhere.')
+          'there, or point the source elsewhere.')
     if all(t is not None for t in tops):
       self.classes = sorted(set(tops))
       index = {c: i for i, c in enumerate(self.classes)}

@@ -152,8 +152,8 @@ class VideoFolderSource:
     self.root = os.path.abspath(os.path.expanduser(root))
     self.name = f'video_folder:{self.root}'
     if not os.path.isdir(self.root):
-      raise FileNotFoundError(f'Video folder {self.root} does not exist; set config.data.source '
-                              'to video_folder:<a folder of class sub-folders of videos>.')
+      raise FileNotFoundError(f'Video folder {self.root} does not exist; point the source at '
+                              'video_folder:<a folder of class sub-folders of videos>.')
     paths, tops, self.skipped_links, examples, self.classes = sources._walk_images(
         self.root, accept=_is_video)
     top_level = [p for p, t in zip(paths, tops) if t is None]
@@ -197,8 +197,8 @@ class VideoListSource:
     list_file = os.path.abspath(os.path.expanduser(list_file))
     self.name = f'video_list:{list_file}'
     if not os.path.isfile(list_file):
-      raise FileNotFoundError(f'Video list {list_file} does not exist (config.data.source='
-                              'video_list:FILE, one `path label` per line).')
+      raise FileNotFoundError(f'Video list {list_file} does not exist (video_list:FILE, one '
+                              '`path label` per line).')
     base = os.path.expanduser(root) if root else os.path.dirname(list_file)
     self.root = os.path.abspath(base)
     self.paths, self.labels, absent = [], [], []

@@ -144,8 +144,9 @@ def evaluate(cfg) -> dict:
   if cfg.eval_source:
     # Opened and labelled by the training split's class names (data/sources.py align_classes)
     # before the training pass, so a split that cannot be matched is refused at once.
-    test = sources_lib.align_classes(data_lib.open_source(cfg.eval_source, cfg.data),
-                                     train[0][0], 'config.eval_source')
+    with sources_lib.source_field('config.eval_source', cfg.eval_source):
+      test = data_lib.open_source(cfg.eval_source, cfg.data)
+    test = sources_lib.align_classes(test, train[0][0], 'config.eval_source')
   train_x, train_y = extract(encoder, cfg.data, sources=train, **kw)
   if cfg.eval_source:
     test_x, test_y = extract(encoder, cfg.data, sources=[(test, 1.0)], **kw)

@@ -77,8 +77,9 @@ class Program:
     if not hasattr(self, '_eval_sources'):
       # Labels by the training source's class names (a split lacking a class shifts no label).
       train = (self.train_sources() or [(None, 1.0)])[0][0]
-      self._eval_sources = [(data_sources.align_classes(self.open_eval_source(spec), train,
-                                                        'config.eval_source'), 1.0)]
+      with data_sources.source_field('config.eval_source', spec):
+        opened = self.open_eval_source(spec)
+      self._eval_sources = [(data_sources.align_classes(opened, train, 'config.eval_source'), 1.0)]
     return self._eval_sources
 
   def eval_split_note(self) -> str:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from eva_jax.data import video as video_data
+from eva_jax.data import sources as data_sources, video as video_data
 from eva_jax.defaults import finetune_defaults
 from eva_jax.models import classifier as clf_lib, video as video_lib
 from eva_jax.training import finetune, task as task_lib, trainer
@@ -142,7 +142,8 @@ class VideoFinetuneProgram(trainer.Program):
     return task
 
   def open_train_sources(self):
-    return [(video_data.open_video_source(self.cfg.data.source, self.cfg.data), 1.0)]
+    with data_sources.source_field('config.data.source', self.cfg.data.source):
+      return [(video_data.open_video_source(self.cfg.data.source, self.cfg.data), 1.0)]
 
   def open_eval_source(self, spec):
     return video_data.open_video_source(spec, self.cfg.data)

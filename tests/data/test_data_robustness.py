@@ -15,6 +15,7 @@ from eva_jax.data import (build_classification_loader, build_pretrain_loader,
                           default_data_config, merged30m_mixture)
 from eva_jax.data.config import MERGED30M_SIZES
 from eva_jax.data.decode import BadImageError, decode_image
+from eva_jax.data.pipeline import open_sources
 from eva_jax.data.sources import ArrayRecordSource, FolderSource, decode_record, open_source
 from eva_jax.data.pack import pack_folder
 
@@ -137,6 +138,15 @@ def test_misconfiguration_errors_name_the_fix(tmp_path):
   cfg = default_data_config()
   with pytest.raises(FileNotFoundError, match='/no/such/dir.*does not exist'):
     open_source('folder:/no/such/dir', cfg)
+  # Opened through a config field, the error names that field (the evaluation split's too).
+  cfg.source = 'folder:/no/such/dir'
+  with pytest.raises(FileNotFoundError, match=r"^config.data.source='folder:/no/such/dir': Image "
+                     'folder /no/such/dir does not exist'):
+    open_sources(cfg)
+  cfg.source, cfg.mixture = 'demo', (('demo', 1.0), ('folder:/no/such/dir', 2.0))
+  with pytest.raises(FileNotFoundError, match=r"^config.data.mixture\[1\]='folder:/no/such/dir'"):
+    open_sources(cfg)
+  cfg.mixture = ()
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='No images .* found under .*empty'):
     open_source(f'folder:{tmp_path}/empty', cfg)

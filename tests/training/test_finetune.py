@@ -254,6 +254,12 @@ def test_init_from_errors(tmp_path, pretrained, demo_split):
   # Refused after the workdir was made: the run leaves none behind (nothing was in it), nor
   # the parent folders it made for it; a workdir that was there stays, without a checkpoints/.
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
+  # An evaluation split that is not there is named by its own field.
+  cfg = load_config('finetune_demo')
+  cfg.eval_source = 'folder:/no/such/val'
+  with pytest.raises(FileNotFoundError, match=r"^config.eval_source='folder:/no/such/val': Image "
+                     'folder /no/such/val does not exist'):
+    finetune.FinetuneProgram(cfg).eval_sources()
   (tmp_path / 'd').mkdir()
   with pytest.raises(ValueError, match='Unsupported operand'):
     _finetune(tmp_path / 'd', bad, demo_split)
